@@ -126,10 +126,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     """sum over rows r of loss_r(h_r W^T) / count, for h (n, d) and W (C, d)."""
 
     @staticmethod
-    def forward(ctx, h, weight, count, chunk_size, target_fn):
+    def forward(ctx, h, weight, count, chunk_size, target_fn, need_grad):
         # target_fn(z, start, end) -> (summed loss of the rows, target distribution p), float32
+        # need_grad is False under torch.no_grad (evaluation): then only the loss is computed
         w = weight.float()  # (C, d), a no-op when the head is float32 already
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.zeros_like(h, dtype=torch.float32) if need_grad else None  # (n, d)
         grad_w = torch.zeros_like(w) if need_grad else None  # (C, d)
@@ -151,7 +151,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), grad_w * grad_output.to(grad_w.dtype), None, None, None
+        return grad_h * grad_output.to(grad_h.dtype), grad_w * grad_output.to(grad_w.dtype), None, None, None, None
 
 
 def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_features=None,
@@ -166,6 +166,7 @@ def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_
     Counts as in `mm_loss`; logits are never formed for more than chunk_size rows.
     """
     h = hidden[:, :-1]  # (B, T-1, d): position t predicts t+1
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or mm_head_weight.requires_grad)
     none = hidden[:, :0].sum().float()  # a 0.0 attached to the graph, for an absent term
 
     lm = none
@@ -178,7 +179,7 @@ def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_
             return F.cross_entropy(z, t, reduction="sum"), F.one_hot(t, z.shape[-1]).float()
 
         count = torch.as_tensor(targets.numel() if lm_count is None else lm_count, dtype=torch.float32, device=h.device)
-        lm = _ChunkedHeadLoss.apply(h_lm, mm_head_weight, count, chunk_size, lm_target)
+        lm = _ChunkedHeadLoss.apply(h_lm, mm_head_weight, count, chunk_size, lm_target, need_grad)
 
     vm = none
     if image_mask is not None and image_features is not None:
@@ -193,5 +194,5 @@ def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_
             return _kl_sum(log_p, F.log_softmax(z, dim=-1)), log_p.exp()
 
         count = torch.as_tensor(h_vm.shape[0] if vm_count is None else vm_count, dtype=torch.float32, device=h.device)
-        vm = _ChunkedHeadLoss.apply(h_vm, mm_head_weight, count, chunk_size, vm_target)
+        vm = _ChunkedHeadLoss.apply(h_vm, mm_head_weight, count, chunk_size, vm_target, need_grad)
     return lm, vm
