@@ -83,7 +83,7 @@ def lm_loss(logits, labels, num_positions=None):
 
 def vm_loss(logits, visual_logits, image_mask, num_positions=None):
     """logits (B, T, C) from the MM head; visual_logits (N, C) = W_VM X_image, the target
-    (detached: Eq. 6 trains the decoder and MM head, never the VM head)."""
+    (detached: this loss trains the decoder and MM head, never the VM head)."""
     _check_visual(visual_logits, image_mask)
     mask, keep = _vm_rows(image_mask)
     log_q = F.log_softmax(logits[:, :-1][mask].float(), dim=-1)  # (n, C) log Q_t
