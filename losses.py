@@ -98,8 +98,14 @@ def vm_fit_loss(logits, visual_logits, image_mask, num_positions=None):
     decoder and MM head get no gradient), P' the prediction."""
     _check_visual(visual_logits, image_mask)
     mask, keep = _vm_rows(image_mask)
-    log_q = F.log_softmax(logits.detach()[:, :-1][mask].float(), dim=-1)  # (n, C) log Q_t
-    log_p = F.log_softmax(visual_logits[keep].float(), dim=-1)  # (n, C) log P'_{t+1}
+    return vm_fit_rows(logits[:, :-1][mask], visual_logits[keep], num_positions)
+
+
+def vm_fit_rows(q_logits, p_logits, num_positions=None):
+    """Eq. 9 on rows already paired: q_logits (n, C) = z_t, p_logits (n, C) = W_VM x_{t+1}.
+    The trainer uses this to run the MM head on the predicting rows only."""
+    log_q = F.log_softmax(q_logits.detach().float(), dim=-1)  # (n, C) log Q_t
+    log_p = F.log_softmax(p_logits.float(), dim=-1)  # (n, C) log P'_{t+1}
     # Eq. 9: KL(Q || P') over visual positions, Q the label and P' the logits
     total = _kl_sum(log_q, log_p)
     return _mean(total, num_positions, log_q.shape[0])

@@ -26,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import losses
+
 IMAGE_TOKEN_ID = -200  # sentinel placeholder id for nanoVT's own models: never looked up in the embedding
 
 
@@ -349,6 +351,9 @@ class VTLMMOutput:
     image_mask: Optional[torch.Tensor] = None     # (B, T) bool, True at image positions
     image_features: Optional[torch.Tensor] = None  # (N, d) X_image, the adapter outputs, row-major
     visual_logits: Optional[torch.Tensor] = None  # (N, C) W_VM X_image (Eq. 5), only when asked for
+    loss: Optional[torch.Tensor] = None           # with `objective`: lm_loss + vm_loss
+    lm_loss: Optional[torch.Tensor] = None
+    vm_loss: Optional[torch.Tensor] = None
 
 
 class VTLMM(nn.Module):
@@ -426,21 +431,47 @@ class VTLMM(nn.Module):
         return x, image_mask, x_image
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None,
-                logits=True, visual_logits=False):
+                logits=True, visual_logits=False, labels=None, objective=None, lm_count=None, vm_count=None,
+                chunk_size=1024):
         """input_ids (B, T), pixel_values (N_img, 3, H, W) for the placeholders in row-major order.
 
-        logits=False skips the MM head (losses.chunked_mm_loss works from `hidden` instead);
-        visual_logits=True applies the VM head to the N image positions (never to text positions).
+        logits=False skips the MM head; visual_logits=True applies the VM head to the N image
+        positions (never to text positions). With `objective` the training loss is computed here,
+        inside forward, so that FSDP has the heads' weights gathered (losses.py, SPEC §2):
+          "lm"     Eq. 4 (stages I, II)          "mm"  Eq. 7 = Eq. 4 + Eq. 6 (stage IV)
+          "vm_fit" Eq. 9 (stage III)             "mm_lm" stage IV's data with the VM term off
+        The heads never produce logits for all positions at once there (chunked, fused).
         """
         x, image_mask, x_image = self.embed(input_ids, pixel_values)
-        hidden = self.decoder(x, attention_mask, cache, checkpoint=self.checkpointing)
-        return VTLMMOutput(
-            logits=self.mm_head(hidden) if logits else None,
-            hidden=hidden,
-            image_mask=image_mask,
-            image_features=x_image,
-            visual_logits=self.vm_head(x_image) if (visual_logits and x_image is not None) else None,
-        )
+        if objective == "vm_fit":  # stage III: the decoder and MM head are frozen targets
+            with torch.no_grad():
+                hidden = self.decoder(x, attention_mask, cache)
+        else:
+            hidden = self.decoder(x, attention_mask, cache, checkpoint=self.checkpointing)
+        out = VTLMMOutput(hidden=hidden, image_mask=image_mask, image_features=x_image)
+        if objective is None:
+            out.logits = self.mm_head(hidden) if logits else None
+            if visual_logits and x_image is not None:
+                out.visual_logits = self.vm_head(x_image)
+            return out
+        if objective == "vm_fit":
+            mask, keep = image_mask[:, 1:], image_mask.clone()
+            keep[:, 0] = False  # an image at t = 0 has no predicting position
+            with torch.no_grad():
+                q_logits = self.mm_head(hidden[:, :-1][mask])  # (n, C): the MM head at predicting rows only
+            out.vm_loss = losses.vm_fit_rows(q_logits, self.vm_head(x_image[keep[image_mask]]), vm_count)
+            out.lm_loss = torch.zeros((), device=hidden.device)
+            out.loss = out.vm_loss
+            return out
+        if objective not in ("lm", "mm", "mm_lm"):
+            raise ValueError(f"unknown objective {objective!r}")
+        use_vm = objective == "mm" and x_image is not None
+        out.lm_loss, out.vm_loss = losses.chunked_mm_loss(
+            hidden, self.mm_head.weight, labels=labels, image_mask=image_mask if use_vm else None,
+            image_features=x_image if use_vm else None, vm_head_weight=self.vm_head.weight,
+            lm_count=lm_count, vm_count=vm_count, chunk_size=chunk_size)
+        out.loss = out.lm_loss + out.vm_loss  # Eq. 7 when objective == "mm"
+        return out
 
     # -- what the visual tokens say -------------------------------------------------------------
 

@@ -325,3 +325,27 @@ def test_7b_parameter_counts_on_meta(name, part, count):
         m = VTLMM(cfg)
     n = m.num_params("vision") if part == "vision" else m.num_params("decoder") + m.mm_head.weight.numel()
     assert n == count
+
+
+def test_forward_objectives_equal_the_losses_on_full_logits():
+    import losses
+    torch.manual_seed(0)
+    m = VTLMM(tiny_cfg()).train()
+    ids = torch.randint(0, 100, (2, 24))
+    ids[0, 1:1 + P] = m.cfg.image_token_id
+    ids[1, 5:5 + P] = m.cfg.image_token_id
+    labels = ids.masked_fill(ids == m.cfg.image_token_id, -100)
+    labels[:, :3] = -100
+    px = torch.randn(2, 3, 32, 32)
+    full = m(ids, px, visual_logits=True)
+    _, lm, vm = losses.mm_loss(full.logits, labels, full.visual_logits, full.image_mask)
+    out = m(ids, px, labels=labels, objective="mm", chunk_size=5)
+    assert torch.allclose(out.lm_loss, lm, rtol=1e-5) and torch.allclose(out.vm_loss, vm, rtol=1e-5)
+    fit = losses.vm_fit_loss(full.logits, full.visual_logits, full.image_mask)
+    out3 = m(ids, px, objective="vm_fit")
+    assert torch.allclose(out3.loss, fit, rtol=1e-5)
+    out3.loss.backward()
+    trained = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained == {"vm_head.weight"}  # Eq. 9 reaches the VM head only
+    lm_only = m(ids, px, labels=labels, objective="mm_lm")
+    assert torch.allclose(lm_only.loss, lm, rtol=1e-5) and lm_only.vm_loss == 0
