@@ -459,7 +459,8 @@ class VTLMM(nn.Module):
             keep[:, 0] = False  # an image at t = 0 has no predicting position
             with torch.no_grad():
                 q_logits = self.mm_head(hidden[:, :-1][mask])  # (n, C): the MM head at predicting rows only
-            out.vm_loss = losses.vm_fit_rows(q_logits, self.vm_head(x_image[keep[image_mask]]), vm_count)
+            x_vm = x_image[keep[image_mask]].detach()  # stage III trains the VM head alone
+            out.vm_loss = losses.vm_fit_rows(q_logits, self.vm_head(x_vm), vm_count)
             out.lm_loss = torch.zeros((), device=hidden.device)
             out.loss = out.vm_loss
             return out
