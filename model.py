@@ -273,8 +273,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.eps)
         self.mlp = MLP(cfg)
+        self.checkpoint = False  # activation checkpointing: keep only the input, recompute in backward
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0):
+        if self.checkpoint and cache is None and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, cache, layer)
+
+    def _forward(self, x, cos, sin, mask, cache=None, layer=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -310,7 +316,7 @@ class Decoder(nn.Module):
             m = m | ~m.any(-1, keepdim=True)  # a padding query sees everything; its output is never used
         return m
 
-    def forward(self, x, attention_mask=None, cache: Optional[KVCache] = None, checkpoint=False):
+    def forward(self, x, attention_mask=None, cache: Optional[KVCache] = None):
         """x: input embeddings (B, T, dim) -> final-norm hidden states (B, T, dim)."""
         B, T, _ = x.shape
         start = cache.len if cache is not None else 0
@@ -331,10 +337,7 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.hd, self.cfg.rope_theta, x.dtype)
         mask = self.attention_mask(B, T, key_valid, start, x.device)
         for i, block in enumerate(self.blocks):
-            if checkpoint and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, cache, i)
+            x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.len = start + T
         return self.norm(x)
@@ -366,7 +369,6 @@ class VTLMM(nn.Module):
         self.decoder = Decoder(cfg.decoder)                   # Φ
         self.mm_head = nn.Linear(d, C, bias=False)            # W_MM, next-token logits
         self.vm_head = nn.Linear(d, C, bias=False)            # W_VM, visual-token logits of X_image
-        self.checkpointing = False  # per-block activation checkpointing (train.py switches it on)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -386,6 +388,11 @@ class VTLMM(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.vision.class_embedding, std=std)
         nn.init.normal_(self.vision.pos_embed, std=std)
+
+    def set_checkpointing(self, on=True):
+        """Per-block activation checkpointing of the decoder (train.py switches it on)."""
+        for block in self.decoder.blocks:
+            block.checkpoint = on
 
     def num_params(self, part=None, non_embedding=False):
         mod = getattr(self, part) if part else self
@@ -447,7 +454,7 @@ class VTLMM(nn.Module):
             with torch.no_grad():
                 hidden = self.decoder(x, attention_mask, cache)
         else:
-            hidden = self.decoder(x, attention_mask, cache, checkpoint=self.checkpointing)
+            hidden = self.decoder(x, attention_mask, cache)
         out = VTLMMOutput(hidden=hidden, image_mask=image_mask, image_features=x_image)
         if objective is None:
             out.logits = self.mm_head(hidden) if logits else None
