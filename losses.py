@@ -171,6 +171,13 @@ def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_
     image_mask=None or image_features=None drops the VM term (that term is then 0).
     Counts as in `mm_loss`; logits are never formed for more than chunk_size rows.
     """
+    with torch.autocast(hidden.device.type, enabled=False):  # the head and softmax run in float32
+        return _chunked_mm_loss(hidden, mm_head_weight, labels, image_mask, image_features, vm_head_weight,
+                                lm_count, vm_count, chunk_size)
+
+
+def _chunked_mm_loss(hidden, mm_head_weight, labels, image_mask, image_features, vm_head_weight,
+                     lm_count, vm_count, chunk_size):
     h = hidden[:, :-1]  # (B, T-1, d): position t predicts t+1
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or mm_head_weight.requires_grad)
     none = hidden[:, :0].sum().float()  # a 0.0 attached to the graph, for an absent term

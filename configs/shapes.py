@@ -1,0 +1,29 @@
+# The demo: the whole VT-LMM recipe on the synthetic shapes world, on 2 CPU cores.
+#   python train.py configs/shapes.py
+# No pretrained CLIP or LLM can be downloaded here, so a toy stage 0 stands in for them: it trains
+# the whole tiny model (vision tower included) on captions. Then the adapter and VM head start
+# afresh and stages I-IV run as in the paper (SPEC §3); the held-out sets are scored at the end.
+shapes_dir = "data/shapes"
+shapes_images = 10000
+tokenizer = "data/shapes/tokenizer.model"
+out_dir = "out/shapes"
+model = dict(vision=dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp=256),  # 64 patches
+             decoder=dict(vocab_size=1024, dim=192, layers=4, heads=6, kv_heads=2, hidden=512, max_seq_len=512),
+             template="vicuna_v1")
+max_len = 320
+micro_batch = 32
+global_batch = 32          # one process, no accumulation: 32 samples per step
+log_every = 25
+save_every = 200
+activation_checkpointing = False
+eval = True
+_captions = "data/shapes/stage1_captions.json"
+_instruct = "data/shapes/instruct.json"
+stages = [
+    dict(stage=0, out_dir="out/shapes/stage0", data_path=_captions, template="plain", lr=2e-3, epochs=1),
+    dict(stage=1, out_dir="out/shapes/stage1", data_path=_captions, reinit=("adapter", "vm_head"), lr=2e-3,
+         epochs=0.5),
+    dict(stage=2, out_dir="out/shapes/stage2", data_path=_instruct, lr=1e-3, epochs=1),
+    dict(stage=3, out_dir="out/shapes/stage3", data_path=_captions, lr=2e-3, epochs=0.5),
+    dict(stage=4, out_dir="out/shapes/stage4", data_path=_instruct, lr=5e-4, epochs=1),
+]

@@ -1,0 +1,15 @@
+# Stage II (SPEC §3): instruction tuning on llava_v1_5_mix665k, vicuna_v1 template, LM loss (Eq. 4).
+# Trains decoder, MM head and adapter; FSDP2 full sharding.
+#   torchrun --nproc_per_node=8 train.py configs/stage2_vicuna.py
+# global batch 128 = 16 per GPU x 8 GPUs x 1 accumulation step
+stage = 2
+init_from = "out/vicuna/stage1/final"
+tokenizer = "weights/vicuna-7b-v1.5"
+data_path = "data/llava_mix665k/llava_v1_5_mix665k.json"
+image_folder = "data/llava_mix665k"   # holds coco/, gqa/, ocr_vqa/, textvqa/, vg/
+out_dir = "out/vicuna/stage2"
+global_batch = 128
+micro_batch = 16
+lr = 2e-5
+max_len = 2048
+save_every = 500

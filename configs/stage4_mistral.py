@@ -1,0 +1,16 @@
+# Stage IV (SPEC §3): visual modeling. llava_v1_5_mix665k again, MM loss = LM + VM (Eq. 7):
+# the VM head's visual-token distributions are the targets at image positions (Eq. 6).
+# Trains decoder and MM head; adapter and VM head frozen; FSDP2 full sharding.
+#   torchrun --nproc_per_node=8 train.py configs/stage4_mistral.py
+# global batch 128 = 16 per GPU x 8 GPUs x 1 accumulation step
+stage = 4
+init_from = "out/mistral/stage3/final"
+tokenizer = "weights/Mistral-7B-Instruct-v0.2"
+data_path = "data/llava_mix665k/llava_v1_5_mix665k.json"
+image_folder = "data/llava_mix665k"
+out_dir = "out/mistral/stage4"
+global_batch = 128
+micro_batch = 16
+lr = 2e-5
+max_len = 2048
+save_every = 500

@@ -1,0 +1,588 @@
+"""
+Train nanoVT: the four stages of VT-LMM (SPEC §3), one code path from one CPU process to
+`torchrun --nproc_per_node=8` (FSDP2 + bf16).
+
+    python train.py configs/tiny.py                      # seconds on a CPU
+    python train.py configs/shapes.py                    # the demo: stages 0, I-IV, then eval
+    torchrun --nproc_per_node=8 train.py configs/stage4_mistral.py --micro_batch=8
+    python train.py configs/tiny.py --resume             # continue from the last checkpoint
+
+A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them.
+A config that sets `stages` (a list of dicts of overrides) runs them in order, each starting
+from the final checkpoint of the one before.
+"""
+
+import ast
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import losses
+from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 2                 # 0 (toy pretraining), 1, 2, 3 or 4 (see STAGES)
+    out_dir: str = "out/run"
+    # where the weights come from (one of them)
+    init_from: str = ""            # a nanoVT checkpoint or a llava-hf / original LLaVA directory
+    clip_path: str = ""            # stage I from released weights: a CLIP directory ...
+    llm_path: str = ""             # ... and a Vicuna / Mistral directory
+    vision_path: str = ""          # the CLIP tower of an original-LLaVA / VW-LMM checkpoint
+    model: dict = field(default_factory=dict)  # a fresh model: VTLMMConfig fields (vision/decoder dicts)
+    reinit: tuple = ()             # modules to re-initialise after loading, e.g. ("adapter",)
+    pseudo_image_features: Optional[bool] = None  # Eq. 8 switch (None: as the checkpoint says)
+    vm_loss: bool = True           # stage IV: False trains LM only on the same data (ablation control)
+    # data
+    data_path: str = ""            # LLaVA JSON (stage III: a JSON or a folder of images)
+    image_folder: str = ""         # default: the JSON's directory
+    tokenizer: str = ""            # tokenizer.model file or directory; default: init_from / llm_path
+    template: str = ""             # plain / vicuna_v1 / mistral_instruct; default: stage I plain, else the model's
+    max_len: int = 2048
+    group_by_length: bool = True
+    strict_data: bool = False
+    shapes_dir: str = ""           # generate the shapes world here first if it is missing
+    shapes_images: int = 10000
+    num_workers: int = 0
+    # optimisation (SPEC §3: AdamW, no weight decay, cosine with 3% warm-up)
+    global_batch: int = 128
+    micro_batch: int = 4           # per device; accumulation = global / (micro * world)
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    grad_clip: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = 0             # > 0 caps the number of optimizer steps (and sets the schedule's length)
+    stop_at: int = 0               # > 0: save and exit after this step, as a preempted job would
+    seed: int = 0
+    # systems
+    dtype: str = "auto"            # bf16, fp32, or auto = bf16 on GPUs, fp32 on CPUs (FSDP policy / autocast)
+    fsdp: str = "auto"             # auto (when more than one process), on, off
+    activation_checkpointing: bool = True
+    compile: bool = False
+    device: str = "auto"
+    loss_chunk: int = 1024         # rows per chunk of the fused head + loss
+    # bookkeeping
+    log_every: int = 10
+    save_every: int = 500          # optimizer steps between checkpoints (0: only the final one)
+    keep_checkpoints: int = 2
+    resume: bool = False
+    eval: bool = False             # after the last stage, score the shapes held-out sets (eval.py)
+    eval_limit: int = 0
+    stages: list = field(default_factory=list)
+
+
+# What each stage trains and with which loss (SPEC §3). The vision tower is never trained,
+# except in the toy stage 0, which stands in for CLIP's and Vicuna's own pretraining.
+STAGES = {
+    0: dict(train=("vision", "adapter", "decoder", "mm_head"), objective="lm"),
+    1: dict(train=("adapter",), objective="lm"),                      # LM (Eq. 4)
+    2: dict(train=("adapter", "decoder", "mm_head"), objective="lm"),  # LM (Eq. 4)
+    3: dict(train=("vm_head",), objective="vm_fit"),                  # VM fit (Eq. 9)
+    4: dict(train=("decoder", "mm_head"), objective="mm"),            # MM = LM + VM (Eq. 7)
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# config files and overrides
+
+
+def _coerce(name, value, default):
+    """Turn a command-line string into the type of the field's default."""
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: expected true/false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise ValueError(f"--{name}: expected {type(default).__name__}, got {value!r}") from None
+    if isinstance(default, str):
+        return value
+    try:  # tuples, lists, dicts, None
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--{name}: cannot parse {value!r} as a Python literal") from None
+
+
+def check_fields(d, where):
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    for k in d:
+        if k not in names:
+            raise ValueError(f"{where}: unknown config key {k!r}")
+
+
+def load_config(argv):
+    """argv: [CONFIG_FILE] [--key=value ...] -> TrainConfig."""
+    values = {}
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, val = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            default = getattr(TrainConfig(), key, None)
+            check_fields([key], "command line")
+            values[key] = True if not eq and isinstance(default, bool) else _coerce(key, val, default)
+        else:
+            scope = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), scope)  # a config file is plain Python
+            file_values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
+                           and not isinstance(v, type(sys))}
+            check_fields(file_values, arg)
+            values = {**file_values, **values}
+    cfg = TrainConfig(**values)
+    for s in cfg.stages:
+        check_fields(s, "stages")
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed setup and the model
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed(cfg):
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.device == "auto":
+        dev_type = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        dev_type = cfg.device
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(dev_type, local) if dev_type == "cuda" else torch.device(dev_type)
+    if dev_type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
+    return Dist(int(os.environ.get("RANK", 0)), world, local, device)
+
+
+def build_model(cfg: TrainConfig, dtype=torch.float32):
+    """The model in float32 on the CPU, from released weights, a checkpoint, or fresh."""
+    over = {} if cfg.pseudo_image_features is None else {"pseudo_image_features": cfg.pseudo_image_features}
+    if cfg.init_from:
+        model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
+    elif cfg.clip_path or cfg.llm_path:
+        model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
+    elif cfg.model:
+        m = dict(cfg.model)
+        mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**m.pop("decoder", {})),
+                           **{**m, **over})
+        torch.manual_seed(cfg.seed)
+        model = VTLMM(mcfg)
+    else:
+        raise ValueError("set one of init_from, clip_path + llm_path, or model")
+    for name in cfg.reinit:
+        torch.manual_seed(cfg.seed + 1)
+        for mod in getattr(model, name).modules():
+            if isinstance(mod, torch.nn.Linear):
+                torch.nn.init.normal_(mod.weight, std=0.02)
+                if mod.bias is not None:
+                    torch.nn.init.zeros_(mod.bias)
+    return model
+
+
+def set_trainable(model, stage):
+    """requires_grad on exactly the stage's modules (SPEC §3); returns the trainable names."""
+    train = STAGES[stage]["train"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] in train)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def parallelize(model, cfg, d: Dist):
+    """torchtitan's order: activation checkpointing per block, compile, fully_shard per block, root."""
+    if cfg.activation_checkpointing:
+        model.set_checkpointing(True)
+    if cfg.compile:
+        for block in model.decoder.blocks:
+            block.compile()
+    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and d.world > 1)
+    if not use_fsdp:
+        if d.world > 1:
+            raise ValueError("several processes need fsdp=on (it is what synchronises their gradients)")
+        return model.to(d.device), False
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if resolve_dtype(cfg, d) == "bf16" else torch.float32,
+                              reduce_dtype=torch.float32)
+    mesh = dist.device_mesh.init_device_mesh(d.device.type, (d.world,))
+    for block in model.decoder.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model.vision, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedding, adapter, heads, final norm
+    return model, True
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+def resolve_dtype(cfg, d):
+    if cfg.dtype == "auto":
+        return "bf16" if d.device.type == "cuda" else "fp32"
+    if cfg.dtype not in ("bf16", "fp32"):
+        raise ValueError(f"dtype must be bf16, fp32 or auto, got {cfg.dtype!r}")
+    return cfg.dtype
+
+
+def stage_template(cfg, model):
+    if cfg.template:
+        return cfg.template
+    return "plain" if cfg.stage in (0, 1) else model.cfg.template
+
+
+def find_tokenizer(cfg):
+    for p in (cfg.tokenizer, cfg.init_from, cfg.llm_path):
+        if p and (os.path.isfile(p) or os.path.exists(os.path.join(p, "tokenizer.model"))):
+            return data.load_tokenizer(p)
+    raise FileNotFoundError("no tokenizer: set tokenizer=PATH (a tokenizer.model or its directory)")
+
+
+def build_dataset(cfg, model, tok):
+    mc = model.cfg
+    folder = cfg.image_folder or None
+    if cfg.stage == 3:
+        return data.ImageOnlyDataset(cfg.data_path, tok, mc.vision.image_size, mc.vision.num_patches,
+                                     mc.image_token_id, image_folder=folder, strict=cfg.strict_data)
+    return data.LlavaDataset(cfg.data_path, folder, tok, stage_template(cfg, model), mc.vision.image_size,
+                             mc.vision.num_patches, mc.image_token_id, max_len=cfg.max_len, strict=cfg.strict_data)
+
+
+def batches(dataset, cfg, d: Dist, tok, epoch, skip):
+    """Micro-batches of this rank for one epoch, starting after `skip` of its samples."""
+    sampler = data.make_sampler(dataset, cfg.micro_batch, cfg.seed, epoch, d.rank, d.world,
+                                cfg.group_by_length, skip)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler,
+                                         collate_fn=lambda s: data.collate(s, tok.pad_id),
+                                         num_workers=cfg.num_workers)
+    return iter(loader)
+
+
+# ----------------------------------------------------------------------------------------------
+# schedule, checkpoints, logging
+
+
+def lr_at(step, total, cfg):
+    """Linear warm-up over warmup_ratio of the steps, then cosine decay to min_lr_ratio * lr."""
+    warm = max(1, math.ceil(cfg.warmup_ratio * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def full_state(model, optimizer, fsdp):
+    """Plain (unwrapped, unsharded) model and optimizer state dicts, on the CPU, on every rank."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    return msd, osd
+
+
+def save_checkpoint(path, model, optimizer, fsdp, d: Dist, meta):
+    """Write a complete checkpoint to `path` atomically: into path.tmp, then rename."""
+    msd, osd = full_state(model, optimizer, fsdp)
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+           "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
+    rngs = [None] * d.world
+    if d.world > 1:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if d.main:
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump({"nanovt": model.cfg.to_dict()}, f, indent=2)
+        torch.save({"optimizer": osd, "rng": rngs, **meta}, os.path.join(tmp, "trainer.pt"))
+        if os.environ.get("NANOVT_CRASH_IN_SAVE"):  # tests: die while the checkpoint is half written
+            os._exit(3)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    if d.world > 1:
+        dist.barrier()
+
+
+def latest_checkpoint(out_dir):
+    """The newest complete step checkpoint (step-*/ with trainer.pt), or None."""
+    if not os.path.isdir(out_dir):
+        return None
+    steps = sorted((int(n.split("-")[1]), n) for n in os.listdir(out_dir)
+                   if n.startswith("step-") and not n.endswith(".tmp")
+                   and os.path.exists(os.path.join(out_dir, n, "trainer.pt")))
+    return os.path.join(out_dir, steps[-1][1]) if steps else None
+
+
+def prune_checkpoints(out_dir, keep):
+    steps = sorted(int(n.split("-")[1]) for n in os.listdir(out_dir) if n.startswith("step-") and
+                   not n.endswith(".tmp"))
+    for s in steps[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(out_dir, f"step-{s}"), ignore_errors=True)
+
+
+def peak_flops(device):
+    """Dense bf16 matmul peak of one device, for MFU: a table for GPUs, a quick measurement on CPUs."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
+                           ("A10", 125e12), ("4090", 165e12)):
+            if key in name:
+                return flops
+        return 100e12
+    n = 512
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * n ** 3 / (time.perf_counter() - t)  # float32 on the CPU
+
+
+# ----------------------------------------------------------------------------------------------
+# one stage
+
+
+def train_stage(cfg: TrainConfig, d: Dist):
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.shapes_dir and d.main:
+        data.ensure_shapes_world(cfg.shapes_dir, n_images=cfg.shapes_images, seed=cfg.seed)
+    if d.world > 1:
+        dist.barrier()
+    final = os.path.join(cfg.out_dir, "final")
+    if os.path.exists(os.path.join(final, "config.json")):
+        if d.main:
+            print(f"stage {cfg.stage}: {final} exists, skipping (delete it to train again)")
+        return final
+
+    model = build_model(cfg)
+    objective = STAGES[cfg.stage]["objective"]
+    if objective == "mm" and not cfg.vm_loss:
+        objective = "mm_lm"
+    trainable = set_trainable(model, cfg.stage)
+    tok = find_tokenizer(cfg)
+    dataset = build_dataset(cfg, model, tok)
+    flops_per_token = model.flops_per_token  # bound to the plain module: counts stay unsharded
+    n_trainable = sum(model.get_parameter(n).numel() for n in trainable)
+    model, fsdp = parallelize(model, cfg, d)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                  foreach=False)
+
+    per_step = cfg.micro_batch * d.world
+    if cfg.global_batch % per_step:
+        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x processes = {per_step}")
+    accum = cfg.global_batch // per_step
+    steps_per_epoch = len(dataset) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data_path}: {len(dataset)} samples, fewer than one global batch ({cfg.global_batch})")
+    total = math.ceil(steps_per_epoch * cfg.epochs)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+
+    step, epoch_of_step = 0, 0
+    ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if ckpt:
+        step = load_checkpoint(ckpt, model, optimizer, d)
+    elif d.main and os.path.isdir(cfg.out_dir) and latest_checkpoint(cfg.out_dir):
+        print(f"note: {cfg.out_dir} holds checkpoints; starting over (pass --resume to continue)")
+    if d.main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
+        print(f"stage {cfg.stage} ({objective}): {len(dataset)} samples, {total} steps of {cfg.global_batch} "
+              f"({cfg.micro_batch} x {d.world} processes x {accum} accumulation), trains {len(trainable)} "
+              f"tensors / {n_trainable:,} parameters"
+              + (f", resumed at step {step}" if ckpt else ""))
+
+    use_autocast = resolve_dtype(cfg, d) == "bf16" and not fsdp
+    amp = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
+    peak = peak_flops(d.device) * d.world
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    bar = None
+    if d.main:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"stage {cfg.stage}", dynamic_ncols=True,
+                   disable=not sys.stderr.isatty() and not os.environ.get("NANOVT_PROGRESS"))
+
+    model.train()
+    it = None
+    t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
+    while step < total:
+        # one optimizer step: gather its micro-batches first, so the loss can be normalised by
+        # the number of positions in the whole step, over all micro-batches and ranks (SPEC §2)
+        # each epoch is exactly steps_per_epoch steps, so a step number fixes the data position
+        if it is None or step % steps_per_epoch == 0:
+            it = batches(dataset, cfg, d, tok, step // steps_per_epoch,
+                         (step % steps_per_epoch) * cfg.micro_batch * accum)
+        micro = [next(it) for _ in range(accum)]
+        counts = torch.zeros(2, dtype=torch.float64)
+        for b in micro:
+            n_lm, n_vm = losses.count_positions(b["labels"], b["input_ids"] == model.cfg.image_token_id)
+            counts += torch.tensor([float(n_lm), float(n_vm)], dtype=torch.float64)
+        if d.world > 1:
+            counts = counts.to(d.device)
+            dist.all_reduce(counts)
+        # FSDP averages gradients over ranks: scale by world so the result is sum / count
+        lm_count, vm_count = (counts.cpu() / d.world).float().tolist()
+        lr = lr_at(step, total, cfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        log_lm = log_vm = 0.0
+        for b in micro:
+            with amp():
+                out = model(b["input_ids"].to(d.device), _to(b["pixel_values"], d.device),
+                            labels=b["labels"].to(d.device), objective=objective,
+                            lm_count=lm_count, vm_count=vm_count, chunk_size=cfg.loss_chunk)
+            out.loss.backward()
+            log_lm += float(out.lm_loss)
+            log_vm += float(out.vm_loss)
+            B, T = b["input_ids"].shape
+            tokens_since += B * T * d.world
+            flops_since += flops_per_token(T) * B * T * d.world
+        if d.world > 1:
+            stats = torch.tensor([log_lm, log_vm], device=d.device)
+            dist.all_reduce(stats)
+            log_lm, log_vm = (stats / d.world).tolist()
+        if not math.isfinite(log_lm + log_vm):
+            raise FloatingPointError(f"stage {cfg.stage}: loss is {log_lm + log_vm} at step {step + 1} "
+                                     f"(lm {log_lm}, vm {log_vm}); stopping. The last checkpoint is "
+                                     f"{latest_checkpoint(cfg.out_dir)}")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        if bar:
+            bar.update(1)
+            bar.set_postfix(loss=f"{log_lm + log_vm:.4f}", lr=f"{lr:.2e}")
+        if step % cfg.log_every == 0 or step == total:
+            dt = time.perf_counter() - t0
+            tps = tokens_since / dt
+            rec = dict(stage=cfg.stage, step=step, loss=log_lm + log_vm, lm=log_lm, vm=log_vm, lr=lr,
+                       grad_norm=float(grad_norm), tokens_per_s=round(tps, 1),
+                       mfu=round(flops_since / dt / peak, 4),
+                       peak_mem_gb=round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
+                       if d.device.type == "cuda" else None)
+            if d.main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                msg = (f"step {step}/{total} loss {rec['loss']:.4f} (lm {log_lm:.4f} vm {log_vm:.4f}) "
+                       f"lr {lr:.2e} grad {rec['grad_norm']:.3f} {tps:,.0f} tok/s mfu {100 * rec['mfu']:.1f}%")
+                (bar.write if bar and not bar.disable else print)(msg)
+            t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+        stop = cfg.stop_at and step == cfg.stop_at and step < total
+        if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stop:
+            save_checkpoint(os.path.join(cfg.out_dir, f"step-{step}"), model, optimizer, fsdp, d,
+                            {"step": step, "config": dataclasses.asdict(cfg)})
+            if d.main:
+                prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
+        if stop:
+            if d.main:
+                print(f"stage {cfg.stage}: stopped at step {step} as asked (stop_at); continue with --resume")
+            return None
+    if bar:
+        bar.close()
+    save_checkpoint(final, model, optimizer, fsdp, d, {"step": step, "config": dataclasses.asdict(cfg)})
+    if d.main:
+        print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {dataset.report()}")
+    return final
+
+
+def _to(x, device):
+    return x.to(device) if x is not None else None
+
+
+def load_checkpoint(path, model, optimizer, d: Dist):
+    """Restore model, optimizer and RNG from a step checkpoint; returns its step."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
+    msd = load_file(os.path.join(path, "model.safetensors"))
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, msd, options=opts)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    rng = state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    if rng.get("cuda") is not None and d.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"])
+    if d.main:
+        print(f"resumed from {path} (step {state['step']})")
+    return state["step"]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: TrainConfig):
+    d = setup_distributed(cfg)
+    try:
+        if not cfg.stages:
+            return train_stage(cfg, d)
+        prev = None
+        base = dataclasses.replace(cfg, stages=[])
+        for k, over in enumerate(cfg.stages):
+            over = dict(over)
+            if prev and "init_from" not in over:
+                over["init_from"] = prev
+            scfg = dataclasses.replace(base, **over)
+            prev = train_stage(scfg, d)
+            if prev is None:  # stopped early (stop_at): the next stages wait for --resume
+                return None
+        if cfg.eval and d.main:
+            import eval as evaluate
+            evaluate.shapes_report(prev, cfg.shapes_dir, limit=cfg.eval_limit,
+                                   out_path=os.path.join(cfg.out_dir, "eval.json"))
+        return prev
+    finally:
+        if d.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    run(load_config(sys.argv[1:]))
