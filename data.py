@@ -409,7 +409,9 @@ class _SkippingDataset(torch.utils.data.Dataset):
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
                     Image.DecompressionBombWarning) as e:  # what PIL and our checks raise on bad data
                 sid = str(self.samples[j].get("id", j))
-                self._skip(sid, str(e) if isinstance(e, ValueError) else f"bad image: {type(e).__name__}: {e}")
+                bomb = isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning))
+                self._skip(sid, f"decompression bomb: {e}" if bomb else str(e) if isinstance(e, ValueError)
+                           else f"bad image: {type(e).__name__}: {e}")
                 skipped.append((sid, str(e)))
         raise RuntimeError(f"{self.max_tries} bad samples in a row from index {index}: {self.report()}")
 
