@@ -70,8 +70,11 @@ class SentencePieceTokenizer:
         return self.sp.encode(text)
 
     def encode_with_offsets(self, text):
-        """[(id, char_start, char_end)] for one tokenisation of `text` (needs sentencepiece>=0.2.1)."""
-        r = self.sp.encode(text, out_type="offset_mapping")
+        """[(id, char_start, char_end)] for one tokenisation of `text`."""
+        try:
+            r = self.sp.encode(text, out_type="offset_mapping")
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise RuntimeError("this sentencepiece has no out_type='offset_mapping'; use >= 0.2.3") from e
         return [(i, s, e) for i, (s, e) in zip(r["ids"], r["offsets"])]
 
     def decode(self, ids):
@@ -230,7 +233,9 @@ def _tokenize_text(text, tokenizer, image_token_id, num_patches):
     out, pos = [], 0
     for m in list(_MARKERS.finditer(text)) + [None]:
         end = m.start() if m else len(text)
-        if end > pos:  # each text chunk is tokenised once, as LLaVA's tokenizer_image_token does
+        # each text chunk is tokenised once, with sentencepiece's dummy-prefix space: as LLaVA's
+        # tokenizer_image_token at <image>, and its slow (legacy) LLaMA tokenizer after </s>
+        if end > pos:
             out += [(i, pos + s, pos + e) for i, s, e in tokenizer.encode_with_offsets(text[pos:end])]
         if m:
             ids = [image_token_id] * num_patches if m.group() == IMAGE_TAG else [tokenizer.eos_id]

@@ -142,7 +142,7 @@ def _photos():
     huge = Image.fromarray(np.random.default_rng(1).integers(0, 256, (2000, 3100, 3), dtype=np.uint8))
     return {"astronaut": astro, "coffee": Image.fromarray(sk.coffee()), "chelsea": Image.fromarray(sk.chelsea()),
             "camera_L": Image.fromarray(sk.camera()), "rgba": rgba, "P": astro.quantize(64),
-            "P_transparent": Image.fromarray(sk.coffee()).convert("P", palette=Image.ADAPTIVE),
+            "P_adaptive": Image.fromarray(sk.coffee()).convert("P", palette=Image.ADAPTIVE),
             "cmyk": Image.fromarray(sk.chelsea()).convert("CMYK"), "I;16": i16,
             "tiny_1x3": Image.fromarray(np.array([[[255, 0, 0], [0, 255, 0], [0, 0, 255]]], np.uint8)),
             "wide": wide, "tall": wide.transpose(Image.Transpose.ROTATE_90), "huge": huge}
