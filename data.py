@@ -32,7 +32,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import random
 import re
 import sys
@@ -618,6 +617,10 @@ def article(word):
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
+def there_are(n, noun, plural):
+    return f"There is one {noun}" if n == 1 else f"There are {NUMBERS[n]} {plural}"
+
+
 def sample_scene(rng):
     """A scene: background and 1-4 objects (color, shape, size, cell), each in its own grid cell."""
     n = rng.randint(1, 4)
@@ -666,20 +669,21 @@ def questions(scene, rng, popular):
     objs = scene["objects"]
     present = {(c, s) for c, s, _, _ in objs}
     count = Counter(s for _, s, _, _ in objs)
-    qa = [("How many shapes are in the image?", str(len(objs)),
-           f"There {'is' if len(objs) == 1 else 'are'} {NUMBERS[len(objs)]} shape{'s' * (len(objs) > 1)} in the image."),
+    n = len(objs)
+    qa = [("How many shapes are in the image?", str(n), there_are(n, "shape", "shapes") + " in the image."),
           ("What color is the background?", scene["background"].capitalize(),
            f"The background is {scene['background']}."),
           ("Describe the image.", None, caption(scene).capitalize())]
     s = rng.choice(SHAPES)
     qa.append((f"How many {PLURAL[s]} are there?", str(count[s]),
-               f"There {'is' if count[s] == 1 else 'are'} {NUMBERS[count[s]]} {PLURAL[s] if count[s] != 1 else s}."))
+               there_are(count[s], s, PLURAL[s]) + "."))
     for c, s, sz, cell in objs:
         if count[s] == 1:
             qa.append((f"What color is the {s}?", c.capitalize(), f"The {s} is {c}."))
         if sum(1 for o in objs if o[:2] == (c, s)) == 1:
             qa.append((f"Where is the {c} {s}?", CELLS[cell].capitalize(), f"The {c} {s} is {where(CELLS[cell])}."))
-        qa.append((f"What shape is {where(CELLS[cell])}?", s.capitalize(), f"There is {article(sz)} {c} {s} {where(CELLS[cell])}."))
+        qa.append((f"What shape is {where(CELLS[cell])}?", s.capitalize(),
+                   f"There is {article(sz)} {c} {s} {where(CELLS[cell])}."))
     for category in ("random", "popular", "adversarial"):
         qa.append(pope_question(scene, rng, present, True, category, popular))
         qa.append(pope_question(scene, rng, present, False, category, popular))
@@ -717,9 +721,11 @@ def text_only_conversation(rng):
         return f"What color do you get when you mix {a} and {b}?", f"Mixing {a} and {b} gives {c}."
     if kind == 2:
         a, b = rng.randint(0, 2), rng.randint(1, 2)
-        return f"What is {NUMBERS[a]} plus {NUMBERS[b]}?", f"{NUMBERS[a].capitalize()} plus {NUMBERS[b]} is {NUMBERS[a + b]}."
+        q = f"{NUMBERS[a]} plus {NUMBERS[b]}"
+        return f"What is {q}?", f"{q.capitalize()} is {NUMBERS[a + b]}."
     w = rng.choice(list(COLORS) + list(SHAPES))
-    return f"Is {w} a color?", ("Yes" if w in COLORS else "No") + f", {w} is a {'color' if w in COLORS else 'shape'}."
+    kind = "color" if w in COLORS else "shape"
+    return f"Is {w} a color?", ("Yes" if w in COLORS else "No") + f", {w} is a {kind}."
 
 
 def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fraction=0.05,
