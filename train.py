@@ -183,13 +183,19 @@ def setup_distributed(cfg):
     device = torch.device(dev_type, local) if dev_type == "cuda" else torch.device(dev_type)
     if dev_type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or cfg.fsdp == "on") and not dist.is_initialized():
+        if world == 1:  # FSDP on one process (tests): a process group of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29513")
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
 
 
-def build_model(cfg: TrainConfig, dtype=torch.float32):
-    """The model in float32 on the CPU, from released weights, a checkpoint, or fresh."""
+def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32):
+    """The model in float32 on the CPU, from released weights, a checkpoint, or fresh (a fresh
+    decoder takes the tokenizer's vocabulary size unless the config gives one)."""
     over = {} if cfg.pseudo_image_features is None else {"pseudo_image_features": cfg.pseudo_image_features}
     if cfg.init_from:
         model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
@@ -197,8 +203,10 @@ def build_model(cfg: TrainConfig, dtype=torch.float32):
         model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
     elif cfg.model:
         m = dict(cfg.model)
-        mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**m.pop("decoder", {})),
-                           **{**m, **over})
+        dec = dict(m.pop("decoder", {}))
+        if tok is not None:
+            dec.setdefault("vocab_size", tok.vocab_size)
+        mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**dec), **{**m, **over})
         torch.manual_seed(cfg.seed)
         model = VTLMM(mcfg)
     else:
@@ -264,8 +272,10 @@ def stage_template(cfg, model):
 
 def find_tokenizer(cfg):
     for p in (cfg.tokenizer, cfg.init_from, cfg.llm_path):
-        if p and (os.path.isfile(p) or os.path.exists(os.path.join(p, "tokenizer.model"))):
-            return data.load_tokenizer(p)
+        if p and not os.path.isfile(p):
+            p = os.path.join(p, "tokenizer.model")
+        if p and os.path.isfile(p):
+            return data.load_tokenizer(p), p
     raise FileNotFoundError("no tokenizer: set tokenizer=PATH (a tokenizer.model or its directory)")
 
 
@@ -281,7 +291,9 @@ def build_dataset(cfg, model, tok):
 
 def batches(dataset, cfg, d: Dist, tok, epoch, skip):
     """Micro-batches of this rank for one epoch, starting after `skip` of its samples."""
-    sampler = data.make_sampler(dataset, cfg.micro_batch, cfg.seed, epoch, d.rank, d.world,
+    # the sampler groups by optimizer step (global_batch samples): which samples make a step does
+    # not depend on the number of processes or accumulation steps
+    sampler = data.make_sampler(dataset, cfg.global_batch // d.world, cfg.seed, epoch, d.rank, d.world,
                                 cfg.group_by_length, skip)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler,
                                          collate_fn=lambda s: data.collate(s, tok.pad_id),
@@ -332,7 +344,9 @@ def save_checkpoint(path, model, optimizer, fsdp, d: Dist, meta):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump({"nanovt": model.cfg.to_dict()}, f, indent=2)
         torch.save({"optimizer": osd, "rng": rngs, **meta}, os.path.join(tmp, "trainer.pt"))
-        if os.environ.get("NANOVT_CRASH_IN_SAVE"):  # tests: die while the checkpoint is half written
+        if meta.get("tokenizer"):  # so that sample.py and eval.py find it beside the weights
+            shutil.copyfile(meta["tokenizer"], os.path.join(tmp, "tokenizer.model"))
+        if os.environ.get("NANOVT_CRASH_IN_SAVE") == str(meta["step"]):  # tests: die mid-write
             os._exit(3)
         if os.path.exists(path):
             shutil.rmtree(path)
@@ -394,12 +408,15 @@ def train_stage(cfg: TrainConfig, d: Dist):
             print(f"stage {cfg.stage}: {final} exists, skipping (delete it to train again)")
         return final
 
-    model = build_model(cfg)
+    tok, tok_file = find_tokenizer(cfg)
+    model = build_model(cfg, tok)
+    if tok.vocab_size > model.cfg.decoder.vocab_size:
+        raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
+                         f"{model.cfg.decoder.vocab_size}")
     objective = STAGES[cfg.stage]["objective"]
     if objective == "mm" and not cfg.vm_loss:
         objective = "mm_lm"
     trainable = set_trainable(model, cfg.stage)
-    tok = find_tokenizer(cfg)
     dataset = build_dataset(cfg, model, tok)
     flops_per_token = model.flops_per_token  # bound to the plain module: counts stay unsharded
     n_trainable = sum(model.get_parameter(n).numel() for n in trainable)
@@ -476,8 +493,8 @@ def train_stage(cfg: TrainConfig, d: Dist):
                             labels=b["labels"].to(d.device), objective=objective,
                             lm_count=lm_count, vm_count=vm_count, chunk_size=cfg.loss_chunk)
             out.loss.backward()
-            log_lm += float(out.lm_loss)
-            log_vm += float(out.vm_loss)
+            log_lm += out.lm_loss.item()
+            log_vm += out.vm_loss.item()
             B, T = b["input_ids"].shape
             tokens_since += B * T * d.world
             flops_since += flops_per_token(T) * B * T * d.world
@@ -516,7 +533,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
         stop = cfg.stop_at and step == cfg.stop_at and step < total
         if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stop:
             save_checkpoint(os.path.join(cfg.out_dir, f"step-{step}"), model, optimizer, fsdp, d,
-                            {"step": step, "config": dataclasses.asdict(cfg)})
+                            {"step": step, "config": dataclasses.asdict(cfg), "tokenizer": tok_file})
             if d.main:
                 prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
         if stop:
@@ -525,7 +542,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
             return None
     if bar:
         bar.close()
-    save_checkpoint(final, model, optimizer, fsdp, d, {"step": step, "config": dataclasses.asdict(cfg)})
+    save_checkpoint(final, model, optimizer, fsdp, d, {"step": step, "config": dataclasses.asdict(cfg), "tokenizer": tok_file})
     if d.main:
         print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {dataset.report()}")
     return final

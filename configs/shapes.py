@@ -8,7 +8,7 @@ shapes_images = 10000
 tokenizer = "data/shapes/tokenizer.model"
 out_dir = "out/shapes"
 model = dict(vision=dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp=256),  # 64 patches
-             decoder=dict(vocab_size=1024, dim=192, layers=4, heads=6, kv_heads=2, hidden=512, max_seq_len=512),
+             decoder=dict(dim=192, layers=4, heads=6, kv_heads=2, hidden=512, max_seq_len=512),
              template="vicuna_v1")
 max_len = 320
 micro_batch = 32

@@ -5,7 +5,7 @@ tokenizer = "data/shapes-tiny/tokenizer.model"
 data_path = "data/shapes-tiny/instruct.json"
 out_dir = "out/tiny"
 model = dict(vision=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp=64),  # 16 patches
-             decoder=dict(vocab_size=512, dim=64, layers=2, heads=4, kv_heads=2, hidden=128, max_seq_len=256),
+             decoder=dict(dim=64, layers=2, heads=4, kv_heads=2, hidden=128, max_seq_len=256),
              template="vicuna_v1")
 stage = 2
 max_len = 256
