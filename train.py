@@ -57,6 +57,7 @@ class TrainConfig:
     strict_data: bool = False
     shapes_dir: str = ""           # generate the shapes world here first if it is missing
     shapes_images: int = 10000
+    shapes_image_size: int = 64
     num_workers: int = 0
     # optimisation (SPEC §3: AdamW, no weight decay, cosine with 3% warm-up)
     global_batch: int = 128
@@ -399,7 +400,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     if cfg.shapes_dir and d.main:
-        data.ensure_shapes_world(cfg.shapes_dir, n_images=cfg.shapes_images, seed=cfg.seed)
+        data.ensure_shapes_world(cfg.shapes_dir, n_images=cfg.shapes_images, image_size=cfg.shapes_image_size)
     if d.world > 1:
         dist.barrier()
     final = os.path.join(cfg.out_dir, "final")
@@ -574,6 +575,49 @@ def load_checkpoint(path, model, optimizer, d: Dist):
 
 
 # ----------------------------------------------------------------------------------------------
+# memory budget of the 7B configs (README), from parameter counts
+
+
+def memory_budget(mcfg: VTLMMConfig, stage, world=8, micro_batch=16, seq_len=2048):
+    """Estimated GiB per GPU of one stage under FSDP2 full sharding with bf16 compute:
+    fp32 sharded weights, fp32 gradients and AdamW moments of the trained modules (sharded),
+    bf16 copies of two gathered blocks (one in use, one prefetched), and activations with
+    per-block checkpointing (every block's bf16 input, plus one block recomputed at a time)."""
+    with torch.device("meta"):
+        m = VTLMM(mcfg)
+    counts = {name: sum(p.numel() for p in mod.parameters()) for name, mod in m.named_children()}
+    trained = sum(counts[n] for n in STAGES[stage]["train"])
+    d, dec = mcfg.decoder.dim, mcfg.decoder
+    block = counts["decoder"] // max(dec.layers, 1)
+    gib = 2 ** 30
+    tokens = micro_batch * seq_len
+    parts = {
+        "weights": 4 * sum(counts.values()) / world,
+        "grads+adam": (4 + 8) * trained / world,
+        "gathered": 2 * 2 * max(block, counts["mm_head"]),
+        # checkpointed block inputs (bf16) and one block's recompute: q,k,v,o, norms, MLP (3 x hidden)
+        "activations": 0 if stage == 3 else 2 * tokens * (dec.layers * d + 8 * d + 3 * dec.hidden),
+        "loss": 4 * 2 * 1024 * dec.vocab_size,  # two float32 (chunk, C) buffers of the fused loss
+    }
+    if stage == 3:  # no backward through the decoder: activations of one block, no grads kept
+        parts["activations"] = 2 * tokens * (8 * d + 3 * dec.hidden)
+    return {k: v / gib for k, v in parts.items()} | {"total": sum(parts.values()) / gib}
+
+
+def print_memory_budgets():
+    """The README's memory table: python train.py memory"""
+    from model import PRESETS
+    print("| decoder | stage | trains | micro-batch (x 2048 tokens; III: x 577) | weights | grads+Adam | gathered | "
+          "activations | total GiB/GPU (8 GPUs) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in ("vicuna-7b-v1.5", "mistral-7b-instruct-v0.2"):
+        mcfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=PRESETS[name])
+        for stage, micro in ((1, 32), (2, 16), (3, 32), (4, 16)):
+            seq = 1 + mcfg.vision.num_patches if stage == 3 else 2048  # stage III: BOS + 576 patches
+            b = memory_budget(mcfg, stage, 8, micro, seq)
+            print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {', '.join(STAGES[stage]['train'])} | {micro} | "
+                  f"{b['weights']:.1f} | {b['grads+adam']:.1f} | {b['gathered']:.1f} | {b['activations']:.1f} | "
+                  f"{b['total']:.1f} |")
 
 
 def run(cfg: TrainConfig):
@@ -602,4 +646,7 @@ def run(cfg: TrainConfig):
 
 
 if __name__ == "__main__":
-    run(load_config(sys.argv[1:]))
+    if sys.argv[1:] == ["memory"]:
+        print_memory_budgets()
+    else:
+        run(load_config(sys.argv[1:]))

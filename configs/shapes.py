@@ -5,9 +5,10 @@
 # afresh and stages I-IV run as in the paper (SPEC §3); the held-out sets are scored at the end.
 shapes_dir = "data/shapes"
 shapes_images = 10000
+shapes_image_size = 48
 tokenizer = "data/shapes/tokenizer.model"
 out_dir = "out/shapes"
-model = dict(vision=dict(image_size=64, patch_size=8, width=128, layers=4, heads=4, mlp=256),  # 64 patches
+model = dict(vision=dict(image_size=48, patch_size=8, width=128, layers=3, heads=4, mlp=256),  # 36 patches
              decoder=dict(dim=192, layers=4, heads=6, kv_heads=2, hidden=512, max_seq_len=512),
              template="vicuna_v1")
 max_len = 320
@@ -22,8 +23,8 @@ _instruct = "data/shapes/instruct.json"
 stages = [
     dict(stage=0, out_dir="out/shapes/stage0", data_path=_captions, template="plain", lr=2e-3, epochs=1),
     dict(stage=1, out_dir="out/shapes/stage1", data_path=_captions, reinit=("adapter", "vm_head"), lr=2e-3,
-         epochs=0.5),
+         epochs=0.2),
     dict(stage=2, out_dir="out/shapes/stage2", data_path=_instruct, lr=1e-3, epochs=1),
-    dict(stage=3, out_dir="out/shapes/stage3", data_path=_captions, lr=2e-3, epochs=0.5),
+    dict(stage=3, out_dir="out/shapes/stage3", data_path=_captions, lr=2e-3, epochs=0.2),
     dict(stage=4, out_dir="out/shapes/stage4", data_path=_instruct, lr=5e-4, epochs=1),
 ]

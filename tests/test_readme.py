@@ -1,0 +1,28 @@
+"""The README's claims that code produces: kept in step by these checks."""
+
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = open(os.path.join(ROOT, "README.md")).read()
+
+
+def test_memory_table_is_what_train_py_prints():
+    out = subprocess.run([sys.executable, "train.py", "memory"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    block = README.split("<!-- memory-table")[1].split("<!-- end memory-table")[0]
+    table = "\n".join(line for line in block.splitlines()[1:] if line.strip())
+    assert table == out
+
+
+def test_files_and_commands_named_in_readme_exist():
+    for path in re.findall(r"`((?:configs/)?[\w/]+\.py)`", README):
+        if "{" not in path:
+            assert os.path.exists(os.path.join(ROOT, path)), path
+    for cfg in re.findall(r"train\.py (configs/\S+\.py)", README):
+        assert os.path.exists(os.path.join(ROOT, cfg)), cfg
+    ci = open(os.path.join(ROOT, ".ci/run")).read()
+    test_cmd = "python -m pytest -q tests"
+    assert test_cmd in README and test_cmd in ci  # CI runs exactly the README's test command
