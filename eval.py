@@ -8,8 +8,10 @@ Question files are jsonl: {"question_id", "image", "text", and "answer" or "labe
 Answers are written one line per question as soon as a batch is done, so an interrupted run
 continues where it stopped (questions already in the answer file are not asked again).
 
-Metrics: pope (SPEC §7: accuracy, precision, recall, F1, yes-ratio), vqa (VQAv2-style answer
-normalisation, exact match), mc (multiple-choice letters, ScienceQA-style parsing).
+Metrics: pope (SPEC §7: accuracy, precision, recall, F1, yes-ratio; per category too), vqa (VQAv2's
+answer normalisation, exact match against any accepted answer), mc (option letters, parsed as LLaVA's
+ScienceQA script does). A checkpoint trained with pseudo image features answers from X_p by itself;
+--pseudo-image-features switches any model to X_p (Eq. 8).
 """
 
 import argparse
@@ -25,15 +27,20 @@ import data
 from model import VTLMM
 
 
-def read_jsonl(path):
+def read_jsonl(path, allow_torn_tail=False):
+    """Rows of a jsonl file. allow_torn_tail: a last line without its newline that does not parse
+    (a run killed mid-write) is dropped instead of raising."""
     rows = []
     with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: malformed JSON at line {n}, column {e.colno}: {e.msg}") from None
+        lines = f.readlines()
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if allow_torn_tail and n == len(lines) and not line.endswith("\n"):
+                    break
+                raise ValueError(f"{path}: malformed JSON at line {n}, column {e.colno}: {e.msg}") from None
     return rows
 
 
@@ -91,8 +98,9 @@ def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16
     """Answer every question not yet in `answers_path`, appending as it goes. Returns all answers."""
     done = {}
     if os.path.exists(answers_path):
-        for row in read_jsonl(answers_path):
+        for row in read_jsonl(answers_path, allow_torn_tail=True):
             done[row["question_id"]] = row
+        _drop_torn_tail(answers_path)
     todo = [q for q in questions if q["question_id"] not in done]
     os.makedirs(os.path.dirname(os.path.abspath(answers_path)), exist_ok=True)
     size = model.cfg.vision.image_size
@@ -120,6 +128,14 @@ def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16
     return [done[q["question_id"]] for q in questions]
 
 
+def _drop_torn_tail(path):
+    """Cut a file back to its last newline, so appended rows never glue onto a half-written one."""
+    with open(path, "rb+") as f:
+        raw = f.read()
+        if raw and not raw.endswith(b"\n"):
+            f.truncate(raw.rfind(b"\n") + 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # scoring
 
@@ -132,73 +148,97 @@ def pope_yes(text):
     return not ("No" in words or "not" in words or "no" in words)
 
 
-def score_pope(answers, questions):
-    """Accuracy, precision, recall, F1 and yes-ratio, with 'yes' the positive class."""
-    label = {q["question_id"]: q.get("label", q.get("answer")).strip().lower() == "yes" for q in questions}
+def _pope_counts(pairs):
+    """pairs: (predicted yes, gold yes) -> the POPE metrics, 'yes' the positive class."""
     tp = fp = tn = fn = 0
-    for a in answers:
-        pred, gold = pope_yes(a["text"]), label[a["question_id"]]
+    for pred, gold in pairs:
         tp += pred and gold
         fp += pred and not gold
         tn += (not pred) and not gold
         fn += (not pred) and gold
-    n = max(tp + fp + tn + fn, 1)
+    n = tp + fp + tn + fn
     precision = tp / max(tp + fp, 1)
     recall = tp / max(tp + fn, 1)
     f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": (tp + fp) / n, "n": tp + fp + tn + fn}
+    return {"accuracy": (tp + tn) / max(n, 1), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / max(n, 1), "n": n}
 
 
+def score_pope(answers, questions):
+    """Accuracy, precision, recall, F1 and yes-ratio (SPEC §7), overall and per `category` if the
+    questions have one (POPE's random / popular / adversarial)."""
+    qs = {q["question_id"]: q for q in questions}
+    pairs = {}
+    for a in answers:
+        q = qs[a["question_id"]]
+        gold = str(q.get("label", q.get("answer"))).strip().lower() == "yes"
+        pairs.setdefault(q.get("category"), []).append((pope_yes(a["text"]), gold))
+    report = _pope_counts([p for ps in pairs.values() for p in ps])
+    if any(c is not None for c in pairs):
+        report["categories"] = {c: _pope_counts(ps) for c, ps in sorted(pairs.items(), key=str)}
+    return report
+
+
+# VQAv2's official answer normalisation (vqaEval.py / EvalAI's answer processor), abridged contractions
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
 _CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                 "wont": "won't", "its": "it's", "im": "i'm", "thats": "that's", "whats": "what's"}
-_PUNCT = re.compile(r"[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$~|:]")
+                 "wont": "won't", "im": "i'm", "thats": "that's", "whats": "what's", "wasnt": "wasn't",
+                 "werent": "weren't", "didnt": "didn't", "couldnt": "couldn't", "shouldnt": "shouldn't",
+                 "wouldnt": "wouldn't", "hasnt": "hasn't", "havent": "haven't", "youre": "you're",
+                 "theyre": "they're", "lets": "let's", "ive": "i've"}
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
+_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "2." -> "2", "3.5" stays
 
 
 def normalize_answer(text):
-    """VQAv2-style: lower case, punctuation out (a period only outside numbers), number words to
-    digits, articles out, common contractions restored."""
+    """VQAv2-style: lower case; a punctuation mark next to a space (or any, if the text has a number
+    with a comma) is dropped, elsewhere it becomes a space ("black-and-white" -> "black and white");
+    periods out except in numbers; number words to digits; articles out; contractions restored."""
     t = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    t = _PUNCT.sub("", t)
-    t = re.sub(r"(?<!\d)\.(?!\d)", "", t)
-    words = []
-    for w in t.split():
-        w = _NUMBERS.get(w, w)
-        if w in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(w, w))
-    return " ".join(words)
+    for p in _PUNCT:
+        if p + " " in t or " " + p in t or _COMMA_IN_NUMBER.search(t):
+            t = t.replace(p, "")
+        else:
+            t = t.replace(p, " ")
+    t = _PERIOD.sub("", t)
+    words = [_NUMBERS.get(w, w) for w in t.split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def score_vqa(answers, questions):
-    """Exact match after normalisation; `answer` may be one string or a list of accepted ones."""
+    """Exact match after normalisation; `answer` (or `answers`) may be one string or a list of accepted ones."""
     gold = {}
     for q in questions:
         a = q.get("answer", q.get("answers"))
-        gold[q["question_id"]] = {normalize_answer(x) for x in (a if isinstance(a, list) else [a])}
+        gold[q["question_id"]] = {normalize_answer(str(x)) for x in (a if isinstance(a, list) else [a])}
     hits = sum(normalize_answer(a["text"]) in gold[a["question_id"]] for a in answers)
     return {"accuracy": hits / max(len(answers), 1), "n": len(answers)}
 
 
-def mc_letter(text, n_options=5):
-    """The option letter an answer names: 'B', 'B.', '(B)', 'The answer is B.' -> 'B'; else None."""
+def mc_letter(text, n_options=10):
+    """The option letter an answer names, as LLaVA's ScienceQA script parses it (plus brackets):
+    'B', 'B.', 'B)', '(B)', 'B: ...', '... The answer is B.' -> 'B'; 'A cat', 'b', '' -> None."""
     letters = "ABCDEFGHIJ"[:n_options]
     t = text.strip()
-    m = re.match(rf"^\(?([{letters}])\)?(?:[.:)\s]|$)", t)
+    m = re.match(rf"^\(?([{letters}])(?:[.:)]|$)", t)
     if m:
         return m.group(1)
-    m = re.search(rf"answer is:?\s*\(?([{letters}])\b", t, re.IGNORECASE)
-    if m:
-        return m.group(1).upper()
-    return None
+    found = re.findall(rf"The answer is \(?([{letters}])(?:[.,:)]|$)", t)
+    return found[0] if len(found) == 1 else None
 
 
 def score_mc(answers, questions):
-    gold = {q["question_id"]: q.get("answer", q.get("label")).strip().strip("()").upper()[:1] for q in questions}
-    hits = sum(mc_letter(a["text"]) == gold[a["question_id"]] for a in answers)
+    """Accuracy on option letters; a question's `choices`/`options` list, if any, bounds the letters."""
+    qs = {q["question_id"]: q for q in questions}
+    hits = 0
+    for a in answers:
+        q = qs[a["question_id"]]
+        gold = str(q.get("answer", q.get("label"))).strip().strip("()").upper()[:1]
+        n = len(q.get("choices") or q.get("options") or "ABCDEFGHIJ")
+        hits += mc_letter(a["text"], n) == gold
     return {"accuracy": hits / max(len(answers), 1), "n": len(answers)}
 
 
@@ -244,9 +284,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--pseudo-image-features", action="store_true", help="answer from X_p (Eq. 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     model, tok = load_model(a.ckpt, a.device, torch.bfloat16 if a.device == "cuda" else torch.float32, a.tokenizer)
+    if a.pseudo_image_features:
+        model.cfg.pseudo_image_features = True
     qs = read_jsonl(a.questions)[: a.limit or None]
     folder = a.image_folder or os.path.dirname(os.path.abspath(a.questions))
     ans = answer_file(model, tok, qs, folder, a.answers, a.batch_size, a.max_new_tokens)

@@ -1,0 +1,24 @@
+"""A tiny random nanoVT checkpoint and shapes world for the sample / eval / ablation tests (seconds)."""
+
+import os
+import shutil
+
+import data
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_world(path, n_images=120):
+    data.make_shapes_world(path, n_images=n_images, image_size=32, vocab_size=600, workers=1)
+    return str(path)
+
+
+def make_checkpoint(world, out):
+    """configs/tiny.py's model with fresh weights, saved as a checkpoint directory with its tokenizer."""
+    cfg = train.load_config([os.path.join(ROOT, "configs/tiny.py"), f"--tokenizer={world}/tokenizer.model"])
+    tok = data.load_tokenizer(cfg.tokenizer)
+    model = train.build_model(cfg, tok).eval()
+    model.save_pretrained(str(out))
+    shutil.copyfile(cfg.tokenizer, os.path.join(out, "tokenizer.model"))
+    return str(out)
