@@ -125,43 +125,123 @@ def mm_loss(logits, labels, visual_logits, image_mask, lm_count=None, vm_count=N
 # For logits z = h W^T and a target distribution p (one-hot for LM, P' for VM), both
 # terms have the gradient d/dz = softmax(z) - p per row, so d/dh = (q - p) W and
 # d/dW = (q - p)^T h. We compute the loss and these two gradients chunk by chunk in the
-# forward pass, keep only the (n, d) and (C, d) gradients, and scale them by grad_output
-# in backward ("fused linear cross-entropy"). Peak extra memory: a few (chunk, C) floats.
+# forward pass, keep only the (n, d) gradients and ONE (C, d) gradient for both terms,
+# and scale them by grad_output in backward ("fused linear cross-entropy"). Each chunk
+# works in place in at most three (chunk, C) float32 buffers, so the loss's peak memory
+# is about: the gradient of W + 3 chunks of logits (bench.py measures it).
 
-class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum over rows r of loss_r(h_r W^T) / count, for h (n, d) and W (C, d)."""
+
+def _default_chunk(vocab_size):
+    """Rows per chunk: about 32 MiB of float32 logits per (chunk, C) buffer (256 rows at C=32000)."""
+    return max(1, (1 << 23) // vocab_size)
+
+
+def _lm_chunk(z, targets):
+    """z (c, C) logits, targets (c,) -> summed cross-entropy. Overwrites z with dCE/dz = softmax(z) - onehot."""
+    z.sub_(z.amax(-1, keepdim=True))
+    z_t = z.gather(1, targets[:, None])  # (c, 1)
+    s = z.exp_().sum(-1, keepdim=True)  # z now holds exp(z - max)
+    total = (s.log() - z_t).sum()  # Eq. 4: -log softmax(z)[target]
+    z.div_(s)
+    z[torch.arange(z.shape[0], device=z.device), targets] -= 1
+    return total
+
+
+def _vm_chunk(z, v):
+    """z (c, C) MM-head logits, v (c, C) VM-head logits (P' = softmax(v), a constant) -> summed
+    KL(P' || Q). Overwrites z with dKL/dz = softmax(z) - P'; v is used as scratch."""
+    v.sub_(v.amax(-1, keepdim=True))
+    p = v.exp()
+    sp = p.sum(-1, keepdim=True)
+    p.div_(sp)  # P'
+    neg_entropy = v.sub_(sp.log()).mul_(p).sum()  # sum_i P'(i) log P'(i)
+    z.sub_(z.amax(-1, keepdim=True))
+    cross = (p[:, None, :] @ z[:, :, None]).sum()  # sum_i P'(i) z_i, row dot products without a (c, C) temporary
+    s = z.exp_().sum(-1, keepdim=True)
+    # Eq. 6: KL(P' || Q) = sum_i P'(i) log P'(i) - sum_i P'(i) (z_i - log sum_j exp z_j)
+    total = neg_entropy - cross + s.log().sum()
+    z.div_(s).sub_(p)
+    return total
+
+
+def _head_pass(h, w, chunk_loss, chunk_size, scale, grad_h=None, grad_w=None):
+    """sum over rows of chunk_loss(h W^T); adds scale * d/dh into grad_h (n, d) and scale * d/dW into
+    grad_w (C, d) when given. chunk_loss(z, start, end) returns the chunk's summed loss and leaves
+    dloss/dz in z."""
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    for start in range(0, h.shape[0], chunk_size):
+        end = min(start + chunk_size, h.shape[0])
+        h_chunk = h[start:end].float()  # (c, d)
+        z = h_chunk @ w.T  # (c, C) the only MM-head logits alive at any time
+        total += chunk_loss(z, start, end)
+        if grad_h is not None or grad_w is not None:
+            z.mul_(scale)  # now scale * dloss/dz
+            if grad_h is not None:
+                torch.mm(z, w, out=grad_h[start:end])
+            if grad_w is not None:
+                grad_w.addmm_(z.T, h_chunk)  # in place: no (C, d) temporary per chunk
+    return total
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """(lm, vm) = (sum of Eq. 4 rows / lm_count, sum of Eq. 6 rows / vm_count) for the LM rows h_lm (n_lm, d)
+    and the VM rows h_vm (n_vm, d) under the MM head W (C, d), computed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h, weight, count, chunk_size, target_fn, need_grad):
-        # target_fn(z, start, end) -> (summed loss of the rows, target distribution p), float32
-        # need_grad is False under torch.no_grad (evaluation): then only the loss is computed
+    def forward(ctx, h_lm, h_vm, weight, targets, x_vm, w_vm, lm_count, vm_count, chunk_size):
+        need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        need_w = ctx.needs_input_grad[2]
         w = weight.float()  # (C, d), a no-op when the head is float32 already
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.zeros_like(h, dtype=torch.float32) if need_grad else None  # (n, d)
-        grad_w = torch.zeros_like(w) if need_grad else None  # (C, d)
-        for start in range(0, h.shape[0], chunk_size):
-            end = min(start + chunk_size, h.shape[0])
-            h_chunk = h[start:end].float()  # (c, d)
-            z = h_chunk @ w.T  # (c, C) the only logits alive at any time
-            loss, p = target_fn(z, start, end)
-            total += loss
-            if need_grad:
-                dz = torch.softmax(z, dim=-1).sub_(p)  # (c, C) dloss/dz = q - p
-                grad_h[start:end] = dz @ w
-                grad_w += dz.T @ h_chunk
-        count = count.clamp(min=1)
-        if need_grad:
-            ctx.save_for_backward((grad_h / count).to(h.dtype), (grad_w / count).to(weight.dtype))
-        return total / count
+        lm_scale, vm_scale = 1 / lm_count.clamp(min=1), 1 / vm_count.clamp(min=1)
+        grad_w = torch.zeros_like(w) if need_w else None  # one (C, d) buffer for both terms
+        gh_lm = torch.empty_like(h_lm, dtype=torch.float32) if need_h else None
+        gh_vm = torch.empty_like(h_vm, dtype=torch.float32) if need_h else None
+
+        def lm_rows(z, start, end):
+            return _lm_chunk(z, targets[start:end])
+
+        def vm_rows(z, start, end):
+            return _vm_chunk(z, x_vm[start:end].float() @ w_vm.T)
+
+        lm = _head_pass(h_lm, w, lm_rows, chunk_size, lm_scale, gh_lm, grad_w) * lm_scale
+        vm = _head_pass(h_vm, w, vm_rows, chunk_size, vm_scale, gh_vm, grad_w) * vm_scale
+        if need_h:
+            ctx.save_for_backward(gh_lm.to(h_lm.dtype), gh_vm.to(h_vm.dtype), h_lm, h_vm, weight, targets, x_vm,
+                                  w_vm, lm_count, vm_count)
+        else:
+            ctx.save_for_backward(None, None, h_lm, h_vm, weight, targets, x_vm, w_vm, lm_count, vm_count)
+        # an intermediate, kept on ctx (not saved) so that backward can hand it over without a copy
+        ctx.grad_w = grad_w.to(weight.dtype) if need_w else None
+        ctx.chunk_size = chunk_size
+        return lm, vm
 
     @staticmethod
-    def backward(ctx, grad_output):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_output.to(grad_h.dtype), grad_w * grad_output.to(grad_w.dtype), None, None, None, None
+    def backward(ctx, g_lm, g_vm):
+        gh_lm, gh_vm, h_lm, h_vm, weight, targets, x_vm, w_vm, lm_count, vm_count = ctx.saved_tensors
+        grad_w = None
+        if ctx.needs_input_grad[2]:
+            grad_w, ctx.grad_w = ctx.grad_w, None
+            if grad_w is None:
+                raise RuntimeError("chunked_mm_loss: backward ran twice through the same loss (retain_graph); "
+                                   "compute the loss again instead")
+            if h_lm.shape[0] == 0 or h_vm.shape[0] == 0 or torch.equal(g_lm, g_vm):
+                g = g_lm if h_lm.shape[0] else g_vm  # the usual case: backward of lm + vm (times a constant)
+                grad_w.mul_(g.to(grad_w.dtype))
+            else:  # lm and vm weighted differently: redo the chunks with those weights (rare, slower)
+                w = weight.float()
+                acc = torch.zeros_like(w)
+                _head_pass(h_lm, w, lambda z, s, e: _lm_chunk(z, targets[s:e]), ctx.chunk_size,
+                           g_lm / lm_count.clamp(min=1), grad_w=acc)
+                _head_pass(h_vm, w, lambda z, s, e: _vm_chunk(z, x_vm[s:e].float() @ w_vm.T), ctx.chunk_size,
+                           g_vm / vm_count.clamp(min=1), grad_w=acc)
+                grad_w = acc.to(weight.dtype)
+        grad_lm = gh_lm * g_lm.to(gh_lm.dtype) if gh_lm is not None else None
+        grad_vm = gh_vm * g_vm.to(gh_vm.dtype) if gh_vm is not None else None
+        return grad_lm, grad_vm, grad_w, None, None, None, None, None, None
 
 
 def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_features=None,
-                    vm_head_weight=None, lm_count=None, vm_count=None, chunk_size=1024):
+                    vm_head_weight=None, lm_count=None, vm_count=None, chunk_size=None):
     """LM and VM terms of `mm_loss`, with the MM head fused in. Returns (lm, vm).
 
     hidden (B, T, d): final-norm decoder output; mm_head_weight (C, d): W_MM.
@@ -169,7 +249,8 @@ def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_
     vm_head_weight (C, d): W_VM. The target P' = softmax(X_image W_VM^T) is built chunk
     by chunk as well and carries no gradient. labels=None drops the LM term,
     image_mask=None or image_features=None drops the VM term (that term is then 0).
-    Counts as in `mm_loss`; logits are never formed for more than chunk_size rows.
+    Counts as in `mm_loss`; logits are never formed for more than chunk_size rows
+    (default: about 32 MiB of float32 logits per chunk).
     """
     with torch.autocast(hidden.device.type, enabled=False):  # the head and softmax run in float32
         return _chunked_mm_loss(hidden, mm_head_weight, labels, image_mask, image_features, vm_head_weight,
@@ -178,34 +259,28 @@ def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_
 
 def _chunked_mm_loss(hidden, mm_head_weight, labels, image_mask, image_features, vm_head_weight,
                      lm_count, vm_count, chunk_size):
+    d, C = hidden.shape[-1], mm_head_weight.shape[0]
+    chunk_size = chunk_size or _default_chunk(C)
     h = hidden[:, :-1]  # (B, T-1, d): position t predicts t+1
-    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or mm_head_weight.requires_grad)
-    none = hidden[:, :0].sum().float()  # a 0.0 attached to the graph, for an absent term
 
-    lm = none
     if labels is not None:
         mask, targets = _lm_rows(labels)
         h_lm = h[mask]  # (n_lm, d)
+    else:
+        h_lm, targets = h.reshape(-1, d)[:0], torch.zeros(0, dtype=torch.long, device=h.device)
 
-        def lm_target(z, start, end):
-            t = targets[start:end]
-            return F.cross_entropy(z, t, reduction="sum"), F.one_hot(t, z.shape[-1]).float()
-
-        count = torch.as_tensor(targets.numel() if lm_count is None else lm_count, dtype=torch.float32, device=h.device)
-        lm = _ChunkedHeadLoss.apply(h_lm, mm_head_weight, count, chunk_size, lm_target, need_grad)
-
-    vm = none
-    if image_mask is not None and image_features is not None:
+    use_vm = image_mask is not None and image_features is not None
+    if use_vm:
         _check_visual(image_features, image_mask)
         mask, keep = _vm_rows(image_mask)
         h_vm = h[mask]  # (n_vm, d)
         x_vm = image_features.detach()[keep]  # (n_vm, d) X_image at t+1
         w_vm = vm_head_weight.detach().float()
+    else:
+        h_vm, x_vm, w_vm = h.reshape(-1, d)[:0], hidden.new_zeros(0, d), mm_head_weight.new_zeros(0, d).float()
 
-        def vm_target(z, start, end):
-            log_p = F.log_softmax(x_vm[start:end].float() @ w_vm.T, dim=-1)  # log P'_{t+1}
-            return _kl_sum(log_p, F.log_softmax(z, dim=-1)), log_p.exp()
+    def count(n, given):
+        return torch.as_tensor(n if given is None else given, dtype=torch.float32, device=h.device)
 
-        count = torch.as_tensor(h_vm.shape[0] if vm_count is None else vm_count, dtype=torch.float32, device=h.device)
-        vm = _ChunkedHeadLoss.apply(h_vm, mm_head_weight, count, chunk_size, vm_target, need_grad)
-    return lm, vm
+    return _FusedHeadLoss.apply(h_lm, h_vm, mm_head_weight, targets, x_vm, w_vm,
+                                count(h_lm.shape[0], lm_count), count(h_vm.shape[0], vm_count), chunk_size)

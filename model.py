@@ -439,7 +439,7 @@ class VTLMM(nn.Module):
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None,
                 logits=True, visual_logits=False, labels=None, objective=None, lm_count=None, vm_count=None,
-                chunk_size=1024):
+                chunk_size=None):
         """input_ids (B, T), pixel_values (N_img, 3, H, W) for the placeholders in row-major order.
 
         logits=False skips the MM head; visual_logits=True applies the VM head to the N image

@@ -78,7 +78,7 @@ class TrainConfig:
     activation_checkpointing: bool = True
     compile: bool = False
     device: str = "auto"
-    loss_chunk: int = 1024         # rows per chunk of the fused head + loss
+    loss_chunk: int = 0            # rows per chunk of the fused head + loss (0: about 32 MiB of logits)
     # bookkeeping
     log_every: int = 10
     save_every: int = 500          # optimizer steps between checkpoints (0: only the final one)
@@ -492,7 +492,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
             with amp():
                 out = model(b["input_ids"].to(d.device), _to(b["pixel_values"], d.device),
                             labels=b["labels"].to(d.device), objective=objective,
-                            lm_count=lm_count, vm_count=vm_count, chunk_size=cfg.loss_chunk)
+                            lm_count=lm_count, vm_count=vm_count, chunk_size=cfg.loss_chunk or None)
             out.loss.backward()
             log_lm += out.lm_loss.item()
             log_vm += out.vm_loss.item()

@@ -347,3 +347,22 @@ def test_chunked_never_materialises_all_logits():
     with PeakNumel() as mode:  # the detector does see the naive path's logits
         sum(naive(hidden, w_mm, labels, image_mask, x_image, w_vm)).backward()
     assert mode.peak >= b * t * c
+
+
+def test_chunked_terms_weighted_differently():
+    """One (C, d) gradient buffer serves both terms; backward of 2 lm + 0.5 vm, or of lm alone,
+    still gives the exact gradients (by redoing the chunks), and a second backward is refused."""
+    hidden, w_mm, labels, image_mask, x_image, w_vm = make_hidden_batch(8, torch.float32)
+    for a, b in [(2.0, 0.5), (1.0, 0.0), (0.0, 1.0)]:
+        h = hidden.clone().requires_grad_()
+        w = w_mm.clone().requires_grad_()
+        ref = naive(h, w, labels, image_mask, x_image, w_vm)
+        ref_grads = torch.autograd.grad(a * ref[0] + b * ref[1], (h, w))
+        lm, vm = losses.chunked_mm_loss(h, w, labels, image_mask, x_image, w_vm, chunk_size=5)
+        grads = torch.autograd.grad(a * lm + b * vm, (h, w))
+        for g, r in zip(grads, ref_grads):
+            assert torch.allclose(g, r, rtol=1e-5, atol=1e-7)
+    lm, vm = losses.chunked_mm_loss(h, w, labels, image_mask, x_image, w_vm, chunk_size=5)
+    (lm + vm).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        (lm + vm).backward()

@@ -1,0 +1,430 @@
+"""
+Speed and memory of nanoVT against transformers' LlavaForConditionalGeneration (the reference), side by
+side, in one run, on one device, with the same config and the very same weights.
+
+    python bench.py            # CPU: a ~100M-parameter decoder, float32 (a few minutes on 2 cores)
+    python bench.py --quick    # a tiny config, seconds: a smoke run (tests/test_bench.py runs it)
+    python bench.py            # on a GPU: a 1B-class decoder in bf16
+
+It measures
+  1. a training step (forward + backward; nanoVT: the stage IV loss, Eq. 7, chunked and fused;
+     transformers: its LM loss on full logits), same batch, same trainable set (decoder + MM head),
+     in tokens/s, and MFU = flops_per_token x tokens/s / the measured matmul peak of the device;
+  2. greedy decoding with a KV cache at batch 1 and 8 (prompt: one image + a short question);
+  3. peak memory of a stage IV step, and of the loss alone (chunked vs full logits at T=2048, C=32000).
+and writes one table, with the parity checks it ran first, to bench/results_<device>.md.
+
+Peak memory. GPU: torch.cuda.max_memory_allocated above what was allocated before. CPU: `LiveBytes`,
+a TorchDispatchMode that sees every aten op (forward and backward), registers the storage of each
+tensor an op creates, drops it when the storage is freed (a weak reference to the storage), and
+records the largest total alive after any op. Weights, inputs and anything allocated before the
+measured region are not counted; gradients created in it are. Kernel-internal scratch is not seen.
+"""
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import losses
+from model import VTLMM
+
+# ----------------------------------------------------------------------------------------------
+# Configs: the same numbers go to transformers (LlavaConfig) and, through its saved files, to nanoVT.
+
+SIZES = {
+    # decoder: dim, layers, heads, kv_heads, hidden, vocab; vision: image, patch, width, layers, heads
+    # batch: B sequences of T = prefix + patches + question + answer tokens; decoding: `new` tokens
+    "quick": dict(dim=64, layers=2, heads=4, kv_heads=2, hidden=128, vocab=1000,
+                  image=32, patch=8, v_width=48, v_layers=3, v_heads=4,
+                  B=2, prefix=5, question=5, answer=14, new=8, steps=2, warmup=1,
+                  loss_T=256, loss_C=1000, loss_d=64, loss_img=72),
+    # ~100M non-embedding decoder weights + a 24.6M MM head: 12 x (4 x 768^2 + 3 x 768 x 2048) = 85M
+    "100m": dict(dim=768, layers=12, heads=12, kv_heads=12, hidden=2048, vocab=32000,
+                 image=224, patch=14, v_width=384, v_layers=6, v_heads=6,
+                 B=4, prefix=35, question=21, answer=200, new=32, steps=3, warmup=1,  # T = 35+256+21+200 = 512
+                 loss_T=2048, loss_C=32000, loss_d=1024, loss_img=576),
+    # 1B class (TinyLlama-1.1B shapes) with CLIP ViT-L/14-336, for GPUs in bf16
+    "1b": dict(dim=2048, layers=22, heads=32, kv_heads=4, hidden=5632, vocab=32000,
+               image=336, patch=14, v_width=1024, v_layers=24, v_heads=16,
+               B=8, prefix=35, question=21, answer=392, new=64, steps=10, warmup=3,  # T = 35+576+21+392 = 1024
+               loss_T=2048, loss_C=32000, loss_d=1024, loss_img=576),
+}
+
+
+def bench_config(size):
+    """transformers LlavaConfig for one of SIZES (LLaMA decoder, CLIP tower, llava-hf conventions)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    s = SIZES[size]
+    tc = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["dim"], intermediate_size=s["hidden"],
+                     num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                     num_key_value_heads=s["kv_heads"], max_position_embeddings=4096, rms_norm_eps=1e-5,
+                     rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    vc = CLIPVisionConfig(hidden_size=s["v_width"], intermediate_size=4 * s["v_width"],
+                          num_hidden_layers=s["v_layers"], num_attention_heads=s["v_heads"],
+                          image_size=s["image"], patch_size=s["patch"], projection_dim=32)
+    patches = (s["image"] // s["patch"]) ** 2
+    # the placeholder is the last vocabulary id, which the random text below never uses
+    return LlavaConfig(text_config=tc, vision_config=vc, image_token_index=s["vocab"] - 1,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       image_seq_length=patches, tie_word_embeddings=False)
+
+
+def make_batch(cfg, s, B, answer=True, seed=0, device="cpu"):
+    """Vicuna-like rows: BOS + system prompt, image patches, question, [answer]. Labels: the answer only."""
+    g = torch.Generator().manual_seed(seed)
+    patches = cfg.image_seq_length
+    n_ans = s["answer"] if answer else 0
+    T = s["prefix"] + patches + s["question"] + n_ans  # prefix includes BOS
+    ids = torch.randint(3, s["vocab"] - 1, (B, T), generator=g)
+    ids[:, 0] = 1  # BOS
+    ids[:, s["prefix"]:s["prefix"] + patches] = cfg.image_token_index
+    labels = torch.full_like(ids, losses.IGNORE_INDEX)
+    if n_ans:
+        labels[:, T - n_ans:] = ids[:, T - n_ans:]
+    px = torch.randn(B, 3, s["image"], s["image"], generator=g)
+    return ids.to(device), px.to(device), labels.to(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def matmul_peak(device, dtype):
+    """FLOP/s of the best of a few large square matmuls: the peak MFU is measured against."""
+    n = 4096 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    best = min(timed(lambda: a @ b, device)[0] for _ in range(5 if device.type == "cpu" else 20))
+    return 2 * n ** 3 / best
+
+
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of tensor storage created while active and alive at the same time (see the module doc)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # data_ptr -> (weak reference to the storage, bytes)
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for k in [k for k, (ref, _) in self.live.items() if ref.expired()]:
+            self.now -= self.live.pop(k)[1]
+        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                  if isinstance(a, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                k = st.data_ptr()
+                if st.nbytes() and k not in inputs and k not in self.live:  # new storage, not a view
+                    self.live[k] = (StorageWeakRef(st), st.nbytes())
+                    self.now += st.nbytes()
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def peak_bytes(fn, device):
+    """Peak memory of fn() above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    with LiveBytes() as mode:
+        fn()
+    return mode.peak
+
+
+def rel_diff(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# The measurements, each returning rows of the table
+
+
+def train_step_fns(nano, hf, ids, px, labels):
+    nano_params = [p for p in nano.parameters() if p.requires_grad]
+    hf_params = [p for p in hf.parameters() if p.requires_grad]
+
+    def nano_step():
+        for p in nano_params:
+            p.grad = None
+        out = nano(ids, px, labels=labels, objective="mm")  # stage IV: Eq. 7, chunked and fused
+        out.loss.backward()
+        return out
+
+    def hf_step():
+        for p in hf_params:
+            p.grad = None
+        out = hf(input_ids=ids, pixel_values=px, labels=labels)  # unshifted labels: it shifts inside
+        out.loss.backward()
+        return out
+
+    return nano_step, hf_step
+
+
+def set_stage_iv(nano, hf):
+    """Trainable: the decoder and the MM head (stage IV); frozen: vision tower, adapter, VM head."""
+    for n, p in nano.named_parameters():
+        p.requires_grad_(n.startswith(("decoder.", "mm_head.")))
+    for n, p in hf.named_parameters():
+        p.requires_grad_(n.startswith(("model.language_model.", "lm_head.")))
+    n_nano = sum(p.numel() for p in nano.parameters() if p.requires_grad)
+    n_hf = sum(p.numel() for p in hf.parameters() if p.requires_grad)
+    assert n_nano == n_hf, (n_nano, n_hf)
+    return n_nano
+
+
+def bench_train(nano, hf, cfg, s, device, peak, log):
+    ids, px, labels = make_batch(cfg, s, s["B"], device=device)
+    B, T = ids.shape
+    set_stage_iv(nano, hf)
+    nano.train(), hf.train()
+    nano_step, hf_step = train_step_fns(nano, hf, ids, px, labels)
+    lm_nano, lm_hf = nano_step().lm_loss.item(), hf_step().loss.item()
+    log(f"LM loss: nanoVT {lm_nano:.6f}, transformers {lm_hf:.6f} (|diff| {abs(lm_nano - lm_hf):.2e})")
+    times = {"nano": [], "hf": []}
+    for i in range(s["warmup"] + s["steps"]):  # interleaved, so that a noisy neighbour hits both sides
+        t = {side: timed(fn, device)[0] for side, fn in (("nano", nano_step), ("hf", hf_step))}
+        if i >= s["warmup"]:
+            for side in t:
+                times[side].append(t[side])
+        log(f"  step {i}: nanoVT {t['nano']:.3f}s, transformers {t['hf']:.3f}s"
+            + (" (warm-up)" if i < s["warmup"] else ""))
+    tok_s = {k: B * T / statistics.median(v) for k, v in times.items()}
+    fpt = nano.flops_per_token(T)
+    mfu = {k: fpt * v / peak for k, v in tok_s.items()}
+    mem = {"nano": peak_bytes(nano_step, device), "hf": peak_bytes(hf_step, device)}
+    nano.eval(), hf.eval()
+    return [
+        (f"training step, tokens/s (B={B}, T={T}; median of {s['steps']})", tok_s["nano"], tok_s["hf"], "≥ 1.3×"),
+        (f"training step MFU ({fpt / 1e6:.0f} MFLOP/token)", mfu["nano"], mfu["hf"], "GPU bf16: ≥ 45%"),
+        ("peak memory of a stage IV step, MiB", mem["nano"] / 2 ** 20, mem["hf"] / 2 ** 20, "lower"),
+    ], dict(lm_loss_diff=abs(lm_nano - lm_hf))
+
+
+def bench_decode(nano, hf, cfg, s, device, log):
+    rows, match = [], None
+    hf.generation_config.eos_token_id = None  # run exactly `new` tokens on both sides, no early stop
+    hf.generation_config.pad_token_id = 0
+    n = s["new"]
+    for B in (1, 8):
+        ids, px, _ = make_batch(cfg, s, B, answer=False, seed=1, device=device)
+        T = ids.shape[1]
+
+        def nano_gen(k):
+            return nano.generate(ids, px, max_new_tokens=k)
+
+        def hf_gen(k):
+            return hf.generate(input_ids=ids, pixel_values=px, do_sample=False, max_new_tokens=k, min_new_tokens=k)
+
+        with torch.no_grad():
+            if B == 1:  # warm-up, and the greedy tokens must agree
+                a, b = nano_gen(n)[:, T:], hf_gen(n)[:, T:]
+                match = (int((a == b).sum()), n)
+                log(f"greedy tokens at batch 1: {match[0]}/{n} equal")
+            reps = 3 if s["new"] <= 8 else (2 if B == 1 else 1)
+            res = {}
+            for side, gen in (("nano", nano_gen), ("hf", hf_gen)):
+                t_n = min(timed(lambda: gen(n), device)[0] for _ in range(reps))
+                t_1 = min(timed(lambda: gen(1), device)[0] for _ in range(reps))  # prefill + first token
+                res[side] = (B * n / t_n, B * (n - 1) / max(t_n - t_1, 1e-9))
+                log(f"  batch {B} {side}: generate {n} tokens {t_n:.3f}s, prefill + 1 token {t_1:.3f}s")
+        target = "≥ 2×" if B == 1 else ""
+        rows.append((f"decoding batch {B}, new tokens/s after prefill (prompt {T} tokens)",
+                     res["nano"][1], res["hf"][1], target))
+        rows.append((f"generate batch {B}, new tokens/s incl. prefill ({n} new tokens)",
+                     res["nano"][0], res["hf"][0], ""))
+    return rows, match
+
+
+def bench_loss(s, device, dtype, log):
+    """The loss alone: chunked_mm_loss vs full (B, T, C) logits + losses.mm_loss, forward + backward."""
+    T, C, d, n_img = s["loss_T"], s["loss_C"], s["loss_d"], s["loss_img"]
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(1, T, d, generator=g).to(device, dtype).requires_grad_()
+    w_mm = (torch.randn(C, d, generator=g) * 0.05).to(device, dtype).requires_grad_()
+    w_vm = (torch.randn(C, d, generator=g) * 0.05).to(device, dtype)
+    x_image = torch.randn(n_img, d, generator=g).to(device, dtype)
+    image_mask = torch.zeros(1, T, dtype=torch.bool, device=device)
+    image_mask[:, 35:35 + n_img] = True  # system prompt, image, then text
+    labels = torch.randint(0, C, (1, T), generator=g).to(device)
+    labels[:, :35 + n_img + 20] = losses.IGNORE_INDEX  # the question is not supervised; the answer is
+    res = {}
+
+    def full():
+        logits = hidden @ w_mm.T  # (1, T, C): what the chunked loss never forms
+        loss = losses.mm_loss(logits, labels, x_image @ w_vm.T, image_mask)[0]
+        loss.backward()
+        res["full"] = loss.detach()
+
+    def chunked():
+        lm, vm = losses.chunked_mm_loss(hidden, w_mm, labels, image_mask, x_image, w_vm)
+        (lm + vm).backward()
+        res["chunked"] = (lm + vm).detach()
+
+    mem, grads, secs = {}, {}, {}
+    for name, fn in (("full", full), ("chunked", chunked)):
+        hidden.grad = w_mm.grad = None
+        secs[name] = timed(fn, device)[0]
+        grads[name] = (hidden.grad, w_mm.grad)
+        hidden.grad = w_mm.grad = None
+        mem[name] = peak_bytes(fn, device)
+    value_diff = rel_diff(res["chunked"], res["full"])
+    grad_diff = max(rel_diff(a, b) for a, b in zip(grads["chunked"], grads["full"]))
+    log(f"loss alone: value rel diff {value_diff:.1e}, gradient max rel diff {grad_diff:.1e}; "
+        f"time chunked {secs['chunked']:.2f}s, full {secs['full']:.2f}s")
+    label = f"T={T}, C={C}, d={d}, {n_img} image positions"
+    return [
+        (f"peak memory of the loss alone (fwd + bwd), MiB; nanoVT chunked vs full logits ({label})",
+         mem["chunked"] / 2 ** 20, mem["full"] / 2 ** 20, "≤ 0.25"),
+        ("loss alone, seconds (fwd + bwd)", secs["chunked"], secs["full"], "lower"),
+    ], dict(value=value_diff, grad=grad_diff)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fmt(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny config, a smoke run in seconds")
+    ap.add_argument("--size", choices=sorted(SIZES), default=None,
+                    help="config (default: 100m on CPU, 1b on GPU; quick with --quick)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads (default: torch's; 1 with --quick, whose ops are too small to split)")
+    ap.add_argument("--out", default=None, help="where the table goes (default: bench/results_<device>.md)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    size = "quick" if args.quick else (args.size or ("1b" if device.type == "cuda" else "100m"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    out_path = args.out or os.path.join("bench", f"results_{device.type}{'_quick' if size == 'quick' else ''}.md")
+    s = SIZES[size]
+    if args.threads or size == "quick":
+        torch.set_num_threads(args.threads or 1)
+    lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    load_before = os.getloadavg()[0]
+    torch.manual_seed(0)
+    from transformers import LlavaForConditionalGeneration
+    import transformers
+    cfg = bench_config(size)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = LlavaForConditionalGeneration(cfg)
+        hf.save_pretrained(tmp)  # nanoVT loads these very files: the same weights on both sides
+        hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
+        hf = hf.to(device).eval()
+        nano = VTLMM.from_pretrained(tmp, dtype=dtype, device=device).eval()
+    n_dec = nano.num_params("decoder", non_embedding=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    log(f"device: {device_name}, {torch.get_num_threads()} threads, {dtype}; config {size}: decoder "
+        f"{n_dec / 1e6:.1f}M non-embedding + head {nano.mm_head.weight.numel() / 1e6:.1f}M, "
+        f"vision {nano.num_params('vision') / 1e6:.1f}M")
+
+    ids, px, _ = make_batch(cfg, s, 2, device=device)
+    with torch.no_grad():
+        logits_diff = rel_diff(nano(ids, px).logits, hf(input_ids=ids, pixel_values=px).logits)
+    log(f"logits max rel diff nanoVT vs transformers: {logits_diff:.1e}")
+
+    peak = matmul_peak(device, dtype)
+    log(f"measured matmul peak: {peak / 1e9:.0f} GFLOP/s ({dtype})")
+    rows, train_checks = bench_train(nano, hf, cfg, s, device, peak, log)
+    dec_rows, match = bench_decode(nano, hf, cfg, s, device, log)
+    loss_rows, loss_checks = bench_loss(s, device, dtype, log)
+    rows += dec_rows + loss_rows
+    elapsed = time.perf_counter() - t0
+
+    head = ["| measurement | nanoVT | transformers | nanoVT / transformers | target |", "|---|---|---|---|---|"]
+    table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" if "MFU" not in name else
+                    f"| {name} | {a:.1%} | {b:.1%} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
+    print("\n" + "\n".join(table))
+    cmd = "python bench.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
+        (f" --threads {args.threads}" if args.threads else "")
+    doc = [
+        f"# nanoVT vs transformers: speed and memory ({device.type})",
+        "",
+        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+        f"- device: {device_name}, {torch.get_num_threads()} threads, {str(dtype).replace('torch.', '')}; "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes compete "
+        f"when it exceeds the thread count: both sides are timed interleaved, but the numbers get noisy)",
+        f"- config `{size}`: decoder dim {s['dim']}, {s['layers']} layers, {s['heads']} heads "
+        f"({s['kv_heads']} kv), hidden {s['hidden']}, vocab {s['vocab']}; CLIP {s['image']} px / patch "
+        f"{s['patch']}, width {s['v_width']}, {s['v_layers']} layers",
+        "",
+        *table,
+        "",
+        "Ratios are nanoVT / transformers: above 1 is faster for tokens/s, below 1 is smaller for memory.",
+        "nanoVT's training step computes the stage IV loss (LM + VM, Eq. 7); transformers' only the LM loss.",
+        "MFU: 6 × (non-embedding decoder + MM head weights) + attention FLOPs per token, against the "
+        "measured matmul peak.",
+        "Peak memory: bytes of tensor storage created during the step (activations, logits, gradients) and "
+        "alive at once; " + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else
+                             "on CPU tracked op by op with a TorchDispatchMode (bench.LiveBytes)."),
+        "",
+        "Checks run first:",
+        "",
+        *[f"- {line}" for line in lines],
+    ]
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        f.write("\n".join(doc) + "\n")
+    print(f"\nwrote {out_path}")
+    return dict(rows=rows, logits_diff=logits_diff, greedy_match=match, loss=loss_checks, **train_checks)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""bench.py runs end to end, and the chunked loss it times is the full-logits loss, with less memory."""
+
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+import losses
+from bench import LiveBytes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_quick_writes_the_table(tmp_path):
+    out = tmp_path / "results.md"
+    r = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "Command: `python bench.py --quick`" in text
+    for row in ("training step, tokens/s", "training step MFU", "peak memory of a stage IV step",
+                "decoding batch 1", "decoding batch 8", "peak memory of the loss alone"):
+        assert re.search(r"\| " + re.escape(row) + r".*\| [\d.,]+%? \| [\d.,]+%? \| [\d.]+× \|", text), row
+    diff = float(re.search(r"logits max rel diff nanoVT vs transformers: (\S+)", text).group(1))
+    assert diff <= 1e-4
+    assert re.search(r"greedy tokens at batch 1: (\d+)/\1 equal", text)
+    lm = re.search(r"LM loss: nanoVT (\S+), transformers (\S+)", text)
+    assert abs(float(lm.group(1)) - float(lm.group(2))) <= 1e-4
+
+
+def loss_problem(T=512, C=4000, d=64, n_img=144, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(2, T, d, generator=g).requires_grad_()
+    w_mm = (torch.randn(C, d, generator=g) * 0.2).requires_grad_()
+    w_vm = torch.randn(C, d, generator=g) * 0.2
+    image_mask = torch.zeros(2, T, dtype=torch.bool)
+    image_mask[:, 10:10 + n_img] = True
+    labels = torch.randint(0, C, (2, T), generator=g)
+    labels[:, :10 + n_img + 8] = losses.IGNORE_INDEX
+    x_image = torch.randn(2 * n_img, d, generator=g)
+    return hidden, w_mm, labels, image_mask, x_image, w_vm
+
+
+def test_chunked_loss_equals_full_logits_with_a_quarter_of_the_memory():
+    """Eight chunks of 128 rows; values and gradients equal to the
+    full-logits path; peak memory (LiveBytes, as bench.py measures it) at most 25% of it."""
+    hidden, w_mm, labels, image_mask, x_image, w_vm = loss_problem()
+    grads, values, peak = {}, {}, {}
+
+    def full():
+        tot = losses.mm_loss(hidden @ w_mm.T, labels, x_image @ w_vm.T, image_mask)[0]
+        tot.backward()
+        return tot
+
+    def chunked():
+        lm, vm = losses.chunked_mm_loss(hidden, w_mm, labels, image_mask, x_image, w_vm, chunk_size=128)
+        (lm + vm).backward()
+        return lm + vm
+
+    for name, fn in (("full", full), ("chunked", chunked)):
+        hidden.grad = w_mm.grad = None
+        with LiveBytes() as mode:
+            values[name] = fn().detach()
+        peak[name] = mode.peak
+        grads[name] = (hidden.grad, w_mm.grad)
+    assert torch.allclose(values["chunked"], values["full"], rtol=1e-5)
+    for a, b in zip(grads["chunked"], grads["full"]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    assert peak["chunked"] <= 0.25 * peak["full"], (peak["chunked"], peak["full"])
