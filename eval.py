@@ -106,7 +106,7 @@ def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16
     size = model.cfg.vision.image_size
     from tqdm import tqdm
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering",
-               disable=not progress, dynamic_ncols=True)
+               disable=None if progress else True, dynamic_ncols=True)  # None: off when not a terminal
     with open(answers_path, "a") as f:
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]

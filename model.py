@@ -410,8 +410,10 @@ class VTLMM(nn.Module):
     # -- the forward pass -----------------------------------------------------------------------
 
     def image_features(self, pixel_values):
-        """X_image = AD(VE(image)): (N_img, 3, H, W) -> (N_img, num_patches, d). VE is frozen."""
-        with torch.no_grad():
+        """X_image = AD(VE(image)): (N_img, 3, H, W) -> (N_img, num_patches, d). VE is frozen in every
+        stage of the paper: it runs without gradients unless its weights are set to train (toy stage 0)."""
+        train_ve = torch.is_grad_enabled() and self.vision.patch_embed.weight.requires_grad
+        with torch.set_grad_enabled(train_ve):
             feats = self.vision(pixel_values)
         return self.adapter(feats.to(self.adapter.fc1.weight.dtype))
 

@@ -419,7 +419,11 @@ def train_stage(cfg: TrainConfig, d: Dist):
         objective = "mm_lm"
     trainable = set_trainable(model, cfg.stage)
     dataset = build_dataset(cfg, model, tok)
-    flops_per_token = model.flops_per_token  # bound to the plain module: counts stay unsharded
+    # 6N FLOPs per token when the decoder's weights train; 4N when only gradients pass through it
+    # (stage I trains the adapter below it); 2N when it runs forward only (stage III)
+    factor = {1: 4 / 6, 3: 2 / 6}.get(cfg.stage, 1.0)
+    plain = model  # bound before wrapping: parameter counts stay unsharded
+    flops_per_token = lambda T: factor * plain.flops_per_token(T)
     n_trainable = sum(model.get_parameter(n).numel() for n in trainable)
     model, fsdp = parallelize(model, cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,8 +1,9 @@
 # The demo: the whole VT-LMM recipe on the synthetic shapes world, on 2 CPU cores.
 #   python train.py configs/shapes.py
 # No pretrained CLIP or LLM can be downloaded here, so a toy stage 0 stands in for them: it trains
-# the whole tiny model (vision tower included) on captions. Then the adapter and VM head start
-# afresh and stages I-IV run as in the paper (SPEC §3); the held-out sets are scored at the end.
+# the whole tiny model (vision tower included) on captions.
+# Then the adapter and VM head start afresh and stages I-IV run as in the paper (SPEC §3); the
+# held-out sets are scored at the end.
 shapes_dir = "data/shapes"
 shapes_images = 10000
 shapes_image_size = 48
@@ -23,8 +24,8 @@ _instruct = "data/shapes/instruct.json"
 stages = [
     dict(stage=0, out_dir="out/shapes/stage0", data_path=_captions, template="plain", lr=2e-3, epochs=1),
     dict(stage=1, out_dir="out/shapes/stage1", data_path=_captions, reinit=("adapter", "vm_head"), lr=2e-3,
-         epochs=0.2),
+         epochs=1),
     dict(stage=2, out_dir="out/shapes/stage2", data_path=_instruct, lr=1e-3, epochs=1),
-    dict(stage=3, out_dir="out/shapes/stage3", data_path=_captions, lr=2e-3, epochs=0.2),
+    dict(stage=3, out_dir="out/shapes/stage3", data_path=_captions, lr=2e-3, epochs=0.5),
     dict(stage=4, out_dir="out/shapes/stage4", data_path=_instruct, lr=5e-4, epochs=1),
 ]
