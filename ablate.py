@@ -94,9 +94,10 @@ class Jobs:
 def stage_config(cfg, stage, out_dir, **over):
     """One stage's TrainConfig: the base, the config's entry for that stage, the ablation's choices."""
     entry = {k: v for k, v in next(s for s in cfg.stages if s["stage"] == stage).items()
-             if k not in ("out_dir", "data_path", "init_from")}
+             if k not in ("out_dir", "init_from")}
     world = cfg.shapes_dir
-    data_path = os.path.join(world, "instruct.json" if stage in (2, 4) else "stage1_captions.json")
+    default = os.path.join(world, "instruct.json" if stage in (2, 4) else "stage1_captions.json")
+    data_path = entry.pop("data_path", default)  # the config's choice, e.g. stage 0 on instruct.json
     return dataclasses.replace(cfg, stages=[], eval=False, resume=True, tokenizer=os.path.join(world, "tokenizer.model"),
                                data_path=data_path, image_folder="", out_dir=out_dir, **{**entry, **over})
 

@@ -670,12 +670,14 @@ def questions(scene, rng, popular):
     present = {(c, s) for c, s, _, _ in objs}
     count = Counter(s for _, s, _, _ in objs)
     n = len(objs)
-    qa = [("How many shapes are in the image?", str(n), there_are(n, "shape", "shapes") + " in the image."),
+    # counts are words: the toy tokenizer has no digit pieces, and a digit answer would start with a
+    # bare "▁" piece that the label mask (answer characters only) leaves unsupervised
+    qa = [("How many shapes are in the image?", NUMBERS[n].capitalize(), there_are(n, "shape", "shapes") + " in the image."),
           ("What color is the background?", scene["background"].capitalize(),
            f"The background is {scene['background']}."),
           ("Describe the image.", None, caption(scene).capitalize())]
     s = rng.choice(SHAPES)
-    qa.append((f"How many {PLURAL[s]} are there?", str(count[s]),
+    qa.append((f"How many {PLURAL[s]} are there?", NUMBERS[count[s]].capitalize(),
                there_are(count[s], s, PLURAL[s]) + "."))
     for c, s, sz, cell in objs:
         if count[s] == 1:

@@ -662,6 +662,8 @@ _IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|.*position_ids|text_model\..*|te
 
 def rename(key, layout, reverse=False):
     """Source key -> nanoVT key (reverse: nanoVT key -> source key), or None if no rule fits."""
+    if layout == "nanovt":  # our own checkpoints use our own names
+        return key
     for src, dst, table in LAYOUTS[layout]:
         if reverse:
             src, dst = dst, src
@@ -737,11 +739,11 @@ class WeightFiles:
             raise ValueError(f"cannot read tensor {key} from {fpath}: {e} (truncated file?)") from e
 
 
-def fill(model, files, layout, dtype, only=None):
+def fill(model, files, layout, dtype):
     """Copy every tensor of `files` into the matching parameter of `model` (on meta), strictly.
 
     Returns the set of nanoVT names filled. Raises on an unknown key, a shape mismatch, or a
-    parameter filled twice. `only` restricts which nanoVT prefixes this source may fill.
+    parameter filled twice.
     """
     params = dict(model.named_parameters())
     filled = set()
@@ -751,8 +753,6 @@ def fill(model, files, layout, dtype, only=None):
             if _IGNORED.fullmatch(key):
                 continue
             raise KeyError(f"unexpected key '{key}' in {files.where[key]} (layout {layout})")
-        if only and not name.startswith(only):
-            raise KeyError(f"key '{key}' in {files.where[key]} is not expected in a {layout} file")
         if name not in params:
             raise KeyError(f"key '{key}' in {files.where[key]} maps to '{name}', which this model has not "
                            f"(a config mismatch: more layers than config.json says?)")
@@ -863,18 +863,7 @@ def load_pretrained(cls, path, dtype, device, vision_path, overrides):
         cfg = replace(VTLMMConfig.from_dict(c["nanovt"]), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
-        files = WeightFiles(path)
-        params = dict(model.named_parameters())
-        filled = set()
-        for key in files.where:
-            if key not in params:
-                raise KeyError(f"unexpected key '{key}' in {files.where[key]}")
-            t = files.get(key)
-            if tuple(t.shape) != tuple(params[key].shape):
-                raise ValueError(f"shape mismatch for '{key}' in {files.where[key]}: file {tuple(t.shape)}, "
-                                 f"model expects {tuple(params[key].shape)}")
-            _set_param(model, key, t.to(dtype))
-            filled.add(key)
+        filled = fill(model, WeightFiles(path), "nanovt", dtype)
         return _finish(model, filled, dtype, device, path, fresh=())
 
     files = WeightFiles(path)

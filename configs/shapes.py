@@ -1,7 +1,7 @@
 # The demo: the whole VT-LMM recipe on the synthetic shapes world, on 2 CPU cores.
 #   python train.py configs/shapes.py
 # No pretrained CLIP or LLM can be downloaded here, so a toy stage 0 stands in for them: it trains
-# the whole tiny model (vision tower included) on captions.
+# the whole tiny model (vision tower included) on the instruction data (captions and questions).
 # Then the adapter and VM head start afresh and stages I-IV run as in the paper (SPEC §3); the
 # held-out sets are scored at the end.
 shapes_dir = "data/shapes"
@@ -22,9 +22,10 @@ eval = True
 _captions = "data/shapes/stage1_captions.json"
 _instruct = "data/shapes/instruct.json"
 stages = [
-    dict(stage=0, out_dir="out/shapes/stage0", data_path=_captions, template="plain", lr=2e-3, epochs=1),
+    dict(stage=0, out_dir="out/shapes/stage0", data_path=_instruct, template="vicuna_v1", lr=1e-3,
+         warmup_ratio=0.1, epochs=3),
     dict(stage=1, out_dir="out/shapes/stage1", data_path=_captions, reinit=("adapter", "vm_head"), lr=2e-3,
-         epochs=1),
+         epochs=0.5),
     dict(stage=2, out_dir="out/shapes/stage2", data_path=_instruct, lr=1e-3, epochs=1),
     dict(stage=3, out_dir="out/shapes/stage3", data_path=_captions, lr=2e-3, epochs=0.5),
     dict(stage=4, out_dir="out/shapes/stage4", data_path=_instruct, lr=5e-4, epochs=1),

@@ -381,3 +381,8 @@ def test_shapes_world_10k_is_fast(tmp_path):
     w = data.make_shapes_world(tmp_path, n_images=10_000, workers=2)
     assert time.time() - t < 60 and len(list((tmp_path / "images").iterdir())) == 10_000
     assert w["counts"]["stage1"] == 9500
+    tok = data.load_tokenizer(tmp_path)
+    for s in json.loads((tmp_path / "instruct.json").read_text()):
+        for turn in s["conversations"][1::2]:  # every answer starts with a piece the label mask supervises:
+            # a bare "▁" (before a digit, say) belongs to "ASSISTANT: " and would never be learned
+            assert tok.piece(tok.encode("ASSISTANT: " + turn["value"])[2]) != "▁", turn["value"]
