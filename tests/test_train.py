@@ -111,7 +111,8 @@ def test_accumulation_1x8_equals_8x1(world, start, tmp_path):
     b = run_py(args(world, str(tmp_path / "b"), *common, "--micro_batch=1"))
     wa, wb, w0 = weights(a), weights(b), weights(start)
     ma, mb = metrics(str(tmp_path / "a"))[0], metrics(str(tmp_path / "b"))[0]
-    assert abs(ma["lm"] - mb["lm"]) <= 1e-5 * ma["lm"] and abs(ma["vm"] - mb["vm"]) <= 1e-5 * ma["vm"]
+    scale = ma["lm"] + ma["vm"]  # float32 sums in another order: compare on the scale of the loss
+    assert abs(ma["lm"] - mb["lm"]) <= 1e-5 * scale and abs(ma["vm"] - mb["vm"]) <= 1e-5 * scale
     assert abs(ma["grad_norm"] - mb["grad_norm"]) <= 1e-5 * ma["grad_norm"]  # the same gradient
     for k in wa:  # the same update (Adam's first step is ~lr * sign(g): compare in norm)
         da, db = wa[k] - w0[k], wb[k] - w0[k]
@@ -132,7 +133,8 @@ def test_fsdp_two_processes_match_one(world, start, tmp_path, stage):
     m1, m2 = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):
-        assert abs(a["lm"] - b["lm"]) <= 1e-5 * a["lm"] and abs(a["vm"] - b["vm"]) <= 1e-5 * a["vm"]
+        scale = a["lm"] + a["vm"]
+        assert abs(a["lm"] - b["lm"]) <= 1e-5 * scale and abs(a["vm"] - b["vm"]) <= 1e-5 * scale
     w1, w2, w0 = weights(one), weights(os.path.join(str(tmp_path / "two"), "final")), weights(start)
     assert set(w1) == set(w2)  # the saved model is the plain one, no FSDP prefixes
     changed = {k.split(".")[0] for k in w0 if not torch.equal(w0[k], w2[k])}
