@@ -21,7 +21,6 @@ import re
 import sys
 
 import torch
-from PIL import Image
 
 import data
 from model import VTLMM

@@ -16,7 +16,6 @@ tokens, generate) → loading (every layout of SPEC §5) and saving / export to 
 """
 
 import json
-import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace

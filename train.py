@@ -443,7 +443,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
 
-    step, epoch_of_step = 0, 0
+    step = 0
     ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if ckpt:
         step = load_checkpoint(ckpt, model, optimizer, d)

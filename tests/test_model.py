@@ -1,6 +1,5 @@
 """model.py against transformers (the reference), on tiny random models, float32, CPU."""
 
-import json
 import os
 
 import pytest

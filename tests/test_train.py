@@ -23,7 +23,7 @@ def world(tmp_path_factory):
 
 
 def args(world, out, *extra):
-    return [os.path.join(ROOT, "configs/tiny.py"), f"--shapes_dir=", f"--tokenizer={world}/tokenizer.model",
+    return [os.path.join(ROOT, "configs/tiny.py"), "--shapes_dir=", f"--tokenizer={world}/tokenizer.model",
             f"--data_path={world}/instruct.json", f"--out_dir={out}", *extra]
 
 
