@@ -2,8 +2,8 @@
 The ablation of Table 5 on the shapes world: does the VM loss (Eq. 6) help, and is it the VM loss
 or just the extra epoch of stage IV?
 
-    python ablate.py                          # configs/ablate.py, seeds 0 1 2 -> out/ablate/ablation.md
-    python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate-demo   # the demo's sizes (slow)
+    python ablate.py                          # the demo's config, seeds 0 1 2 -> out/ablate/ablation.md
+                                              # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate)
     python ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
 
 Stage 0 (the toy stand-in for pretrained CLIP and Vicuna) is trained once and shared by every seed,
@@ -56,7 +56,8 @@ DIFFERENCES = [("vtlmm", "control", "VM loss: VT-LMM - control"), ("control", "l
 
 def parse_args(argv):
     """[CONFIG] [--seeds=0,1,2] [--tiny] [--key=value ...] -> (TrainConfig, seeds)."""
-    seeds, rest, config = [0, 1, 2], [], os.path.join(ROOT, "configs", "ablate.py")
+    default = os.path.join(ROOT, "configs", "shapes.py")  # the demo's world, model and schedule
+    seeds, rest, config = [0, 1, 2], [], default
     for a in argv:
         if a.startswith("--seeds="):
             seeds = [int(s) for s in a.split("=", 1)[1].split(",") if s.strip()]
@@ -66,6 +67,8 @@ def parse_args(argv):
             config = a
         else:
             rest.append(a)
+    if config == default and not any(a.startswith("--out_dir=") for a in rest):
+        rest.append("--out_dir=" + os.path.join("out", "ablate"))  # not the demo's own out/shapes
     cfg = train.load_config([config] + rest)
     stages = {s["stage"] for s in cfg.stages}
     if not {0, 1, 2, 3, 4} <= stages:
