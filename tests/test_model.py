@@ -348,3 +348,15 @@ def test_forward_objectives_equal_the_losses_on_full_logits():
     assert trained == {"vm_head.weight"}  # Eq. 9 reaches the VM head only
     lm_only = m(ids, px, labels=labels, objective="mm_lm")
     assert torch.allclose(lm_only.loss, lm, rtol=1e-5) and lm_only.vm_loss == 0
+
+
+def test_bin_weights_load_without_unpickling(ref, tmp_path):
+    """Older .bin checkpoints: read through torch.load(weights_only=True), never a full unpickle."""
+    hf, new = ref
+    d = tmp_path / "bin"
+    os.makedirs(d)
+    torch.save(load_file(os.path.join(new, "model.safetensors")), str(d / "pytorch_model.bin"))
+    (d / "config.json").write_text(open(os.path.join(new, "config.json")).read())
+    ids, px = batch()
+    with torch.no_grad():
+        assert rel_err(VTLMM.from_pretrained(str(d))(ids, px).logits, hf(input_ids=ids, pixel_values=px).logits) <= 1e-4
