@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_bench_quick_writes_the_table(tmp_path):
     out = tmp_path / "results.md"
     r = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
     assert "Command: `python bench.py --quick`" in text
