@@ -525,12 +525,12 @@ class VTLMM(nn.Module):
         logits = self.mm_head(out.hidden[:, -1])
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             tok = sample_next(logits, temperature, top_k, top_p, generator)
             tok = torch.where(done, stop[0] if len(stop) else tok, tok)
             yield tok
             done |= torch.isin(tok, stop)
-            if bool(done.all()):
+            if bool(done.all()) or i == max_new_tokens - 1:  # no forward pass for a token never asked for
                 return
             hidden = self.decoder(self.decoder.embed(tok[:, None]), None, cache)
             logits = self.mm_head(hidden[:, -1])

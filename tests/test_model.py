@@ -145,6 +145,17 @@ def test_greedy_generate_matches_transformers(ref):
     assert torch.equal(got, want)
 
 
+def test_generate_runs_one_forward_per_new_token():
+    """n new tokens cost the prompt's forward + n - 1 single-token steps, not one more."""
+    torch.manual_seed(0)
+    m = VTLMM(tiny_cfg()).eval()
+    calls = []
+    m.decoder.register_forward_hook(lambda mod, args, out: calls.append(out.shape[1]))
+    with torch.no_grad():
+        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6)
+    assert calls == [5] + [1] * 5
+
+
 def test_stop_tokens_and_sampling():
     torch.manual_seed(0)
     m = VTLMM(tiny_cfg()).eval()
