@@ -630,6 +630,20 @@ def sample_scene(rng):
             "jitter": [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in objects]}
 
 
+def scene_of(seed, i):
+    """Image i of the world made with `seed` (each scene has its own generator, so any one can be redrawn)."""
+    return sample_scene(random.Random(f"{seed}/scene/{i}"))
+
+
+def cell_labels(scene):
+    """What each of the 9 cells holds (0: empty, else 1 + 4 * colour + shape) and the background's index:
+    the targets of the demo's toy vision pretraining."""
+    cells = [0] * 9
+    for c, s, _, cell in scene["objects"]:
+        cells[cell] = 1 + 4 * list(COLORS).index(c) + SHAPES.index(s)
+    return cells, list(BACKGROUNDS).index(scene["background"])
+
+
 def draw_scene(scene, size, ss=4):
     """Render a scene, drawn at ss x the size and box-downsampled (cheap anti-aliasing)."""
     S = size * ss
@@ -730,8 +744,11 @@ def text_only_conversation(rng):
     return f"Is {w} a color?", ("Yes" if w in COLORS else "No") + f", {w} is a {kind}."
 
 
+WORLD_VERSION = 2  # bump when the generator changes what a seed produces: older worlds are rebuilt
+
+
 def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fraction=0.05,
-                      vocab_size=1024, text_only_fraction=0.05, workers=2):
+                      vocab_size=1024, text_only_fraction=0.05, workers=2, turns_per_image=5):
     """Write the shapes world (LLaVA formats) to out_dir; deterministic from `seed`. Returns world.json's dict.
 
     Files: images/NNNNNN.png; stage1_captions.json (plain template; its images are also stage III's,
@@ -743,7 +760,7 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    scenes = [sample_scene(random.Random(f"{seed}/scene/{i}")) for i in range(n_images)]
+    scenes = [scene_of(seed, i) for i in range(n_images)]
     paths = [f"images/{i:06d}.png" for i in range(n_images)]
     jobs = [(s, image_size, str(out / p)) for s, p in zip(scenes, paths)]
     if workers > 1:
@@ -767,7 +784,9 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
              + "\n" + IMAGE_TAG}, {"from": "gpt", "value": cap}]})
         qa = questions(scenes[i], rng, popular)
         turns = []
-        for q, short, long, *_ in rng.sample(qa, rng.choice((1, 1, 2, 3))):  # some multi-turn
+        # several questions per image: a from-scratch decoder learns to look up what a question
+        # names far faster from many answers about each picture than from one
+        for q, short, long, *_ in rng.sample(qa, min(len(qa), turns_per_image)):
             use_short = short is not None and rng.random() < 0.5
             turns += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
                       {"from": "gpt", "value": short if use_short else long}]
@@ -808,7 +827,7 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     words = " ".join(list(COLORS) + list(SHAPES) + list(BACKGROUNDS) + list(NUMBERS) + ["yes", "no", "small", "large"])
     template_text = [SYSTEM_VICUNA, "USER: ASSISTANT: [INST] [/INST]", SHORT, words, words.title()] * 200
     train_sentencepiece(template_text + corpus, out / "tokenizer.model", vocab_size, user_defined_symbols=["\n"])
-    world = {"seed": seed, "n_images": n_images, "image_size": image_size, "eval_fraction": eval_fraction,
+    world = {"version": WORLD_VERSION, "seed": seed, "n_images": n_images, "turns_per_image": turns_per_image, "image_size": image_size, "eval_fraction": eval_fraction,
              "vocab_size": vocab_size, "text_only_fraction": text_only_fraction, "shapes": SHAPES,
              "colors": list(COLORS), "backgrounds": list(BACKGROUNDS), "cells": CELLS, "image_folder": ".",
              "counts": {"train_images": len(train), "eval_images": n_eval, "stage1": len(stage1),
@@ -820,8 +839,10 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
 
 
 def ensure_shapes_world(out_dir, **kwargs):
-    """Build the shapes world unless out_dir/world.json exists (what the toy configs call)."""
-    if not (Path(out_dir) / "world.json").exists():
+    """Build the shapes world unless out_dir/world.json exists and is of this version (what the toy
+    configs call)."""
+    path = Path(out_dir) / "world.json"
+    if not path.exists() or json.loads(path.read_text()).get("version") != WORLD_VERSION:
         make_shapes_world(out_dir, **kwargs)
     return json.loads((Path(out_dir) / "world.json").read_text())
 

@@ -375,6 +375,26 @@ def test_shapes_world(tmp_path):
     assert sum(ds.skipped.values()) == 0
 
 
+def test_shapes_world_cell_labels_and_rebuild_of_old_versions(tmp_path):
+    for i in range(50):  # the labels the toy vision pretraining learns say what the caption says
+        scene = data.scene_of(0, i)
+        cells, bg = data.cell_labels(scene)
+        said = {(data.CELLS[k], list(data.COLORS)[(v - 1) // 4], data.SHAPES[(v - 1) % 4]) for k, v in enumerate(cells) if v}
+        assert said == {(data.CELLS[cell], c, s) for c, s, _, cell in scene["objects"]}
+        assert list(data.BACKGROUNDS)[bg] == scene["background"]
+        assert f"on a {scene['background']} background" in data.caption(scene)
+    root = tmp_path / "w"
+    data.ensure_shapes_world(root, n_images=60, vocab_size=600, workers=1)
+    w = json.loads((root / "world.json").read_text())
+    assert w["version"] == data.WORLD_VERSION
+    instruct = json.loads((root / "instruct.json").read_text())
+    assert max(len(s["conversations"]) for s in instruct) == 2 * w["turns_per_image"]
+    (root / "world.json").write_text(json.dumps({**w, "version": 1}))  # a world from an older generator
+    (root / "instruct.json").write_text("[]")
+    data.ensure_shapes_world(root, n_images=60, vocab_size=600, workers=1)
+    assert json.loads((root / "instruct.json").read_text()) == instruct
+
+
 @pytest.mark.slow
 def test_shapes_world_10k_is_fast(tmp_path):
     t = time.time()
