@@ -1,29 +1,31 @@
 # The demo: the whole VT-LMM recipe on the synthetic shapes world, on 2 CPU cores.
 #   python train.py configs/shapes.py
-# No pretrained CLIP or LLM can be downloaded here, so a toy stage 0 stands in for them: it trains
-# the whole tiny model (vision tower included) on the instruction data (captions and questions).
-# Then the adapter and VM head start afresh and stages I-IV run as in the paper (SPEC §3); the
-# held-out sets are scored at the end.
+# No pretrained CLIP or LLM can be downloaded here, so a toy stage 0 stands in for them: the vision
+# tower first learns what each cell of the world's 3x3 grid holds (a supervised stand-in for CLIP's
+# pretraining, train.pretrain_vision_on_shapes), then, with the tower frozen, the decoder, adapter and
+# MM head learn language and looking from the instruction data. Then the adapter and VM head start
+# afresh and stages I-IV run as in the paper (SPEC §3); the held-out sets are scored at the end.
 shapes_dir = "data/shapes"
 shapes_images = 10000
 shapes_image_size = 48
 tokenizer = "data/shapes/tokenizer.model"
 out_dir = "out/shapes"
-model = dict(vision=dict(image_size=48, patch_size=8, width=128, layers=3, heads=4, mlp=256),  # 36 patches
-             decoder=dict(dim=192, layers=4, heads=6, kv_heads=2, hidden=512, max_seq_len=512),
+# 16-pixel patches: one patch per cell of the 3x3 grid, 9 image tokens per picture
+model = dict(vision=dict(image_size=48, patch_size=16, width=128, layers=3, heads=4, mlp=256),
+             decoder=dict(dim=192, layers=4, heads=6, kv_heads=6, hidden=512, max_seq_len=512),
              template="vicuna_v1")
 max_len = 320
 micro_batch = 32
 global_batch = 32          # one process, no accumulation: 32 samples per step
 log_every = 25
-save_every = 200
+save_every = 100
 activation_checkpointing = False
 eval = True
 _captions = "data/shapes/stage1_captions.json"
 _instruct = "data/shapes/instruct.json"
 stages = [
     dict(stage=0, out_dir="out/shapes/stage0", data_path=_instruct, template="vicuna_v1", lr=1e-3,
-         warmup_ratio=0.1, epochs=3),
+         warmup_ratio=0.1, epochs=1.25, vision_pretrain_epochs=12, freeze=("vision",)),
     dict(stage=1, out_dir="out/shapes/stage1", data_path=_captions, reinit=("adapter", "vm_head"), lr=2e-3,
          epochs=0.5),
     dict(stage=2, out_dir="out/shapes/stage2", data_path=_instruct, lr=1e-3, epochs=1),
