@@ -827,7 +827,8 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     words = " ".join(list(COLORS) + list(SHAPES) + list(BACKGROUNDS) + list(NUMBERS) + ["yes", "no", "small", "large"])
     template_text = [SYSTEM_VICUNA, "USER: ASSISTANT: [INST] [/INST]", SHORT, words, words.title()] * 200
     train_sentencepiece(template_text + corpus, out / "tokenizer.model", vocab_size, user_defined_symbols=["\n"])
-    world = {"version": WORLD_VERSION, "seed": seed, "n_images": n_images, "turns_per_image": turns_per_image, "image_size": image_size, "eval_fraction": eval_fraction,
+    world = {"version": WORLD_VERSION, "seed": seed, "n_images": n_images, "turns_per_image": turns_per_image,
+             "image_size": image_size, "eval_fraction": eval_fraction,
              "vocab_size": vocab_size, "text_only_fraction": text_only_fraction, "shapes": SHAPES,
              "colors": list(COLORS), "backgrounds": list(BACKGROUNDS), "cells": CELLS, "image_folder": ".",
              "counts": {"train_images": len(train), "eval_images": n_eval, "stage1": len(stage1),
