@@ -244,34 +244,6 @@ def score_mc(answers, questions):
 METRICS = {"pope": score_pope, "vqa": score_vqa, "mc": score_mc}
 
 
-# ----------------------------------------------------------------------------------------------
-# the shapes world's held-out sets, as the demo reports them
-
-
-def shapes_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, progress=True, model=None, tok=None):
-    """Answer and score the shapes world's eval_short.jsonl (vqa) and eval_pope.jsonl (pope)."""
-    if model is None:
-        model, tok = load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
-    report = {}
-    for name, metric in (("short", "vqa"), ("pope", "pope")):
-        qs = read_jsonl(os.path.join(shapes_dir, f"eval_{name}.jsonl"))
-        if limit:
-            qs = qs[:limit]
-        apath = os.path.join(os.path.dirname(out_path) if out_path else ckpt, f"answers_{name}.jsonl")
-        if os.path.exists(apath):
-            os.remove(apath)  # a fresh model: old answers are stale
-        ans = answer_file(model, tok, qs, shapes_dir, apath, batch_size=batch_size, progress=progress)
-        report[name] = METRICS[metric](ans, qs)
-    print("held-out shapes: short-answer accuracy {:.1%} ({} questions); POPE accuracy {:.1%}, F1 {:.3f}, "
-          "yes-ratio {:.2f} ({} questions)".format(report["short"]["accuracy"], report["short"]["n"],
-                                                   report["pope"]["accuracy"], report["pope"]["f1"],
-                                                   report["pope"]["yes_ratio"], report["pope"]["n"]))
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="nanoVT checkpoint or llava-hf directory")
