@@ -19,7 +19,8 @@ stage IV branches from the stage III checkpoint:
   3. vtlmm    stage IV with Eq. 7 (LM + VM): VT-LMM
   4. pif      stage IV with pseudo image features X_p (Eq. 8), which it also answers from
 
-Each variant answers the held-out short-answer and POPE sets. Everything lands in OUT_DIR:
+Each variant answers the held-out short-answer and POPE sets (shapes.held_out_report); what the
+runs so far gave is in docs/experiments.md §Table 5 on the shapes world. Everything lands in OUT_DIR:
 stage0/, seed{k}/stage{1,2,3}/, seed{k}/stage4_{control,vtlmm,pif}/, seed{k}/eval/{variant}/,
 times.json (seconds per job), results.json, and ablation.md (mean ± std over seeds). It resumes:
 finished stages and evaluations are skipped, an interrupted stage continues from its last step
