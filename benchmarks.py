@@ -95,15 +95,16 @@ def vqa_accuracy(prediction, human_answers):
 
 
 def score_vqa(answers, questions):
-    """Mean VQA accuracy. A question's gold is `answers` (ten human answers) or one `answer` string,
-    which counts as ten annotators agreeing (the shapes world's held-out set)."""
+    """Mean VQA accuracy. A question's gold (`answers` or `answer`) is a list of the ten human answers
+    (strings or VQAv2's {"answer": ...}), or one string, which counts as ten annotators agreeing (the
+    shapes world's held-out set)."""
     qs = _by_key(questions)
     total = 0.0
     for a in answers:
         q = qs[_key(a)]
-        gold = q.get("answers")
-        if gold is None:
-            gold = [str(q["answer"])] * 10
+        gold = q.get("answers", q.get("answer"))
+        if not isinstance(gold, list):
+            gold = [str(gold)] * 10
         total += vqa_accuracy(a["text"], [g["answer"] if isinstance(g, dict) else str(g) for g in gold])
     return {"accuracy": total / max(len(answers), 1), "n": len(answers)}
 

@@ -6,12 +6,15 @@ Talk to a nanoVT model about an image, and look at its visual tokens.
     python sample.py --image x.png --visual-tokens vt.png --nearest --probs   # Fig. 4 / Fig. 3c
 
 --ckpt is a nanoVT checkpoint or a llava-hf directory (default: the shapes demo's final model);
-the chat template is the one the model was trained with (model.cfg.template). Greedy decoding
-unless --temperature > 0 (then --top-k / --top-p / --seed apply). --pseudo-image-features feeds
-X_p = softmax(W_VM X_image) E instead of X_image (Eq. 8). --visual-tokens writes the image with
-its patch grid, each patch labelled with the top-1 token of softmax(W_VM x) (and, with --nearest,
-a second panel with the Eq. 3 cosine-nearest embedding token), and prints the same as a table;
-without --prompt it then stops instead of starting a chat.
+the chat template is the one the model was trained with (model.cfg.template). --device auto picks the
+GPU if there is one; --dtype auto loads bf16 there and fp32 on a CPU (a 7B model: 14 GB in bf16, one
+24 GB GPU). Greedy decoding unless --temperature > 0 (then --top-k / --top-p / --seed apply).
+--pseudo-image-features feeds X_p = softmax(W_VM X_image) E instead of X_image (Eq. 8).
+--visual-tokens writes the image with its patch grid and the top-1 token of softmax(W_VM x) of each
+patch (with --nearest, a second panel with the Eq. 3 cosine-nearest embedding token): a small grid
+gets a label per patch; a 336 px CLIP's 24 x 24 grid (Fig. 4) is coloured by token, with borders
+around the regions of patches sharing one and a legend of the most frequent tokens. The same grids
+are printed as tables; without --prompt it then stops instead of starting a chat.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import re
 import sys
 from collections import Counter
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -197,7 +201,7 @@ def draw_panel(image, labels, title, cell, head=None, legend_width=260):
     head = head or (len(lines) * (TITLE_PX + 4) + 8)
     im = image.convert("RGB").resize((g * cell, g * cell), Image.NEAREST)
     entries = legend_entries(labels) if regions else []
-    if regions:  # tint every patch with its token's colour, keeping the picture visible beneath
+    if regions:  # each patch in its token's colour, shaded by the picture's brightness (hues match the legend)
         colour = {lab: c for lab, _, c in entries}
         tint = Image.new("RGB", im.size)
         td = ImageDraw.Draw(tint)
@@ -205,7 +209,8 @@ def draw_panel(image, labels, title, cell, head=None, legend_width=260):
             for c in range(g):
                 td.rectangle((c * cell, r * cell, (c + 1) * cell - 1, (r + 1) * cell - 1),
                              fill=colour.get(labels[r][c], OTHER))
-        im = Image.blend(im, tint, 0.55)
+        shade = 0.4 + 0.6 * np.asarray(im.convert("L"), np.float32)[..., None] / 255
+        im = Image.fromarray((np.asarray(tint, np.float32) * shade).round().astype(np.uint8))
     height = head + max(g * cell, 12 + 22 * len(entries))
     panel = Image.new("RGB", (width, height), "white")
     panel.paste(im, (0, head))
