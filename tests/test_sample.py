@@ -37,7 +37,7 @@ def test_greedy_equals_generate(ckpt, capsys):
     assert ids == ref and len(ref) > 0
     assert "".join(pieces) == tok.decode(ref) + "\n"  # streamed pieces add up to the whole answer
     answer = sample.main(["--ckpt", path, "--image", image, "--prompt", "What shape is in the center?",
-                          "--max-new-tokens", "20"])
+                          "--max-new-tokens", "20", "--device", "cpu"])
     assert answer == tok.decode(ref).strip()
     assert capsys.readouterr().out == tok.decode(ref) + "\n"
 
@@ -83,7 +83,8 @@ def test_chat_history_renders_one_image_block(ckpt, capsys):
 def test_visual_token_picture_labels_every_patch(ckpt, tmp_path, capsys):
     path, image = ckpt
     out = str(tmp_path / "vt.png")
-    sample.main(["--ckpt", path, "--image", image, "--visual-tokens", out, "--nearest", "--probs", "--cell", "48"])
+    sample.main(["--ckpt", path, "--image", image, "--visual-tokens", out, "--nearest", "--probs", "--cell", "48",
+                 "--device", "cpu"])
     model, tok = sample.load(path)
     g = model.cfg.vision.image_size // model.cfg.vision.patch_size
     ids, _ = model.visual_tokens(sample.pixels(model, data.load_image(image)))
@@ -126,7 +127,7 @@ def test_visual_token_picture_24x24(ckpt, tmp_path, capsys):
     VTLMM(cfg).save_pretrained(big)
     os.symlink(os.path.join(path, "tokenizer.model"), os.path.join(big, "tokenizer.model"))
     out = str(tmp_path / "vt24.png")
-    sample.main(["--ckpt", big, "--image", image, "--visual-tokens", out])
+    sample.main(["--ckpt", big, "--image", image, "--visual-tokens", out, "--device", "cpu"])
     table = capsys.readouterr().out.split("\n\n")[0].splitlines()[1:]
     assert len(table) == 24 and all(len(row.split(" | ")) == 24 for row in table)  # the text table, still printed
     pic = Image.open(out)
