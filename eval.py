@@ -151,7 +151,9 @@ def _drop_torn_tail(path):
 # scoring: the official rules live in benchmarks.py
 
 
-METRICS = {"pope": score_pope, "vqa": score_vqa, "gqa": score_gqa, "sqa": score_sqa, "mmbench": score_mmbench}
+# "mc" is the old name of the ScienceQA rule, kept for existing commands
+METRICS = {"pope": score_pope, "vqa": score_vqa, "gqa": score_gqa, "sqa": score_sqa, "mc": score_sqa,
+           "mmbench": score_mmbench}
 
 
 # ----------------------------------------------------------------------------------------------
