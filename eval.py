@@ -27,7 +27,8 @@ import torch
 
 import benchmarks
 import data
-from benchmarks import normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope, score_sqa, score_vqa  # noqa: F401
+from benchmarks import (normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope,  # noqa: F401
+                        score_sqa, score_vqa)
 from inference import add_args, load_model, prompt_ids, stop_ids  # noqa: F401  (one loader for all scripts)
 
 

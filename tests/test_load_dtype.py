@@ -83,3 +83,13 @@ def test_dtype_and_device_flags():
         inference.resolve_dtype("float8")
     assert inference.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert inference.resolve_device("cpu") == "cpu"
+
+
+if __name__ == "__main__":  # print the numbers: PYTHONPATH=. python tests/test_load_dtype.py
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        n = _bf16_checkpoint(d)
+        for dtype in ("bf16", "fp32"):
+            r = _measure(d, dtype)
+            print(f"{n:,} parameters stored in bf16, loaded with --dtype {dtype}: peak RssAnon "
+                  f"+{r['peak'] / 1e6:.1f} MB = {r['peak'] / (4 * n):.2f} x one float32 copy ({4 * n / 1e6:.1f} MB)")
