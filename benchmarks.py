@@ -295,9 +295,12 @@ def read_textvqa(path, annotations=None):
         for a in _read_json(annotations)["data"]:
             gold[(str(a["image_id"]), a["question"].lower())] = a["answers"]
     for r in rows:
-        question = r["text"].split("\n")[0].lower()
+        lines = r["text"].split("\n")
+        question = (lines[1] if lines[0].startswith("Reference OCR token:") else lines[0]).lower()
         r["key"] = f"{r['question_id']}|{question}"
         if gold:
+            if (str(r["question_id"]), question) not in gold:
+                raise KeyError(f"{path}: question {r['question_id']} {question!r} is not in {annotations}")
             r["answers"] = gold[(str(r["question_id"]), question)]
     return rows
 
@@ -307,6 +310,8 @@ def read_gqa(path, gold_path=None):
     if gold_path and os.path.exists(gold_path):
         gold = _read_json(gold_path)
         for r in rows:
+            if str(r["question_id"]) not in gold:
+                raise KeyError(f"{path}: question {r['question_id']} is not in {gold_path}")
             r["answer"] = gold[str(r["question_id"])]["answer"]
     return rows
 

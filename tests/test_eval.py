@@ -138,9 +138,9 @@ def test_batched_answers_equal_one_by_one_with_text_only_questions(setup, tmp_pa
     model, tok = evaluate.load_model(ckpt)
     mixed = [qs[0], {"question_id": "t1", "text": "Say something about circles."}, qs[1],
              {"question_id": "t2", "text": "Hi"}, qs[2]]
-    a = evaluate.answer_file(model, tok, mixed, world, str(tmp_path / "a.jsonl"), batch_size=5, max_new_tokens=12,
+    a = evaluate.answer_file(model, tok, mixed, world, str(tmp_path / "a.jsonl"), batch_size=5, max_new_tokens=8,
                              progress=False)
-    b = evaluate.answer_file(model, tok, mixed, world, str(tmp_path / "b.jsonl"), batch_size=1, max_new_tokens=12,
+    b = evaluate.answer_file(model, tok, mixed, world, str(tmp_path / "b.jsonl"), batch_size=1, max_new_tokens=8,
                              progress=False)
     assert [r["text"] for r in a] == [r["text"] for r in b] and len(a) == 5
 
