@@ -1,6 +1,7 @@
 """
 Answer LLaVA-style question files with batched greedy decoding, and score the answers as the official
-scorers do (benchmarks.py). One command per benchmark of the paper's Table 1, on LLaVA-1.5's eval data:
+scorers do (the rules: scorers.py; the benchmarks' files and prompts: benchmarks.py). One command per
+benchmark of the paper's Table 1, on LLaVA-1.5's eval data:
 
     python eval.py --ckpt DIR --benchmark textvqa --data playground/data/eval --out out/eval/mymodel
 
@@ -27,8 +28,8 @@ import torch
 
 import benchmarks
 import data
-from benchmarks import (normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope,  # noqa: F401
-                        score_sqa, score_vqa)
+from scorers import (_key, normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope,  # noqa: F401
+                     score_sqa, score_vqa)
 from inference import add_args, load_model, prompt_ids, stop_ids  # noqa: F401  (one loader for all scripts)
 
 
@@ -94,7 +95,7 @@ def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16
     question order. A question whose image cannot be read is reported (question id and file), left
     unanswered and appended to `failed` as (question_id, file, reason); the rest of its batch is answered."""
     check_unique(questions)
-    key = benchmarks._key
+    key = _key
     done = {}
     if os.path.exists(answers_path):
         for row in read_jsonl(answers_path, allow_torn_tail=True):
@@ -149,7 +150,7 @@ def _drop_torn_tail(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# scoring: the official rules live in benchmarks.py
+# scoring: the official rules live in scorers.py
 
 
 # "mc" is the old name of the ScienceQA rule, kept for existing commands

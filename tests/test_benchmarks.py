@@ -1,5 +1,5 @@
-"""benchmarks.py: each scorer against cases computed by hand from the official definitions, the readers
-on files laid out as LLaVA-1.5's eval data, each benchmark's prompt, and the submission files."""
+"""scorers.py: each scorer against cases computed by hand from the official definitions; benchmarks.py: the
+readers on files laid out as LLaVA-1.5's eval data, each benchmark's prompt, and the submission files."""
 
 import base64
 import io
@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 import benchmarks as B
+import scorers as S
 
 
 # ---- VQA accuracy (VQAv2, VizWiz, TextVQA) ---------------------------------------------------
@@ -28,18 +29,18 @@ def leave_one_out(pred, humans):
 def test_vqa_accuracy_ten_answers(k, by_hand):
     # k of ten humans said "red": leaving out one of them leaves k-1 matches, any other leaves k
     humans = ["red"] * k + ["blue"] * (10 - k)
-    assert B.vqa_accuracy("red", humans) == pytest.approx(by_hand)
+    assert S.vqa_accuracy("red", humans) == pytest.approx(by_hand)
     assert leave_one_out("red", humans) == pytest.approx(by_hand)
 
 
 def test_vqa_accuracy_is_not_match_any():
     humans = ["two"] + ["3"] * 9
-    assert B.vqa_accuracy("2", humans) == pytest.approx(0.3)  # one annotator: 0.3, not 1
+    assert S.vqa_accuracy("2", humans) == pytest.approx(0.3)  # one annotator: 0.3, not 1
     answers = [{"question_id": 1, "text": "Two"}, {"question_id": 2, "text": "3"}]
     qs = [{"question_id": 1, "answers": humans}, {"question_id": 2, "answers": humans}]
-    assert B.score_vqa(answers, qs) == {"accuracy": pytest.approx((0.3 + 1.0) / 2), "n": 2}
+    assert S.score_vqa(answers, qs) == {"accuracy": pytest.approx((0.3 + 1.0) / 2), "n": 2}
     with pytest.raises(ValueError, match="ten human answers"):
-        B.vqa_accuracy("2", ["2", "3"])
+        S.vqa_accuracy("2", ["2", "3"])
 
 
 @pytest.mark.parametrize("raw, normalised", [
@@ -53,7 +54,7 @@ def test_vqa_accuracy_is_not_match_any():
     ("U.S.A.", "usa"), ("\tred\n", "red"),
 ])
 def test_evalai_normalisation(raw, normalised):
-    assert B.normalize_answer(raw) == normalised
+    assert S.normalize_answer(raw) == normalised
 
 
 # ---- GQA ------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def test_gqa_exact_match():
     gold = ["yes", "left", "left", "left", "no"]
     answers = [{"question_id": str(i), "text": t} for i, t in enumerate(texts)]
     qs = [{"question_id": str(i), "answer": g} for i, g in enumerate(gold)]
-    assert B.score_gqa(answers, qs) == {"accuracy": 3 / 5, "n": 5}  # "the left" and "left side" are wrong
+    assert S.score_gqa(answers, qs) == {"accuracy": 3 / 5, "n": 5}  # "the left" and "left side" are wrong
 
 
 # ---- ScienceQA --------------------------------------------------------------------------------------
@@ -76,7 +77,7 @@ def test_gqa_exact_match():
     ("The answer is A. The answer is B.", None), ("b", None), ("", None), ("AB", None),
 ])
 def test_sqa_parse_as_llava(text, letter):
-    assert B.sqa_letter(text) == letter
+    assert S.sqa_letter(text) == letter
 
 
 def test_sqa_score_divides_by_all_questions():
@@ -88,7 +89,7 @@ def test_sqa_score_divides_by_all_questions():
           {"question_id": "5", "answer": 1, "choices": ["p", "q"]}]                        # "C" beyond 2 choices
     answers = [{"question_id": "1", "text": "B"}, {"question_id": "2", "text": "(A)"},
                {"question_id": "4", "text": "A. p"}, {"question_id": "5", "text": "C"}]
-    r = B.score_sqa(answers, qs)
+    r = S.score_sqa(answers, qs)
     assert r == {"accuracy": 2 / 5, "img_accuracy": 1 / 3, "n": 5, "n_img": 3}
 
 
@@ -110,7 +111,7 @@ def test_pope_per_category_and_mean_f1():
     ]
     qs = [{"question_id": i, "category": c, "label": g} for i, (c, g, _) in enumerate(rows)]
     answers = [{"question_id": i, "text": t} for i, (_, _, t) in enumerate(rows)]
-    r = B.score_pope(answers, qs)
+    r = S.score_pope(answers, qs)
     rand, adv = r["categories"]["random"], r["categories"]["adversarial"]
     # random: TP 2 FN 1 TN 2 FP 0 -> P 1, R 2/3, F1 0.8; adversarial: TP 1 FN 1 TN 0 FP 3 -> P 1/4, R 1/2, F1 1/3
     assert (rand["accuracy"], rand["precision"], rand["recall"], rand["f1"], rand["yes_ratio"]) == pytest.approx(
@@ -119,7 +120,7 @@ def test_pope_per_category_and_mean_f1():
         (0.2, 0.25, 0.5, 1 / 3, 0.8))
     assert r["mean_f1"] == pytest.approx((0.8 + 1 / 3) / 2)  # the paper's figure: mean of the categories' F1
     assert r["f1"] == pytest.approx(0.6 / 1.1)  # pooled: TP 3 FP 3 FN 2, not the headline
-    assert B.pope_yes("No\nthere is none")  # words are split at spaces only, as LLaVA's script does
+    assert S.pope_yes("No\nthere is none")  # words are split at spaces only, as LLaVA's script does
 
 
 # ---- MMBench ----------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def test_pope_per_category_and_mean_f1():
     ("I think B or C", None), ("a cat", "B"), ("Z", None), ("fish or bird", None),
 ])
 def test_mmbench_letter(text, letter):
-    assert B.mmbench_letter(text, ["dog", "cat", "bird", "fish"]) == letter
+    assert S.mmbench_letter(text, ["dog", "cat", "bird", "fish"]) == letter
 
 
 def test_mmbench_circular_by_hand():
@@ -143,7 +144,7 @@ def test_mmbench_circular_by_hand():
     q2, a2 = group(2, "BCA", ["B", "C", "B"])         # one rotation wrong
     q3, a3 = group(3, "AB", ["dog", "cat"])           # right by option text
     q4, a4 = group(4, "AB", ["A"])                    # a rotation not answered
-    r = B.score_mmbench(a1 + a2 + a3 + a4, q1 + q2 + q3 + q4)
+    r = S.score_mmbench(a1 + a2 + a3 + a4, q1 + q2 + q3 + q4)
     assert r["accuracy"] == 2 / 4 and r["n"] == 4
     assert r["single_pass_accuracy"] == 9 / 11
 
