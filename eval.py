@@ -158,6 +158,58 @@ METRICS = {"pope": score_pope, "vqa": score_vqa, "gqa": score_gqa, "sqa": score_
            "mmbench": score_mmbench}
 
 
+def run_benchmark(model, tok, name, data_dir, out_dir, questions=None, image_folder=None, batch_size=16,
+                  max_new_tokens=None, limit=0, progress=True):
+    """Answer and score one benchmark; writes OUT/<name>/answers.jsonl, result.json and, for server or
+    judge benchmarks, the submission file. Returns the result dict."""
+    column, qfile, ifolder, reader, scorer, headline, submission = benchmarks.BENCHMARKS[name]
+    qpath = questions or os.path.join(data_dir, qfile)
+    if not os.path.exists(qpath):
+        raise FileNotFoundError(f"{name}: no question file {qpath} (data layout: docs/eval.md)")
+    qs = reader(qpath, data_dir)
+    check_unique(qs, qpath)
+    qs = qs[: limit or None]
+    folder = image_folder or (os.path.join(data_dir, ifolder) if ifolder else "")
+    bdir = os.path.join(out_dir, name)
+    failed = []
+    long = name in ("sqa", "mmbench", "mmbench_cn", "mmvet")  # LLaVA's model_vqa(_science/_mmbench): 1024
+    ans = answer_file(model, tok, qs, folder, os.path.join(bdir, "answers.jsonl"), batch_size,
+                      max_new_tokens or (1024 if long else 128), progress, failed)
+    result = {"benchmark": name, "column": column, "questions": qpath, "n_questions": len(qs),
+              "unanswered": [{"question_id": i, "image": f, "error": e} for i, f, e in failed]}
+    if scorer is not None and benchmarks.has_gold(name, qs):
+        result["scores"] = scorer(ans, qs)
+        result["headline"] = result["scores"][headline]
+    if submission is not None:
+        fname, write = submission
+        write(ans, qs, os.path.join(bdir, fname))
+        result["submission"] = os.path.join(bdir, fname)
+        print(f"{name}: wrote {result['submission']} ({SUBMIT[name]})")
+    with open(os.path.join(bdir, "result.json"), "w") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    return result
+
+
+SUBMIT = {"vqav2": "upload to the VQAv2 test-dev server on EvalAI",
+          "vizwiz": "upload to the VizWiz VQA test server on EvalAI",
+          "gqa": "GQA's own eval.py reads it too: python eval.py --tier testdev_balanced",
+          "mmbench": "upload to the MMBench server (test split) or read locally: dev is scored here",
+          "mmbench_cn": "upload to the MMBench server (test split) or read locally: dev is scored here",
+          "mmvet": "MM-Vet's GPT-4 judge scores it: upload to its evaluator"}
+
+
+def summary(out_dir):
+    """The row of Table 1 from the result.json files cached under out_dir ('-' where none)."""
+    results = {}
+    for name in benchmarks.BENCHMARKS:
+        path = os.path.join(out_dir, name, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f).get("headline")
+    head, row = benchmarks.table1_row(results)
+    return head + "\n" + row
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="nanoVT checkpoint or llava-hf directory")
