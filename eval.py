@@ -285,8 +285,12 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--pseudo-image-features", action="store_true", help="answer from X_p (Eq. 8)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--template", choices=data.TEMPLATES, default=None,
+                   help="chat template (default: the one the checkpoint was trained with)")
     a = p.parse_args(argv)
     model, tok = load_model(a.ckpt, a.device, torch.bfloat16 if a.device == "cuda" else torch.float32, a.tokenizer)
+    if a.template:
+        model.cfg.template = a.template  # every prompt is rendered in model.cfg.template
     if a.pseudo_image_features:
         model.cfg.pseudo_image_features = True
     qs = read_jsonl(a.questions)[: a.limit or None]

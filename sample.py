@@ -209,8 +209,12 @@ def main(argv=None):
     p.add_argument("--probs", action="store_true", help="table: print each label's probability (cosine)")
     p.add_argument("--cell", type=int, default=64, help="picture: pixels per patch")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--template", choices=data.TEMPLATES, default=None,
+                   help="chat template (default: the one the checkpoint was trained with)")
     a = p.parse_args(argv)
     model, tok = load(a.ckpt, a.tokenizer, a.device, a.pseudo_image_features)
+    if a.template:
+        model.cfg.template = a.template  # every prompt is rendered in model.cfg.template
     image = data.load_image(a.image)
     if a.visual_tokens:
         grids = visual_token_picture(model, tok, image, a.visual_tokens, a.nearest, a.cell)
