@@ -340,9 +340,8 @@ def tokenize_conversation(conversations, tokenizer, template, image_token_id=IMA
                           num_patches=576, has_image=None):
     """(input_ids, labels) of one conversation: LLaVA-1.5's input_ids and supervised positions.
 
-    The rendered prompt is tokenised once; a token is supervised if its characters overlap an
-    assistant answer or its </s>, or if it is the bare piece of the space that ends the user
-    segment right before an answer (below). So the ids are, by construction, those of the whole
+    The rendered prompt is tokenised once; a token is supervised if it starts inside an assistant
+    answer or its </s>, or in the space that ends the user segment right before an answer (below). So the ids are, by construction, those of the whole
     prompt, and LLaVA's "tokenization mismatch" (per-round lengths, counted from separately
     tokenised rounds, that disagree with the whole prompt; LLaVA then masks the whole sample)
     cannot happen: no length is counted apart from the one tokenisation.
@@ -367,7 +366,9 @@ def tokenize_conversation(conversations, tokenizer, template, image_token_id=IMA
     input_ids = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else []
     labels = [IGNORE_INDEX] * len(input_ids)
     for i, s, e in _tokenize_text("".join(t for t, _ in segs), tokenizer, image_token_id, num_patches):
-        hit = any((s < b and e > a) or (s == e and a <= s < b) for a, b in spans)
+        # a token that starts in the user segment stays with it, even if it runs into the answer
+        # ("](" with vw_mistral's "[/INST](b)"): LLaVA counts it in len(tokens(instruction))
+        hit = any(a <= s < b for a, b in spans)
         input_ids.append(i)
         labels.append(i if hit and i != image_token_id else IGNORE_INDEX)
     return input_ids, labels
