@@ -174,7 +174,12 @@ def _train_and_answer(tok, old_rule, steps=120):
 
 def test_tiny_run_learns_to_answer_with_digits(tokenizer_files):
     tok = data.SentencePieceTokenizer(tokenizer_files["llama2"], config={})
-    with_llava_labels = _train_and_answer(tok, old_rule=False)
-    with_old_labels = _train_and_answer(tok, old_rule=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and the suite shares the cores
+    try:
+        with_llava_labels = _train_and_answer(tok, old_rule=False, steps=60)
+        with_old_labels = _train_and_answer(tok, old_rule=True, steps=60)
+    finally:
+        torch.set_num_threads(threads)
     assert with_llava_labels >= 7, with_llava_labels
     assert with_old_labels <= 2, with_old_labels  # never taught to start the answer
