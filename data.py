@@ -4,7 +4,7 @@ Data for nanoVT: tokenizers, chat templates, images, LLaVA datasets, and the "sh
 Read top to bottom:
   1. tokenizers     one small interface over sentencepiece and tiktoken (LLaMA-3) files
   2. chat templates plain / vicuna_v1 / mistral_instruct / vw_mistral, tokenised once; the
-                    labels are LLaVA-1.5's (docs/data.md)
+                    labels are LLaVA-1.5's (docs/llava_data.md)
   3. images         LLaVA-1.5's recipe: pad to square with the CLIP mean colour, CLIP resize,
                     centre crop, normalise
   4. datasets       LLaVA JSON conversations (stages I, II, IV), images only (stage III),
@@ -179,7 +179,7 @@ def tokenizer_config(path):
       legacy          (default true) false: text right after a special token (</s>) is tokenised
                       without sentencepiece's dummy-prefix space (Vicuna: "USER" one piece, not
                       "▁US" "ER"; Mistral: "[" not "▁["). LLaVA-1.5 was trained with legacy
-                      behaviour: docs/data.md, "Tokenizers".
+                      behaviour: docs/llava_data.md, "Tokenizers".
       add_bos_token   (default true) whether a prompt starts with BOS
       bos_token / eos_token / pad_token   a piece of the model (a string or {"content": ...})
     """
@@ -341,10 +341,11 @@ def tokenize_conversation(conversations, tokenizer, template, image_token_id=IMA
     """(input_ids, labels) of one conversation: LLaVA-1.5's input_ids and supervised positions.
 
     The rendered prompt is tokenised once; a token is supervised if it starts inside an assistant
-    answer or its </s>, or in the space that ends the user segment right before an answer (below). So the ids are, by construction, those of the whole
-    prompt, and LLaVA's "tokenization mismatch" (per-round lengths, counted from separately
-    tokenised rounds, that disagree with the whole prompt; LLaVA then masks the whole sample)
-    cannot happen: no length is counted apart from the one tokenisation.
+    answer or its </s>, or in the space that ends the user segment right before an answer
+    (below). So the ids are, by construction, those of the whole prompt, and LLaVA's
+    "tokenization mismatch" (per-round lengths, counted from separately tokenised rounds, that
+    disagree with the whole prompt; LLaVA then masks the whole sample) cannot happen: no length
+    is counted apart from the one tokenisation.
     Labels are IGNORE_INDEX on BOS, system prompt, user turns and image positions.
     """
     segs = render_segments(conversations, template, has_image)

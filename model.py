@@ -854,7 +854,7 @@ def vision_config_from_hf(c, where, select_layer=-2, defaults="clip_vision_model
 def _template_for(dec: DecoderConfig, c=None):
     """The chat template a checkpoint was trained with: the VW-LMM authors' Mistral model
     (vwMistralForCausalLM) uses their own "mistral" style (vw_mistral), other Mistral decoders
-    LLaVA's mistral_instruct, LLaMA / Vicuna decoders vicuna_v1 (docs/data.md)."""
+    LLaVA's mistral_instruct, LLaMA / Vicuna decoders vicuna_v1 (docs/llava_data.md)."""
     if any(str(a).startswith("vwMistral") for a in (c or {}).get("architectures") or []):
         return "vw_mistral"
     return "mistral_instruct" if dec.kind == "mistral" else "vicuna_v1"

@@ -32,8 +32,8 @@ def qa(*pairs, image=True):
 
 
 ANSWERS = {  # every kind of first character the issue names, and an ordinary word
-    "word": "A red circle.", "digit": "3", "number": "42 apples", "cjk": "中文的回答", "newline": "\nTwo lines\nhere",
-    "emoji": "😀 yes", "paren": "(a) the first one", "quote": '"yes", he said',
+    "word": "A red circle.", "digit": "3", "number": "42 apples", "cjk": "中文的回答",
+    "newline": "\nTwo lines\nhere", "emoji": "😀 yes", "paren": "(a) the first one", "quote": '"yes", he said',
 }
 CASES = {f"single-{k}": qa(("What is it?", a)) for k, a in ANSWERS.items()}
 CASES |= {f"text-{k}": qa(("How many?", a), image=False) for k, a in ANSWERS.items()}
