@@ -36,6 +36,7 @@ crashes at step 40,000 (strict: raise), and the skip reaches the main process wi
 """
 
 import argparse
+import array
 import codecs
 import json
 import os
@@ -540,6 +541,30 @@ def missing_summary(paths, total):
             + ", ".join(f"{folder} {n}" for folder, n in sorted(by_folder.items(), key=lambda x: (-x[1], x[0]))))
 
 
+class SampleIndex:
+    """Samples kept compactly: each one's JSON in one bytes buffer, found by an offsets array and
+    decoded when asked for. A list of dicts costs ~10x the file's size per rank, and DataLoader
+    workers copy it page by page as reference counts change (copy-on-write); one buffer and one
+    array do neither. Indexing and iteration give fresh dicts, so callers cannot change it."""
+
+    def __init__(self, samples):
+        chunks = [json.dumps(s, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for s in samples]
+        self._offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)
+        self._blob = b"".join(chunks)
+
+    def __len__(self):
+        return len(self._offsets) - 1
+
+    def __getitem__(self, j):
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        j %= len(self)
+        return json.loads(self._blob[self._offsets[j]:self._offsets[j + 1]])
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
 class _SkippingDataset(torch.utils.data.Dataset):
     """Shared bad-sample handling: warn once per sample, count per reason, serve the next sample.
 
@@ -667,19 +692,16 @@ class LlavaDataset(_SkippingDataset):
         if self.repaired:
             log.info("%s: repaired as LLaVA does: %s", json_path, dict(self.repaired))
         # missing images are found now, so the sampler only ever serves usable samples
-        self.samples = [sample for _, _, sample in self._drop_missing_images(rows, json_path)]
+        samples = [sample for _, _, sample in self._drop_missing_images(rows, json_path)]
+        del data, rows
+        # estimated lengths (words + patches), negative for text-only samples, as LLaVA's
+        words = [sum(len(t["value"].split()) for t in s["conversations"]) for s in samples]
+        self.modality_lengths = array.array("i", [w + num_patches if s.get("image") else -w
+                                                  for w, s in zip(words, samples)])
+        self.lengths = array.array("i", [abs(n) for n in self.modality_lengths])
+        self.samples = SampleIndex(samples)
         if not self.samples:
             raise ValueError(f"{json_path}: no usable samples ({self.report()})")
-
-    @property
-    def modality_lengths(self):
-        """Estimated lengths (words + patches), negative for text-only samples, as LLaVA's."""
-        words = [sum(len(t["value"].split()) for t in s["conversations"]) for s in self.samples]
-        return [w + self.num_patches if s.get("image") else -w for w, s in zip(words, self.samples)]
-
-    @property
-    def lengths(self):
-        return [abs(n) for n in self.modality_lengths]
 
     def _load(self, j):
         sample = self.samples[j]
@@ -731,15 +753,15 @@ class ImageOnlyDataset(_SkippingDataset):
                                                  f"one image path per sample)")
                     continue
                 rows.append((("read", k), sid, {"id": sid, "image": s["image"]}))
-            self.samples = [s for _, _, s in self._drop_missing_images(rows, source)]
+            self.samples = SampleIndex(s for _, _, s in self._drop_missing_images(rows, source))
         if not self.samples:
             raise ValueError(f"{source}: no images")
         self.modality_lengths = self.lengths = [num_patches + 1] * len(self.samples)
 
     def _load(self, j):
-        ids = [self.tokenizer.bos_id] + [self.image_token_id] * self.num_patches
+        ids, sample = [self.tokenizer.bos_id] + [self.image_token_id] * self.num_patches, self.samples[j]
         return {"input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), IGNORE_INDEX),
-                "pixel_values": self._pixels(self.samples[j]["image"]), "id": self.samples[j]["id"]}
+                "pixel_values": self._pixels(sample["image"]), "id": sample["id"]}
 
 
 def collate(samples, pad_id):

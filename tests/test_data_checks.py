@@ -182,3 +182,16 @@ def test_exact_counts_with_two_processes_and_resume(bad_run_data, tmp_path):
     assert train.run(train.load_config(run_args(world, path, out, "--stop_at=2"))) is None
     train.run(train.load_config(run_args(world, path, out, "--resume")))
     assert report(out)["skipped"]["missing image file"] == 70
+
+
+def test_samples_are_kept_compactly(tmp_path, tok):
+    rows = [{"id": k, "conversations": conv(f"Question {k} ünïcode?", "42")} for k in range(5)]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    ds = dataset(tmp_path / "d.json", tok)
+    assert isinstance(ds.samples, data.SampleIndex) and len(ds.samples) == 5
+    assert list(ds.samples) == rows and ds.samples[-1] == rows[4]
+    ds.samples[0]["id"] = "changed"  # each access decodes a fresh dict
+    assert ds.samples[0]["id"] == 0
+    with pytest.raises(IndexError):
+        ds.samples[5]
+    assert list(ds.modality_lengths) == [-sum(len(t["value"].split()) for t in r["conversations"]) for r in rows]
