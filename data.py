@@ -526,11 +526,14 @@ def find_missing_images(image_folder, paths, workers=32):
     """The indices of `paths` (relative to image_folder) that are not files; a parallel scan.
 
     os.stat releases the GIL, so threads overlap the file system's latency (a network disk, a
-    cold cache): hundreds of thousands of paths take seconds, not minutes."""
+    cold cache); each thread checks a block of paths, so a warm local disk costs what one loop does."""
     from concurrent.futures import ThreadPoolExecutor
-    folder = str(image_folder)
-    with ThreadPoolExecutor(max(1, min(workers, len(paths)))) as pool:
-        found = list(pool.map(lambda p: os.path.isfile(os.path.join(folder, p)), paths, chunksize=256))
+    folder, paths = str(image_folder), list(paths)
+    block = max(1, math.ceil(len(paths) / (workers * 4)))
+    blocks = [paths[i:i + block] for i in range(0, len(paths), block)]
+    with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
+        found = pool.map(lambda ps: [os.path.isfile(os.path.join(folder, p)) for p in ps], blocks)
+        found = [ok for part in found for ok in part]
     return [k for k, ok in enumerate(found) if not ok]
 
 
@@ -543,9 +546,9 @@ def missing_summary(paths, total):
 
 class SampleIndex:
     """Samples kept compactly: each one's JSON in one bytes buffer, found by an offsets array and
-    decoded when asked for. A list of dicts costs ~10x the file's size per rank, and DataLoader
-    workers copy it page by page as reference counts change (copy-on-write); one buffer and one
-    array do neither. Indexing and iteration give fresh dicts, so callers cannot change it."""
+    decoded when asked for. Parsed dicts cost several times the file's size per rank (3.4x for
+    mix665k-like samples: bench/data_memory.py), and DataLoader workers copy them page by page as
+    reference counts change (copy-on-write); one buffer and one array do neither. Indexing and iteration give fresh dicts, so callers cannot change it."""
 
     def __init__(self, samples):
         chunks = [json.dumps(s, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for s in samples]
