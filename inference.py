@@ -39,9 +39,10 @@ def resolve_dtype(dtype="auto", device="cpu"):
     return DTYPES[dtype]
 
 
-def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_features=False):
+def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_features=False, template=None):
     """(model in eval mode, tokenizer) from a nanoVT checkpoint or a llava-hf directory; the tokenizer
-    is `tokenizer` (a tokenizer.model file or folder) or the one beside the weights."""
+    is `tokenizer` (a tokenizer.model file or folder) or the one beside the weights. `template`
+    overrides the chat template the checkpoint says it was trained with."""
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         raise FileNotFoundError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a "
                                 f"llava-hf directory")
@@ -49,6 +50,10 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
     model = VTLMM.from_pretrained(ckpt, dtype=resolve_dtype(dtype, device), device=device).eval()
     if pseudo_image_features:
         model.cfg.pseudo_image_features = True  # Eq. 8 at inference
+    if template:
+        if template not in data.TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose one of {', '.join(data.TEMPLATES)}")
+        model.cfg.template = template  # every prompt is rendered in model.cfg.template
     return model, data.load_tokenizer(tokenizer or ckpt)
 
 
@@ -71,10 +76,12 @@ def stop_ids(tok):
 
 
 def add_args(p, device_default="auto"):
-    """The --device / --dtype flags both scripts take."""
+    """The --device / --dtype / --template flags both scripts take."""
     p.add_argument("--device", default=device_default, help="auto (GPU if any), cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights' dtype: auto = bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--template", choices=data.TEMPLATES, default=None,
+                   help="chat template (default: the one the checkpoint was trained with)")
 
 
 if __name__ == "__main__":

@@ -130,8 +130,8 @@ def questions(scene, rng, popular):
     present = {(c, s) for c, s, _, _ in objs}
     count = Counter(s for _, s, _, _ in objs)
     n = len(objs)
-    # counts are words: the toy tokenizer has no digit pieces, and a digit answer would start with a
-    # bare "▁" piece that the label mask (answer characters only) leaves unsupervised
+    # counts are words (a choice of this world kept so that older worlds stay comparable; digit answers,
+    # with their leading bare "▁" piece, are supervised as LLaVA does: docs/data.md)
     qa = [("How many shapes are in the image?", NUMBERS[n].capitalize(), there_are(n, "shape", "shapes") + " in the image."),
           ("What color is the background?", scene["background"].capitalize(),
            f"The background is {scene['background']}."),

@@ -299,6 +299,8 @@ def resolve_dtype(cfg, d):
 
 def stage_template(cfg, model):
     if cfg.template:
+        if cfg.template not in data.TEMPLATES:
+            raise ValueError(f"template {cfg.template!r} is unknown; choose from {data.TEMPLATES}")
         return cfg.template
     return "plain" if cfg.stage in (0, 1) else model.cfg.template
 
@@ -320,6 +322,16 @@ def build_dataset(cfg, model, tok):
                                      mc.image_token_id, image_folder=folder, strict=cfg.strict_data)
     return data.LlavaDataset(cfg.data_path, folder, tok, stage_template(cfg, model), mc.vision.image_size,
                              mc.vision.num_patches, mc.image_token_id, max_len=cfg.max_len, strict=cfg.strict_data)
+
+
+def data_report(dataset, d: Dist):
+    """The dataset's report with the samples skipped while loading on every rank (each rank loads
+    its own share; DataLoader workers' skips reached it with the batches)."""
+    if d.world > 1:
+        per_rank = [None] * d.world
+        dist.all_gather_object(per_rank, dataset.load_skips())
+        dataset.merge_load_skips(per_rank)
+    return dataset.report()
 
 
 def batches(dataset, cfg, d: Dist, tok, epoch, skip):
@@ -491,7 +503,8 @@ def train_stage(cfg: TrainConfig, d: Dist):
         print(f"stage {cfg.stage} ({objective}): {len(dataset)} samples, {total} steps of {cfg.global_batch} "
               f"({cfg.micro_batch} x {d.world} processes x {accum} accumulation), trains {len(trainable)} "
               f"tensors / {n_trainable:,} parameters"
-              + (f", resumed at step {step}" if ckpt else ""))
+              + (f", resumed at step {step}" if ckpt else "")
+              + (f"; data as read: {dataset.report()}" if dataset.skipped or dataset.repaired else ""))
 
     use_autocast = resolve_dtype(cfg, d) == "bf16" and not fsdp
     amp = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
@@ -516,6 +529,8 @@ def train_stage(cfg: TrainConfig, d: Dist):
             it = batches(dataset, cfg, d, tok, step // steps_per_epoch,
                          (step % steps_per_epoch) * cfg.micro_batch * accum)
         micro = [next(it) for _ in range(accum)]
+        for b in micro:  # skips made in DataLoader workers are counted here, in the main process
+            dataset.note_skipped(b["skipped"])
         counts = torch.zeros(2, dtype=torch.float64)
         for b in micro:
             n_lm, n_vm = losses.count_positions(b["labels"], b["input_ids"] == model.cfg.image_token_id)
@@ -585,8 +600,12 @@ def train_stage(cfg: TrainConfig, d: Dist):
     if bar:
         bar.close()
     save_checkpoint(final, model, optimizer, fsdp, d, {"step": step, "config": dataclasses.asdict(cfg), "tokenizer": tok_file})
+    report = data_report(dataset, d)
     if d.main:
-        print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {dataset.report()}")
+        print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {report}")
+        with open(os.path.join(cfg.out_dir, "data_report.json"), "w") as f:
+            json.dump({"report": report, "skipped": dict(dataset.skipped), "repaired": dict(dataset.repaired),
+                       "missing": dataset.missing}, f, indent=1)
     return final
 
 

@@ -226,14 +226,15 @@ def _dataset(root, sp_tok, **kw):
 def test_bad_inputs_are_skipped_counted_and_warned_once(bad_world, sp_tok, caplog):
     with caplog.at_level(logging.WARNING, logger="nanovt.data"):
         ds = _dataset(bad_world, sp_tok)
-        # text-level problems are found at init
-        assert [s["id"] for s in ds.samples] == ["ok-image", "ok-text", "no-tag", "truncated", "corrupt", "missing",
+        # text-level problems and missing files are found at init
+        assert [s["id"] for s in ds.samples] == ["ok-image", "ok-text", "no-tag", "truncated", "corrupt",
                                                  "bomb", "bomb2", "too-long", "ok-last"]
-        assert sum(ds.skipped.values()) == 4
+        assert sum(ds.skipped.values()) == 5
         items = [ds[i] for i in range(len(ds))] + [ds[i] for i in range(len(ds))]  # two epochs
     ok = {"ok-image", "ok-text", "no-tag", "ok-last"}
     assert {it["id"] for it in items} == ok  # every bad one replaced by the next good one
-    assert ds.skipped == {"empty conversations": 1, "first turn is from the assistant": 1,
+    # gpt-first: LLaVA drops the first turn from gpt, and then nothing is left
+    assert ds.skipped == {"empty conversations": 2,
                           "2 <image> tags (one image per sample)": 1, "<image> tag but no image file": 1,
                           "bad image": 2, "missing image file": 1, "decompression bomb": 2, "too long": 1}
     for bad in ["truncated", "corrupt", "missing", "bomb", "bomb2", "too-long", "two-tags", "empty", "gpt-first"]:
@@ -243,14 +244,17 @@ def test_bad_inputs_are_skipped_counted_and_warned_once(bad_world, sp_tok, caplo
     assert (no_tag["input_ids"] == IMAGE_TOKEN_ID).sum() == 4 and no_tag["pixel_values"].shape == (3, 32, 32)
     assert next(it for it in items if it["id"] == "ok-text")["pixel_values"] is None
     # skips made while loading reach the batch, so the main process can count them across workers
-    assert [s for s, _ in ds[3]["skipped"]] == ["truncated", "corrupt", "missing", "bomb", "bomb2", "too-long"]
+    assert [s for _, s, _ in ds[3]["skipped"]] == ["truncated", "corrupt", "bomb", "bomb2", "too-long"]
 
 
 def test_strict_fails_fast(bad_world, sp_tok):
     with pytest.raises(ValueError, match="sample two-tags: 2 <image> tags"):
         _dataset(bad_world, sp_tok, strict=True)
     rows = json.loads((bad_world / "data.json").read_text())
-    for bad, match in [("truncated", "bad image.*truncated"), ("corrupt", "bad image"), ("missing", "missing"),
+    (bad_world / "one.json").write_text(json.dumps([r for r in rows if r["id"] == "missing"]))
+    with pytest.raises(ValueError, match="sample missing: missing image file"):  # found when read
+        data.LlavaDataset(bad_world / "one.json", None, sp_tok, "vicuna_v1", 32, 4, strict=True)
+    for bad, match in [("truncated", "bad image.*truncated"), ("corrupt", "bad image"),
                        ("bomb", "decompression bomb"), ("bomb2", "decompression bomb"),
                        ("too-long", "image block|no answer")]:
         (bad_world / "one.json").write_text(json.dumps([r for r in rows if r["id"] == bad]))
