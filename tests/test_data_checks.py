@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 import data
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,7 +125,7 @@ def test_file_errors_are_clear(tmp_path, tok):
 def bad_run_data(tmp_path_factory):
     """A shapes world and a JSON of 64 usable samples (4 steps of 16) plus every kind of bad one."""
     world = tmp_path_factory.mktemp("world")
-    data.make_shapes_world(world, n_images=80, image_size=32, vocab_size=600, workers=1)
+    shapes.make_shapes_world(world, n_images=80, image_size=32, vocab_size=600, workers=1)
     good = [s for s in json.loads((world / "instruct.json").read_text()) if s.get("image")][:59]
     (world / "broken").mkdir()
     (world / "broken" / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg" * 10)
@@ -148,7 +149,7 @@ def bad_run_data(tmp_path_factory):
 
 
 def run_args(world, path, out, *extra):
-    return [os.path.join(ROOT, "configs/tiny.py"), "--shapes_dir=", f"--tokenizer={world}/tokenizer.model",
+    return [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={world}/tokenizer.model",
             f"--data_path={path}", f"--image_folder={world}", f"--out_dir={out}", "--max_steps=0", "--epochs=1",
             "--global_batch=16", "--micro_batch=4", "--save_every=0", "--log_every=1", *extra]
 
