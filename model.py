@@ -421,26 +421,32 @@ class VTLMM(nn.Module):
         p = F.softmax(self.vm_head(x_image).float(), dim=-1)
         return (p @ self.decoder.embed.weight.float()).to(x_image.dtype)
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with image placeholders replaced, in order, by X_image (or X_p)."""
+    def embed(self, input_ids, pixel_values=None, image_rows=None):
+        """Token embeddings with image placeholders replaced, in order, by X_image (or X_p).
+        image_rows: the flat image positions (N,), found on the CPU beforehand (losses.Rows.image), so
+        that nothing here waits for the device; without it they come from the placeholder ids."""
         image_mask = input_ids == self.cfg.image_token_id
         x = self.decoder.embed(input_ids.masked_fill(image_mask, 0))  # placeholder: sentinel, masked
         x_image = None
-        n_pos = int(image_mask.sum())
+        n_pos = int(image_mask.sum()) if image_rows is None else image_rows.shape[0]
         if pixel_values is not None and pixel_values.shape[0] > 0:
             x_image = self.image_features(pixel_values).flatten(0, 1)  # (N, d), row-major
             if x_image.shape[0] != n_pos:
                 raise ValueError(f"{pixel_values.shape[0]} images give {x_image.shape[0]} patch features but "
                                  f"input_ids hold {n_pos} image placeholders (id {self.cfg.image_token_id})")
             x_in = self.pseudo_image_features(x_image) if self.cfg.pseudo_image_features else x_image
-            x = x.masked_scatter(image_mask[..., None], x_in.to(x.dtype))
+            if image_rows is None:
+                x = x.masked_scatter(image_mask[..., None], x_in.to(x.dtype))
+            else:
+                B, T, d = x.shape
+                x = x.reshape(B * T, d).index_copy(0, image_rows, x_in.to(x.dtype)).view(B, T, d)
         elif n_pos:
             raise ValueError(f"input_ids hold {n_pos} image placeholders but no pixel_values were given")
         return x, image_mask, x_image
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None,
                 logits=True, visual_logits=False, labels=None, objective=None, lm_count=None, vm_count=None,
-                chunk_size=None):
+                chunk_size=None, rows=None):
         """input_ids (B, T), pixel_values (N_img, 3, H, W) for the placeholders in row-major order.
 
         logits=False skips the MM head; visual_logits=True applies the VM head to the N image
@@ -448,9 +454,12 @@ class VTLMM(nn.Module):
         inside forward, so that FSDP has the heads' weights gathered (losses.py, SPEC §2):
           "lm"     Eq. 4 (stages I, II)          "mm"  Eq. 7 = Eq. 4 + Eq. 6 (stage IV)
           "vm_fit" Eq. 9 (stage III)             "mm_lm" stage IV's data with the VM term off
-        The heads never produce logits for all positions at once there (chunked, fused).
+        The heads never produce logits for all positions at once there (chunked, fused). `rows`
+        (losses.Rows of the batch, built on the CPU) keeps the device from waiting on the host.
         """
-        x, image_mask, x_image = self.embed(input_ids, pixel_values)
+        if rows is not None:
+            rows = rows.to(input_ids.device)
+        x, image_mask, x_image = self.embed(input_ids, pixel_values, None if rows is None else rows.image)
         if objective == "vm_fit":  # stage III: the decoder and MM head are frozen targets
             with torch.no_grad():
                 hidden = self.decoder(x, attention_mask, cache)
@@ -463,12 +472,14 @@ class VTLMM(nn.Module):
                 out.visual_logits = self.vm_head(x_image)
             return out
         if objective == "vm_fit":
-            mask, keep = image_mask[:, 1:], image_mask.clone()
-            keep[:, 0] = False  # an image at t = 0 has no predicting position
-            with torch.no_grad():
-                q_logits = self.mm_head(hidden[:, :-1][mask])  # (n, C): the MM head at predicting rows only
-            x_vm = x_image[keep[image_mask]].detach()  # stage III trains the VM head alone
-            out.vm_loss = losses.vm_fit_rows(q_logits, self.vm_head(x_vm), vm_count)
+            if rows is None:
+                rows = losses.batch_rows(None, image_mask)
+            B, T, d = hidden.shape
+            h_q = hidden.reshape(B * T, d).index_select(0, rows.vm)  # (n, d) the predicting positions t
+            x_vm = x_image.detach().index_select(0, rows.vm_keep)  # (n, d) X_image at t + 1; VM head alone trains
+            # Eq. 9, chunked: both heads fused in, no (n, C) logits
+            out.vm_loss = losses.chunked_vm_fit_loss(h_q, self.mm_head.weight, x_vm, self.vm_head.weight, vm_count,
+                                                     chunk_size)
             out.lm_loss = torch.zeros((), device=hidden.device)
             out.loss = out.vm_loss
             return out
@@ -478,7 +489,7 @@ class VTLMM(nn.Module):
         out.lm_loss, out.vm_loss = losses.chunked_mm_loss(
             hidden, self.mm_head.weight, labels=labels, image_mask=image_mask if use_vm else None,
             image_features=x_image if use_vm else None, vm_head_weight=self.vm_head.weight,
-            lm_count=lm_count, vm_count=vm_count, chunk_size=chunk_size)
+            lm_count=lm_count, vm_count=vm_count, chunk_size=chunk_size, rows=rows)
         out.loss = out.lm_loss + out.vm_loss  # Eq. 7 when objective == "mm"
         return out
 
