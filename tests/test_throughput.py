@@ -77,3 +77,86 @@ def test_training_micro_step_never_waits_for_the_device(objective):
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert torch.allclose(grads[n], p.grad, rtol=1e-5, atol=1e-8), n
+
+
+def test_adamw_fast_path_gives_the_plain_update():
+    """train.make_optimizer's AdamW (foreach on CPUs, fused on GPUs) against the per-tensor loop,
+    on the same gradients for a few steps, with the stage's hyperparameters."""
+    import train
+    cfg = train.TrainConfig(lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    ref_model, fast_model = tiny_model(), tiny_model()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            foreach=False)
+    fast = train.make_optimizer(list(fast_model.parameters()), cfg, torch.device("cpu"))
+    assert fast.defaults["foreach"] is True
+    ids, px, labels = tiny_batch()
+    for _ in range(3):
+        for model, opt in ((ref_model, ref), (fast_model, fast)):
+            model.zero_grad(set_to_none=True)
+            model(ids, px, labels=labels, objective="mm").loss.backward()
+            opt.step()
+    moved = 0
+    for (name, a), b in zip(ref_model.named_parameters(), fast_model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+        moved += not torch.equal(a, tiny_model().get_parameter(name))
+    assert moved > 10  # the steps did move the weights
+
+
+def test_mfu_counts_real_tokens_only():
+    """Tokens and FLOPs of a right-padded batch: each sample at its own length, padding not counted."""
+    import data
+    import train
+    samples = [{"input_ids": torch.arange(n), "labels": torch.arange(n), "id": str(n)} for n in (10, 3, 7)]
+    b = data.collate(samples, pad_id=0)
+    assert b["input_ids"].numel() == 30  # 3 x 10 with padding
+
+    def fpt(T):  # a made-up cost per token that depends on the length, as the attention term does
+        return 100 + T
+
+    tokens, flops = train.real_tokens_and_flops(b["attention_mask"], fpt)
+    assert tokens == 10 + 3 + 7
+    assert flops == 10 * 110 + 3 * 103 + 7 * 107
+
+
+@pytest.mark.parametrize("name,dtype,tflops", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989), ("NVIDIA H100 PCIe", "bf16", 756), ("NVIDIA H100 NVL", "bf16", 835),
+    ("NVIDIA H200", "bf16", 989), ("NVIDIA A100-SXM4-80GB", "bf16", 312), ("NVIDIA A100-PCIE-40GB", "bf16", 312),
+    ("NVIDIA L40S", "bf16", 362), ("NVIDIA L40", "bf16", 181), ("NVIDIA L4", "bf16", 121), ("NVIDIA A10", "bf16", 125),
+    ("NVIDIA GeForce RTX 4090", "bf16", 165), ("NVIDIA H100 80GB HBM3", "fp32", 495), ("NVIDIA A100 80GB PCIe", "fp32", 156),
+    ("Tesla T4", "bf16", None)])
+def test_peak_flops_by_exact_device_name(name, dtype, tflops):
+    import train
+    peak = train.gpu_peak_flops(name, dtype)
+    assert peak == (tflops * 1e12 if tflops else None)
+
+
+@pytest.mark.parametrize("stage", [3, 4])
+def test_memory_table_loss_column_covers_the_measured_loss(stage):
+    """train.loss_buffers (the README memory table's loss column) against the peak the chunked loss
+    really holds (bench.LiveBytes), bf16 as under FSDP, at the 7B vocabulary: at least the measured
+    peak, and not far above it."""
+    import train
+    from bench import LiveBytes
+    C, d, T = 32000, 32, 600
+    mcfg = VTLMMConfig(vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=1, heads=2, mlp=64),
+                       decoder=DecoderConfig(vocab_size=C, dim=d, layers=1, heads=2, kv_heads=2, hidden=64))
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, T, d, generator=g).bfloat16().requires_grad_()
+    w_mm = (torch.randn(C, d, generator=g) * .05).bfloat16().requires_grad_(stage == 4)
+    w_vm = (torch.randn(C, d, generator=g) * .05).bfloat16().requires_grad_(stage == 3)
+    image = torch.zeros(1, T, dtype=torch.bool)
+    image[:, 1:577] = True
+    labels = torch.randint(0, C, (1, T), generator=g)
+    labels[image] = -100
+    labels[:, 0] = -100
+    x = torch.randn(576, d, generator=g).bfloat16()
+    rows = losses.batch_rows(labels, image)
+    with LiveBytes() as mode:
+        if stage == 4:
+            lm, vm = losses.chunked_mm_loss(hidden, w_mm, labels, image, x, w_vm, rows=rows)
+            (lm + vm).backward()
+        else:
+            h_q = hidden.detach().reshape(T, d)[rows.vm]
+            losses.chunked_vm_fit_loss(h_q, w_mm, x[rows.vm_keep], w_vm).backward()
+    estimate = train.loss_buffers(mcfg, stage, T)
+    assert mode.peak <= estimate <= 1.6 * mode.peak, (mode.peak, estimate)
