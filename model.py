@@ -15,6 +15,7 @@ LLaMA/Mistral decoder with a KV cache → VTLMM (forward, pseudo image features,
 tokens, generate) → loading (every layout of SPEC §5) and saving / export to llava-hf.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -736,6 +737,10 @@ class WeightFiles:
 
     def get(self, key):
         fpath = self.where[key]
+        if _LAZY is not None and not fpath.endswith(".bin"):  # lazy_loading: shape only, nothing read
+            from safetensors import safe_open
+            with safe_open(fpath, "pt") as f:
+                return torch.empty(f.get_slice(key).get_shape(), device="meta")
         if fpath not in self._open:
             if fpath.endswith(".bin"):
                 self._open[fpath] = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
@@ -747,6 +752,17 @@ class WeightFiles:
             return h[key] if isinstance(h, dict) else h.get_tensor(key)
         except Exception as e:
             raise ValueError(f"cannot read tensor {key} from {fpath}: {e} (truncated file?)") from e
+
+
+    def read_rows(self, key, start, end):
+        """Rows start:end (dim 0) of a tensor, reading only those bytes from a safetensors file."""
+        fpath = self.where[key]
+        if fpath.endswith(".bin"):
+            return self.get(key)[start:end]  # memory-mapped: only the rows touched are paged in
+        from safetensors import safe_open
+        with safe_open(fpath, "pt") as f:
+            sl = f.get_slice(key)
+            return sl[start:end] if len(sl.get_shape()) else sl[:]
 
 
 def fill(model, files, layout, dtype):
@@ -775,6 +791,8 @@ def fill(model, files, layout, dtype):
                              f"model '{name}' expects {tuple(p.shape)}")
         _set_param(model, name, t.to(dtype))
         filled.add(name)
+        if _LAZY is not None:
+            _LAZY.where[name] = (files, key)
     return filled
 
 
@@ -789,12 +807,84 @@ def _finish(model, filled, dtype, device, where, fresh=("vm_head.",)):
     missing = [n for n, p in model.named_parameters() if n not in filled and not n.startswith(fresh)]
     if missing:
         raise KeyError(f"{where}: missing {len(missing)} parameter(s), e.g. {missing[:5]}")
+    if _LAZY is not None:  # lazy_loading: fresh parameters are drawn later, by load_shards, from this RNG state
+        _LAZY.rng, _LAZY.dtype = torch.get_rng_state(), dtype
+        return model
     for n, p in list(model.named_parameters()):
         if n not in filled:  # a fresh module: random init as VTLMM.init_weights does
             t = torch.empty(p.shape, dtype=dtype)
             nn.init.zeros_(t) if n.endswith("bias") else nn.init.normal_(t, std=0.02)
             _set_param(model, n, t)
     return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Sharded loading: each rank reads only its own rows of each tensor (never a whole model per rank)
+
+
+class ShardSources:
+    """What `lazy_loading` records: parameter name -> (WeightFiles, key), and the RNG state and dtype
+    that the fresh (not loaded) parameters are to be drawn with, as a full load would."""
+
+    def __init__(self):
+        self.where, self.rng, self.dtype = {}, None, torch.float32
+
+
+_LAZY: Optional[ShardSources] = None
+
+
+@contextlib.contextmanager
+def lazy_loading():
+    """Inside it, from_pretrained / from_clip_and_llm read no tensor: they check every key and shape as
+    usual and return the model on the meta device; the ShardSources this yields says where each
+    parameter lives. Shard the model (fully_shard), `to_empty` it, then `load_shards` fills it."""
+    global _LAZY
+    _LAZY = ShardSources()
+    try:
+        yield _LAZY
+    finally:
+        _LAZY = None
+
+
+def _local_rows(p):
+    """(local tensor, first row) of a parameter: its shard when FSDP2 sharded it (dim 0, torch.chunk
+    sizes over the mesh), else the whole tensor."""
+    if not hasattr(p, "to_local"):
+        return p.data, 0
+    local = p.to_local()
+    rank, world = p.device_mesh.get_local_rank(), p.device_mesh.size()
+    rows = -(-p.shape[0] // world)  # ceil
+    start = min(rank * rows, p.shape[0])
+    assert local.shape[0] == min(p.shape[0], start + rows) - start, (p.shape, local.shape, rank)
+    return local, start
+
+
+@torch.no_grad()
+def assign_full(p, full):
+    """Copy this rank's rows of a full tensor into a (possibly sharded) parameter."""
+    local, start = _local_rows(p)
+    local.copy_(full[start:start + local.shape[0]])
+
+
+@torch.no_grad()
+def load_shards(model, sources: ShardSources):
+    """Fill a model built under `lazy_loading`, sharded and materialised (to_empty): each rank reads the
+    rows of its shard of each tensor (safetensors slices), cast to the dtype on the way; fresh
+    parameters are drawn whole, one at a time, from the recorded RNG state (as `_finish` draws them),
+    so the result is bit-equal to a full load."""
+    if sources.rng is not None:
+        torch.set_rng_state(sources.rng)
+    for name, p in model.named_parameters():
+        local, start = _local_rows(p)
+        if name in sources.where:
+            files, key = sources.where[name]
+            local.copy_(files.read_rows(key, start, start + local.shape[0]) if p.dim() else files.get(key))
+        else:  # fresh: random init as _finish does (the whole tensor, so the RNG stream is the same)
+            t = torch.empty(p.shape, dtype=sources.dtype)
+            nn.init.zeros_(t) if name.endswith("bias") else nn.init.normal_(t, std=0.02)
+            local.copy_(t[start:start + local.shape[0]])
+            del t
+    return model
 
 
 def _read_json(path):

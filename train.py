@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import data
 import losses
+import model as model_lib
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
 
 
@@ -204,31 +205,63 @@ def setup_distributed(cfg):
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
 
 
-def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32):
+def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
     """The model in float32 on the CPU, from released weights, a checkpoint, or fresh (a fresh
-    decoder takes the tokenizer's vocabulary size unless the config gives one)."""
+    decoder takes the tokenizer's vocabulary size unless the config gives one). With `sources` (a
+    model.ShardSources) the weights are not read: the model stays on the meta device, `sources` says
+    where each tensor lives, and `load_sharded` fills the model after `parallelize` (sharded loading)."""
     over = {} if cfg.pseudo_image_features is None else {"pseudo_image_features": cfg.pseudo_image_features}
-    if cfg.init_from:
-        model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
-    elif cfg.clip_path or cfg.llm_path:
-        model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
-    elif cfg.model:
-        m = dict(cfg.model)
-        dec = dict(m.pop("decoder", {}))
-        if tok is not None:
-            dec.setdefault("vocab_size", tok.vocab_size)
-        mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**dec), **{**m, **over})
-        torch.manual_seed(cfg.seed)
-        model = VTLMM(mcfg)
-    else:
-        raise ValueError("set one of init_from, clip_path + llm_path, or model")
+    lazy = contextlib.nullcontext(None) if sources is None else model_lib.lazy_loading()
+    with lazy as found:
+        if cfg.init_from:
+            model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
+        elif cfg.clip_path or cfg.llm_path:
+            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
+        elif cfg.model:
+            if sources is not None:
+                raise ValueError("sharded loading needs weights to read (init_from, or clip_path + llm_path)")
+            m = dict(cfg.model)
+            dec = dict(m.pop("decoder", {}))
+            if tok is not None:
+                dec.setdefault("vocab_size", tok.vocab_size)
+            mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**dec), **{**m, **over})
+            torch.manual_seed(cfg.seed)
+            model = VTLMM(mcfg)
+        else:
+            raise ValueError("set one of init_from, clip_path + llm_path, or model")
+    if sources is not None:
+        sources.where, sources.rng, sources.dtype = found.where, found.rng, found.dtype
+        return model  # reinit happens in load_sharded, after the weights
+    reinit_modules(model, cfg)
+    return model
+
+
+@torch.no_grad()
+def reinit_modules(model, cfg: TrainConfig):
+    """Re-initialise the Linear layers of cfg.reinit (sharded or not: each full tensor is drawn, then
+    each rank keeps its rows, so that sharded and full loading give the same weights)."""
     for name in cfg.reinit:
         torch.manual_seed(cfg.seed + 1)
         for mod in getattr(model, name).modules():
             if isinstance(mod, torch.nn.Linear):
-                torch.nn.init.normal_(mod.weight, std=0.02)
+                w = torch.empty(mod.weight.shape, dtype=mod.weight.dtype)
+                model_lib.assign_full(mod.weight, torch.nn.init.normal_(w, std=0.02))
                 if mod.bias is not None:
-                    torch.nn.init.zeros_(mod.bias)
+                    model_lib.assign_full(mod.bias, torch.zeros(mod.bias.shape, dtype=mod.bias.dtype))
+
+
+def sharded_loading(cfg: TrainConfig, d):
+    """Read weights shard by shard (each rank only its rows) when FSDP shards the model and there are
+    weights to read; the toy vision pretraining needs the whole model first."""
+    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and d.world > 1)
+    return use_fsdp and bool(cfg.init_from or cfg.clip_path or cfg.llm_path) and not cfg.vision_pretrain_epochs
+
+
+def load_sharded(model, sources, cfg: TrainConfig, d):
+    """After parallelize: give the meta shards memory on the device, read each rank's rows, re-init."""
+    model.to_empty(device=d.device)
+    model_lib.load_shards(model, sources)
+    reinit_modules(model, cfg)
     return model
 
 
@@ -546,7 +579,8 @@ def train_stage(cfg: TrainConfig, d: Dist):
         return final
 
     tok, tok_file = find_tokenizer(cfg)
-    model = build_model(cfg, tok)
+    sources = model_lib.ShardSources() if sharded_loading(cfg, d) else None
+    model = build_model(cfg, tok, sources=sources)  # sharded loading: on meta until after parallelize
     if tok.vocab_size > model.cfg.decoder.vocab_size:
         raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
                          f"{model.cfg.decoder.vocab_size}")
@@ -567,6 +601,8 @@ def train_stage(cfg: TrainConfig, d: Dist):
     flops_per_token = lambda T: factor * plain.flops_per_token(T)
     n_trainable = sum(model.get_parameter(n).numel() for n in trainable)
     model, fsdp = parallelize(model, cfg, d)
+    if sources is not None:
+        load_sharded(model, sources, cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, d.device)
 
