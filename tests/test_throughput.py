@@ -187,3 +187,62 @@ def test_sharded_loading_is_bit_equal_to_full_loading(tmp_path):
         assert res["logits_equal"] or res["max_diff"] < 1e-5
         assert 0.015 < res["vm_head_std"] < 0.025  # drawn fresh, N(0, 0.02)
     assert [res["embed_rows"] for res in ranks] == [126, 125]  # each rank holds only its rows
+
+
+def test_ranks_get_even_total_lengths():
+    """Each optimizer step's megabatch is dealt so the ranks' total lengths differ by at most one
+    sample's length (contiguous slices of a longest-first megabatch gave rank 0 the longest samples),
+    and which samples make a step does not change with the number of ranks."""
+    import data
+    g = torch.Generator().manual_seed(0)
+    lengths = [int(n) for n in torch.randint(50, 2000, (256,), generator=g)]
+    world, per_rank = 4, 8
+    shards = [data.LengthGroupedSampler(lengths, per_rank, seed=1, rank=r, world_size=world).indices()
+              for r in range(world)]
+    one = data.LengthGroupedSampler(lengths, per_rank * world, seed=1).indices()
+    for k in range(len(lengths) // (per_rank * world)):
+        parts = [s[k * per_rank:(k + 1) * per_rank] for s in shards]
+        assert sorted(sum(parts, [])) == sorted(one[k * per_rank * world:(k + 1) * per_rank * world])
+        totals = [sum(lengths[i] for i in p) for p in parts]
+        assert max(totals) - min(totals) <= max(lengths[i] for p in parts for i in p), totals
+        for p in parts:  # still longest first within a rank: micro-batches hold similar lengths
+            assert [lengths[i] for i in p] == sorted((lengths[i] for i in p), reverse=True)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    import data
+    d = tmp_path_factory.mktemp("shapes")
+    data.make_shapes_world(d, n_images=60, image_size=32, vocab_size=600, workers=1)
+    return d
+
+
+def test_loader_with_workers_gives_the_same_batches_and_resume_position(shapes):
+    import data
+    import train
+    tok = data.load_tokenizer(str(shapes / "tokenizer.model"))
+    ds = data.LlavaDataset(str(shapes / "instruct.json"), None, tok, "vicuna_v1", 32, 16, IMG, max_len=256)
+    d = train.Dist()
+
+    def run(workers, epoch=0, skip=0):
+        cfg = train.TrainConfig(global_batch=8, micro_batch=2, num_workers=workers, prefetch_factor=2, seed=4)
+        return list(train.batches(ds, cfg, d, tok, epoch, skip, IMG))
+
+    plain, workers = run(0), run(2)
+    assert len(plain) == len(workers) == -(-len(ds) // 2) and len(plain) > 10
+    for a, b in zip(plain, workers):
+        assert a["ids"] == b["ids"]
+        for k in ("input_ids", "labels", "attention_mask"):
+            assert torch.equal(a[k], b[k])
+        assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
+        assert a["pixel_values"] is None or torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(b["rows"].lm, losses.batch_rows(b["labels"], b["input_ids"] == IMG).lm)
+    # resume after 3 optimizer steps of 8 samples: the position is two plain ints, and the loader
+    # (with workers or not) continues exactly where the uninterrupted one was
+    cfg = train.TrainConfig(global_batch=8, micro_batch=2)
+    pos = train.data_position(3, len(ds) // 8, cfg, d)
+    assert pos == {"epoch": 0, "samples": 24}
+    for w in (0, 2):
+        resumed = run(w, pos["epoch"], pos["samples"])
+        assert [b["ids"] for b in resumed] == [b["ids"] for b in plain[12:]]
+    assert train.data_position(len(ds) // 8 + 1, len(ds) // 8, cfg, d) == {"epoch": 1, "samples": 8}
