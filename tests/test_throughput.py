@@ -246,3 +246,22 @@ def test_loader_with_workers_gives_the_same_batches_and_resume_position(shapes):
         resumed = run(w, pos["epoch"], pos["samples"])
         assert [b["ids"] for b in resumed] == [b["ids"] for b in plain[12:]]
     assert train.data_position(len(ds) // 8 + 1, len(ds) // 8, cfg, d) == {"epoch": 1, "samples": 8}
+
+
+def test_throughput_bench_quick_writes_its_table(tmp_path):
+    """bench.py --throughput --quick runs end to end (tiny sizes) and writes the four side-by-side rows."""
+    import os
+    import re
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "tp.md"
+    r = subprocess.run([sys.executable, "bench.py", "--throughput", "--quick", "--out", str(out)], cwd=root,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = out.read_text()
+    assert "Command: `python bench.py --throughput --quick`" in text
+    for row in ("data wait per micro-batch", "AdamW host time per step", "peak memory of the Eq. 9 loss alone",
+                "per-rank peak host memory loading released weights"):
+        assert re.search(r"\| " + re.escape(row) + r".*\| [\d.,]+ \| [\d.,]+ \| [\d.]+× \|", text), row
+    assert float(re.search(r"Eq. 9 alone .*value rel diff (\S+),", text).group(1)) <= 1e-5
