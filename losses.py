@@ -422,11 +422,17 @@ class Rows:
     image: torch.Tensor    # (N,) the image positions
 
     def to(self, device):
+        """To the device without blocking the host (from pinned memory the copy is asynchronous)."""
         if self.lm.device == torch.device(device):
             return self
-        pinned = device != "cpu" and torch.device(device).type == "cuda"
-        return Rows(*(t.pin_memory().to(device, non_blocking=True) if pinned and t.device.type == "cpu"
-                      else t.to(device) for t in dataclasses.astuple(self)))
+        return Rows(*(t.to(device, non_blocking=True) for t in self._tensors()))
+
+    def pin_memory(self):
+        """Called by DataLoader(pin_memory=True) on each batch's rows."""
+        return Rows(*(t.pin_memory() for t in self._tensors()))
+
+    def _tensors(self):
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
 
 
 def batch_rows(labels=None, image_mask=None):
