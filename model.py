@@ -737,7 +737,10 @@ class WeightFiles:
 
     def get(self, key):
         fpath = self.where[key]
-        if _LAZY is not None and not fpath.endswith(".bin"):  # lazy_loading: shape only, nothing read
+        if _LAZY is not None:  # lazy_loading: the shape only, nothing read
+            if fpath.endswith(".bin"):
+                return torch.empty(torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)[key].shape,
+                                   device="meta")
             from safetensors import safe_open
             with safe_open(fpath, "pt") as f:
                 return torch.empty(f.get_slice(key).get_shape(), device="meta")
@@ -753,12 +756,11 @@ class WeightFiles:
         except Exception as e:
             raise ValueError(f"cannot read tensor {key} from {fpath}: {e} (truncated file?)") from e
 
-
     def read_rows(self, key, start, end):
         """Rows start:end (dim 0) of a tensor, reading only those bytes from a safetensors file."""
         fpath = self.where[key]
-        if fpath.endswith(".bin"):
-            return self.get(key)[start:end]  # memory-mapped: only the rows touched are paged in
+        if fpath.endswith(".bin"):  # memory-mapped: only the rows touched are paged in
+            return torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)[key][start:end]
         from safetensors import safe_open
         with safe_open(fpath, "pt") as f:
             sl = f.get_slice(key)
