@@ -339,6 +339,257 @@ def bench_loss(s, device, dtype, log):
 
 
 # ----------------------------------------------------------------------------------------------
+# Throughput of the training loop's parts (python bench.py --throughput): each before / after pair
+# measured side by side in one run
+
+
+THROUGHPUT = {
+    # images: JPEGs of 640 x 480 (LLaVA's COCO-like sizes) -> 336 px; a micro-batch of `micro`, for
+    # `steps` optimizer steps, while the "GPU" (a sleep: the host is free while kernels run) needs
+    # `gpu_s` per micro-batch. adam: the 7B decoder's tensor count (32 blocks x 9 + 3), tiny tensors,
+    # so that only the host's per-tensor work shows. fit: stage III rows of two images at C = 32000.
+    # load: a llava-hf checkpoint (bf16 on disk) of a decoder with `load_dim` x `load_layers`.
+    "full": dict(images=48, micro=16, steps=3, gpu_s=0.3, image_size=336, workers=2,
+                 adam_tensors=291, adam_numel=4096, adam_steps=20,
+                 fit_n=1152, fit_C=32000, fit_d=1024,
+                 load_dim=1024, load_layers=16, load_hidden=2816, load_vocab=32000),
+    "quick": dict(images=8, micro=4, steps=2, gpu_s=0.05, image_size=64, workers=2,
+                  adam_tensors=291, adam_numel=64, adam_steps=5,
+                  fit_n=64, fit_C=1000, fit_d=64,
+                  load_dim=64, load_layers=2, load_hidden=128, load_vocab=1000),
+}
+
+
+def _jpeg_dataset(folder, n, image_size):
+    """n random-texture 640 x 480 JPEGs and a LLaVA JSON that asks about each; returns the dataset."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    import data
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        small = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)  # smooth-ish content, as photos compress
+        Image.fromarray(small).resize((640, 480), Image.BICUBIC).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+        rows.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "Noise."}]})
+    with open(os.path.join(folder, "data.json"), "w") as f:
+        json.dump(rows, f)
+    tok_path = os.path.join(folder, "tok.model")
+    data.train_sentencepiece(["What is in the picture? Noise."] * 50, tok_path, vocab_size=300)  # byte fallback: 256 + a few
+    tok = data.load_tokenizer(tok_path)
+    patches = (image_size // 14) ** 2
+    return data.LlavaDataset(os.path.join(folder, "data.json"), folder, tok, "vicuna_v1", image_size, patches,
+                             -200, max_len=4096), tok
+
+
+def bench_data_wait(t, folder, log):
+    """Seconds per optimizer step that the training loop waits for its micro-batches, workers 0 vs N."""
+    import train
+    ds, tok = _jpeg_dataset(folder, t["images"], t["image_size"])
+    d = train.Dist()
+    res = {}
+    for workers in (0, t["workers"]):
+        cfg = train.TrainConfig(global_batch=t["micro"], micro_batch=t["micro"], num_workers=workers,
+                                prefetch_factor=2, seed=0)
+        waits = []
+        for epoch in range(t["steps"]):
+            it = train.batches(ds, cfg, d, tok, epoch, 0, -200)
+            start = time.perf_counter()
+            next(it)  # the first batch of a fresh loader: workers start up (once per epoch, persistent after)
+            first = time.perf_counter() - start
+            for b in it:
+                pass
+            time.sleep(t["gpu_s"])  # the "GPU" works on the micro-batch; the host is free
+            waits.append(first)
+        # steady state: one loader, steps of (wait for a batch, then the GPU's time on it)
+        cfg.global_batch = t["micro"]
+        it = train.batches(ds, cfg, d, tok, 0, 0, -200)
+        next(it)
+        steady = []
+        for b in range(len(ds) // t["micro"] - 1):
+            time.sleep(t["gpu_s"])
+            start = time.perf_counter()
+            next(it)
+            steady.append(time.perf_counter() - start)
+        res[workers] = statistics.median(steady)
+        log(f"data wait per micro-batch of {t['micro']} JPEGs (640x480 -> {t['image_size']} px), {workers} workers: "
+            f"median {res[workers] * 1e3:.0f} ms while the GPU needs {t['gpu_s'] * 1e3:.0f} ms; "
+            f"first batch of a fresh loader {statistics.median(waits) * 1e3:.0f} ms")
+    return [(f"data wait per micro-batch ({t['micro']} JPEGs 640x480 -> {t['image_size']} px, GPU busy {t['gpu_s'] * 1e3:.0f} ms), ms;"
+             f" {t['workers']} loader workers vs none", res[t["workers"]] * 1e3, res[0] * 1e3, "≈ 0")]
+
+
+def bench_adam_host(t, log):
+    """Host seconds per AdamW step for the 7B decoder's tensor count: foreach (train.make_optimizer on
+    CPUs) vs the plain per-tensor loop."""
+    res = {}
+    params = [torch.nn.Parameter(torch.randn(t["adam_numel"])) for _ in range(t["adam_tensors"])]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for name, kw in (("foreach", dict(foreach=True)), ("plain", dict(foreach=False))):
+        opt = torch.optim.AdamW(params, lr=1e-5, **kw)
+        opt.step()
+        times = [timed(opt.step, torch.device("cpu"))[0] for _ in range(t["adam_steps"])]
+        res[name] = statistics.median(times)
+        log(f"AdamW step, {t['adam_tensors']} tensors of {t['adam_numel']}: {name} {res[name] * 1e3:.1f} ms (median)")
+    return [(f"AdamW host time per step, ms ({t['adam_tensors']} tensors as a 7B decoder); foreach vs plain",
+             res["foreach"] * 1e3, res["plain"] * 1e3, "lower")]
+
+
+def bench_fit_loss(t, log):
+    """Eq. 9 (stage III) alone, forward + backward: chunked (both heads fused) vs full (n, C) logits."""
+    n, C, d = t["fit_n"], t["fit_C"], t["fit_d"]
+    g = torch.Generator().manual_seed(3)
+    h_q, x = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    w_mm = torch.randn(C, d, generator=g) * 0.05
+    w_vm = (torch.randn(C, d, generator=g) * 0.05).requires_grad_()
+    out, grads, mem, secs = {}, {}, {}, {}
+
+    def full():
+        w_vm.grad = None
+        loss = losses.vm_fit_rows(h_q @ w_mm.T, x @ w_vm.T)
+        loss.backward()
+        out["full"], grads["full"] = loss.detach(), w_vm.grad
+
+    def chunked():
+        w_vm.grad = None
+        loss = losses.chunked_vm_fit_loss(h_q, w_mm, x, w_vm)
+        loss.backward()
+        out["chunked"], grads["chunked"] = loss.detach(), w_vm.grad
+
+    for name, fn in (("full", full), ("chunked", chunked)):
+        secs[name] = timed(fn, torch.device("cpu"))[0]
+        mem[name] = peak_bytes(fn, torch.device("cpu"))
+    log(f"Eq. 9 alone (n={n}, C={C}, d={d}): value rel diff {rel_diff(out['chunked'], out['full']):.1e}, "
+        f"gradient max rel diff {rel_diff(grads['chunked'], grads['full']):.1e}; time chunked "
+        f"{secs['chunked']:.2f}s, full {secs['full']:.2f}s")
+    return [(f"peak memory of the Eq. 9 loss alone (fwd + bwd), MiB; chunked vs full logits (n={n}, C={C}, d={d})",
+             mem["chunked"] / 2 ** 20, mem["full"] / 2 ** 20, "lower")]
+
+
+def bench_load_memory(t, folder, log):
+    """Per-rank peak host memory above the baseline while 2 gloo processes load a llava-hf checkpoint and
+    shard it: sharded loading (each rank reads its rows) vs full loading (each rank the whole model)."""
+    import json
+    import subprocess
+    import sys
+
+    from model import DecoderConfig, VisionConfig, VTLMMConfig
+    cfg = VTLMMConfig(vision=VisionConfig(image_size=224, patch_size=14, width=256, layers=2, heads=4, mlp=512),
+                      decoder=DecoderConfig(vocab_size=t["load_vocab"], dim=t["load_dim"], layers=t["load_layers"],
+                                            heads=8, kv_heads=8, hidden=t["load_hidden"]),
+                      image_token_id=t["load_vocab"] - 1)
+    torch.manual_seed(0)
+    model = VTLMM(cfg).to(torch.bfloat16)  # released checkpoints are bf16 on disk
+    fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
+    ckpt = os.path.join(folder, "llava-hf")
+    model.export_llava_hf(ckpt)
+    del model
+    res = {}
+    for mode in ("sharded", "full"):
+        out = os.path.join(folder, f"mem-{mode}")
+        os.makedirs(out, exist_ok=True)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+               os.path.abspath(__file__), "--load-rank", mode, ckpt, out]
+        r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           cwd=os.path.dirname(os.path.abspath(__file__)))
+        if r.returncode:
+            raise RuntimeError(r.stderr[-3000:])
+        peaks = [json.load(open(os.path.join(out, f"rank{i}.json")))["peak"] for i in range(2)]
+        res[mode] = max(peaks)
+        log(f"loading {fp32_bytes / 2 ** 30:.2f} GiB (fp32) of llava-hf weights on 2 gloo ranks, {mode}: per-rank "
+            f"peak above baseline {[round(p / 2 ** 30, 3) for p in peaks]} GiB = {res[mode] / fp32_bytes:.2f} x fp32 model")
+    return [(f"per-rank peak host memory loading released weights, 2 gloo ranks, GiB ({fp32_bytes / 2 ** 30:.2f} GiB "
+             f"fp32 model); sharded vs full load", res["sharded"] / 2 ** 30, res["full"] / 2 ** 30,
+             f"≤ 0.6 × fp32 = {0.6 * fp32_bytes / 2 ** 30:.2f}")], dict(fp32=fp32_bytes, **res)
+
+
+def load_rank(mode, ckpt, out):
+    """torchrun target: load `ckpt` the sharded or the full way under FSDP, report this rank's peak RSS
+    above what it held before loading (imports and the process group are the baseline)."""
+    import json
+    import resource
+
+    import model as model_lib
+    import train
+    cfg = train.TrainConfig(init_from=ckpt, fsdp="on", activation_checkpointing=False, dtype="fp32")
+    d = train.setup_distributed(cfg)
+    import safetensors.torch  # noqa: F401  (imports are part of the baseline, not of the load)
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+    torch.distributed.barrier()
+    with open("/proc/self/statm") as f:
+        base = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > base + (64 << 20):
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the import peak was higher: be fair
+    if mode == "sharded":
+        sources = model_lib.ShardSources()
+        m = train.build_model(cfg, sources=sources)
+        m, _ = train.parallelize(m, cfg, d)
+        train.load_sharded(m, sources, cfg, d)
+    else:
+        m = train.build_model(cfg)
+        m, _ = train.parallelize(m, cfg, d)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    with open(os.path.join(out, f"rank{d.rank}.json"), "w") as f:
+        json.dump({"peak": peak}, f)
+    torch.distributed.destroy_process_group()
+
+
+def throughput_main(quick, out_path, log_lines):
+    t = THROUGHPUT["quick" if quick else "full"]
+    lines = log_lines
+
+    def log(msg):
+        print(msg, flush=True)
+        lines.append(msg)
+
+    t0 = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += bench_data_wait(t, os.path.join(tmp, "jpegs"), log)
+        rows += bench_adam_host(t, log)
+        rows += bench_fit_loss(t, log)
+        load_rows, load = bench_load_memory(t, tmp, log)
+        rows += load_rows
+    elapsed = time.perf_counter() - t0
+    head = ["| measurement | after (this code) | before | after / before | target |", "|---|---|---|---|---|"]
+    table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
+    print("\n" + "\n".join(table))
+    cmd = "python bench.py --throughput" + (" --quick" if quick else "")
+    doc = [
+        "# nanoVT: throughput of the training loop's parts (cpu)",
+        "",
+        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- torch {torch.__version__}, Python {platform.python_version()}; device: {cpu_model()}, "
+        f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}",
+        "",
+        *table,
+        "",
+        "Each row is a pair measured side by side in this run: the code as it is now, and the way it was "
+        "before (no loader workers; AdamW foreach=False; Eq. 9 on full (n, C) logits; every rank loading "
+        "the whole model in float32 before sharding). The data wait is the time the training loop blocks "
+        "on the loader while the GPU (here a sleep: the host is free while kernels run) works on the "
+        "previous micro-batch. Loading memory: the largest per-rank peak RSS above the rank's RSS "
+        "before loading (ru_maxrss).",
+        "",
+        "Log:",
+        "",
+        *[f"- {line}" for line in lines],
+    ]
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        f.write("\n".join(doc) + "\n")
+    print(f"\nwrote {out_path}")
+    return dict(rows=rows, load=load)
+
+
+# ----------------------------------------------------------------------------------------------
 
 
 def cpu_model():
@@ -365,7 +616,18 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU threads (default: torch's; 1 with --quick, whose ops are too small to split)")
     ap.add_argument("--out", default=None, help="where the table goes (default: bench/results_<device>.md)")
+    ap.add_argument("--throughput", action="store_true",
+                    help="the training loop's parts instead: data wait with / without loader workers, AdamW host "
+                         "time, Eq. 9 peak memory, per-rank memory of sharded loading (bench/results_throughput.md)")
+    ap.add_argument("--load-rank", nargs=3, metavar=("MODE", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.load_rank:
+        return load_rank(*args.load_rank)
+    if args.throughput:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        out = args.out or os.path.join("bench", "results_throughput" + ("_quick" if args.quick else "") + ".md")
+        return throughput_main(args.quick, out, [])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "quick" if args.quick else (args.size or ("1b" if device.type == "cuda" else "100m"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

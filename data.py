@@ -787,8 +787,10 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     Like LLaVA's `group_by_modality_length`: image and text-only samples are shuffled apart, cut
     into megabatches of batch_size * world_size, each sorted by length (longest first) so that a
-    micro-batch holds similar lengths, and the megabatches are shuffled together. Megabatch k
-    gives rank r its r-th equal slice. The index list is padded by repeating its start to a
+    micro-batch holds similar lengths, and the megabatches are shuffled together. Each megabatch is
+    dealt to the ranks so that their total lengths come out even (LLaVA's `split_to_even_chunks`:
+    longest first, each to the rank with the least length so far that still has room); without
+    grouping, megabatch k gives rank r its r-th equal slice. The index list is padded by repeating its start to a
     multiple of world_size (as DistributedSampler), so all ranks see the same number of samples.
     `skip` drops the first samples of this rank's epoch (resume mid-epoch).
     """
@@ -821,8 +823,11 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
             megabatches = [sorted(m, key=lambda i: -abs(self.lengths[i])) for m in megabatches]
         out = []
         for m in megabatches:  # every megabatch size is a multiple of world_size
-            share = len(m) // self.world_size
-            out += m[self.rank * share:(self.rank + 1) * share]
+            if self.group_by_length:
+                out += split_even(m, self.lengths, self.world_size)[self.rank]
+            else:
+                share = len(m) // self.world_size
+                out += m[self.rank * share:(self.rank + 1) * share]
         return out
 
     def __iter__(self):
@@ -830,6 +835,18 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self.num_samples - self.skip
+
+
+def split_even(indices, lengths, world_size):
+    """Deal `indices` (longest first) to world_size equal-count parts of about equal total length:
+    each goes to the part with the least total so far that still has room (ties: the lowest part)."""
+    share = len(indices) // world_size
+    parts, totals = [[] for _ in range(world_size)], [0] * world_size
+    for i in indices:
+        r = min((r for r in range(world_size) if len(parts[r]) < share), key=lambda r: totals[r])
+        parts[r].append(i)
+        totals[r] += abs(lengths[i])
+    return parts
 
 
 def make_sampler(dataset, batch_size, seed=0, epoch=0, rank=0, world_size=1, group_by_length=True, skip=0):

@@ -20,6 +20,9 @@ give the same update. With no positions a loss is 0.0, still attached to the gra
 All losses are computed in float32 and returned as float32 scalars.
 """
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -51,9 +54,7 @@ def _check_visual(visual_rows, image_mask):
 
 def _mean(total, count, default):
     """total / count, with count=None meaning `default` and a count of 0 giving 0.0."""
-    count = default if count is None else count
-    count = torch.as_tensor(count, dtype=torch.float32, device=total.device)
-    return total / count.clamp(min=1)  # with no positions total is an (attached) 0
+    return total / _count(default, count, total.device).clamp(min=1)  # with no positions total is an (attached) 0
 
 
 def _kl_sum(log_p, log_q):
@@ -143,7 +144,7 @@ def _lm_chunk(z, targets):
     s = z.exp_().sum(-1, keepdim=True)  # z now holds exp(z - max)
     total = (s.log() - z_t).sum()  # Eq. 4: -log softmax(z)[target]
     z.div_(s)
-    z[torch.arange(z.shape[0], device=z.device), targets] -= 1
+    z.scatter_(1, targets[:, None], z.gather(1, targets[:, None]).sub_(1))
     return total
 
 
@@ -167,20 +168,42 @@ def _vm_chunk(z, v):
 def _head_pass(h, w, chunk_loss, chunk_size, scale, grad_h=None, grad_w=None):
     """sum over rows of chunk_loss(h W^T); adds scale * d/dh into grad_h (n, d) and scale * d/dW into
     grad_w (C, d) when given. chunk_loss(z, start, end) returns the chunk's summed loss and leaves
-    dloss/dz in z."""
+    dloss/dz in z. The matmuls run in w's dtype (the head's compute dtype: bfloat16 under a bf16
+    policy); the logits are turned to float32 before any softmax or sum, and grad_w accumulates in
+    float32."""
     total = torch.zeros((), dtype=torch.float32, device=h.device)
+    low = w.dtype != torch.float32
     for start in range(0, h.shape[0], chunk_size):
         end = min(start + chunk_size, h.shape[0])
-        h_chunk = h[start:end].float()  # (c, d)
-        z = h_chunk @ w.T  # (c, C) the only MM-head logits alive at any time
+        h_chunk = h[start:end].to(w.dtype)  # (c, d)
+        z = (h_chunk @ w.T).float()  # (c, C) the only MM-head logits alive at any time
         total += chunk_loss(z, start, end)
         if grad_h is not None or grad_w is not None:
             z.mul_(scale)  # now scale * dloss/dz
+            dz = z.to(w.dtype) if low else z
             if grad_h is not None:
-                torch.mm(z, w, out=grad_h[start:end])
+                if low:
+                    grad_h[start:end] = dz @ w
+                else:
+                    torch.mm(dz, w, out=grad_h[start:end])
             if grad_w is not None:
-                grad_w.addmm_(z.T, h_chunk)  # in place: no (C, d) temporary per chunk
+                if low:  # one rounding of this chunk's share, then a float32 sum over chunks
+                    grad_w += dz.T @ h_chunk
+                else:
+                    grad_w.addmm_(dz.T, h_chunk)  # in place: no (C, d) temporary per chunk
     return total
+
+
+def head_dtype(hidden, weight):
+    """The dtype the heads' matmuls run in: the autocast dtype when autocast is on, else bfloat16 /
+    float16 when the decoder's output and the head's weight are already in it (FSDP's bf16 policy),
+    else float32. Softmax and log-sums are float32 in every case."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    if hidden.dtype == weight.dtype and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return torch.float32
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -188,12 +211,12 @@ class _FusedHeadLoss(torch.autograd.Function):
     and the VM rows h_vm (n_vm, d) under the MM head W (C, d), computed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, h_lm, h_vm, weight, targets, x_vm, w_vm, lm_count, vm_count, chunk_size):
+    def forward(ctx, h_lm, h_vm, weight, targets, x_vm, w_vm, lm_count, vm_count, chunk_size, dtype):
         need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_w = ctx.needs_input_grad[2]
-        w = weight.float()  # (C, d), a no-op when the head is float32 already
+        w = weight.to(dtype)  # (C, d) in the compute dtype, a no-op when the head is in it already
         lm_scale, vm_scale = 1 / lm_count.clamp(min=1), 1 / vm_count.clamp(min=1)
-        grad_w = torch.zeros_like(w) if need_w else None  # one (C, d) buffer for both terms
+        grad_w = torch.zeros_like(w, dtype=torch.float32) if need_w else None  # one (C, d) buffer, both terms
         gh_lm = torch.empty_like(h_lm, dtype=torch.float32) if need_h else None
         gh_vm = torch.empty_like(h_vm, dtype=torch.float32) if need_h else None
 
@@ -201,7 +224,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             return _lm_chunk(z, targets[start:end])
 
         def vm_rows(z, start, end):
-            return _vm_chunk(z, x_vm[start:end].float() @ w_vm.T)
+            return _vm_chunk(z, (x_vm[start:end].to(dtype) @ w_vm.T).float())
 
         lm = _head_pass(h_lm, w, lm_rows, chunk_size, lm_scale, gh_lm, grad_w) * lm_scale
         vm = _head_pass(h_vm, w, vm_rows, chunk_size, vm_scale, gh_vm, grad_w) * vm_scale
@@ -212,7 +235,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             ctx.save_for_backward(None, None, h_lm, h_vm, weight, targets, x_vm, w_vm, lm_count, vm_count)
         # an intermediate, kept on ctx (not saved) so that backward can hand it over without a copy
         ctx.grad_w = grad_w.to(weight.dtype) if need_w else None
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.dtype = chunk_size, dtype
         return lm, vm
 
     @staticmethod
@@ -224,24 +247,26 @@ class _FusedHeadLoss(torch.autograd.Function):
             if grad_w is None:
                 raise RuntimeError("chunked_mm_loss: backward ran twice through the same loss (retain_graph); "
                                    "compute the loss again instead")
-            if h_lm.shape[0] == 0 or h_vm.shape[0] == 0 or torch.equal(g_lm, g_vm):
+            # lm + vm hands both outputs the very same gradient tensor: tell that without a host sync
+            same = g_lm is g_vm or (g_lm.data_ptr() == g_vm.data_ptr() and g_lm.stride() == g_vm.stride())
+            if h_lm.shape[0] == 0 or h_vm.shape[0] == 0 or same or torch.equal(g_lm, g_vm):
                 g = g_lm if h_lm.shape[0] else g_vm  # the usual case: backward of lm + vm (times a constant)
                 grad_w.mul_(g.to(grad_w.dtype))
             else:  # lm and vm weighted differently: redo the chunks with those weights (rare, slower)
-                w = weight.float()
-                acc = torch.zeros_like(w)
+                w, dt = weight.to(ctx.dtype), ctx.dtype
+                acc = torch.zeros_like(w, dtype=torch.float32)
                 _head_pass(h_lm, w, lambda z, s, e: _lm_chunk(z, targets[s:e]), ctx.chunk_size,
                            g_lm / lm_count.clamp(min=1), grad_w=acc)
-                _head_pass(h_vm, w, lambda z, s, e: _vm_chunk(z, x_vm[s:e].float() @ w_vm.T), ctx.chunk_size,
-                           g_vm / vm_count.clamp(min=1), grad_w=acc)
+                _head_pass(h_vm, w, lambda z, s, e: _vm_chunk(z, (x_vm[s:e].to(dt) @ w_vm.T).float()),
+                           ctx.chunk_size, g_vm / vm_count.clamp(min=1), grad_w=acc)
                 grad_w = acc.to(weight.dtype)
         grad_lm = gh_lm * g_lm.to(gh_lm.dtype) if gh_lm is not None else None
         grad_vm = gh_vm * g_vm.to(gh_vm.dtype) if gh_vm is not None else None
-        return grad_lm, grad_vm, grad_w, None, None, None, None, None, None
+        return grad_lm, grad_vm, grad_w, None, None, None, None, None, None, None
 
 
 def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_features=None,
-                    vm_head_weight=None, lm_count=None, vm_count=None, chunk_size=None):
+                    vm_head_weight=None, lm_count=None, vm_count=None, chunk_size=None, rows=None, dtype=None):
     """LM and VM terms of `mm_loss`, with the MM head fused in. Returns (lm, vm).
 
     hidden (B, T, d): final-norm decoder output; mm_head_weight (C, d): W_MM.
@@ -250,37 +275,179 @@ def chunked_mm_loss(hidden, mm_head_weight, labels=None, image_mask=None, image_
     by chunk as well and carries no gradient. labels=None drops the LM term,
     image_mask=None or image_features=None drops the VM term (that term is then 0).
     Counts as in `mm_loss`; logits are never formed for more than chunk_size rows
-    (default: about 32 MiB of float32 logits per chunk).
+    (default: about 32 MiB of float32 logits per chunk). `rows`: the batch's `Rows`, built on
+    the CPU beforehand (the trainer does), so that the device never waits for the host; without
+    it they are found from labels / image_mask here. `dtype`: the matmuls' dtype (default: see
+    `head_dtype`); softmax and sums are float32 either way.
     """
-    with torch.autocast(hidden.device.type, enabled=False):  # the head and softmax run in float32
+    dtype = dtype or head_dtype(hidden, mm_head_weight)
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are explicit from here on
         return _chunked_mm_loss(hidden, mm_head_weight, labels, image_mask, image_features, vm_head_weight,
-                                lm_count, vm_count, chunk_size)
+                                lm_count, vm_count, chunk_size, rows, dtype)
+
+
+def _count(n, given, device):
+    """The divisor of a term as a 0-d float32 tensor on `device`, made without a host-device sync."""
+    if isinstance(given, torch.Tensor):
+        return given.to(device, torch.float32, non_blocking=True)
+    return torch.full((), float(n if given is None else given), dtype=torch.float32, device=device)
 
 
 def _chunked_mm_loss(hidden, mm_head_weight, labels, image_mask, image_features, vm_head_weight,
-                     lm_count, vm_count, chunk_size):
-    d, C = hidden.shape[-1], mm_head_weight.shape[0]
+                     lm_count, vm_count, chunk_size, rows, dtype):
+    B, T, d = hidden.shape
+    C = mm_head_weight.shape[0]
     chunk_size = chunk_size or _default_chunk(C)
-    h = hidden[:, :-1]  # (B, T-1, d): position t predicts t+1
+    use_vm = image_mask is not None and image_features is not None
+    if rows is None:
+        rows = batch_rows(labels, image_mask if use_vm else None)
+    rows = rows.to(hidden.device)
+    h = hidden.reshape(B * T, d)  # flat positions b * T + t; position t predicts t + 1
 
     if labels is not None:
-        mask, targets = _lm_rows(labels)
-        h_lm = h[mask]  # (n_lm, d)
+        h_lm, targets = h.index_select(0, rows.lm), rows.targets  # (n_lm, d), (n_lm,)
     else:
-        h_lm, targets = h.reshape(-1, d)[:0], torch.zeros(0, dtype=torch.long, device=h.device)
+        h_lm, targets = h[:0], torch.zeros(0, dtype=torch.long, device=h.device)
 
-    use_vm = image_mask is not None and image_features is not None
     if use_vm:
-        _check_visual(image_features, image_mask)
-        mask, keep = _vm_rows(image_mask)
-        h_vm = h[mask]  # (n_vm, d)
-        x_vm = image_features.detach()[keep]  # (n_vm, d) X_image at t+1
-        w_vm = vm_head_weight.detach().float()
+        if image_features.shape[0] != rows.image.shape[0]:
+            raise ValueError(f"visual rows: got {image_features.shape[0]}, image_mask has "
+                             f"{rows.image.shape[0]} image positions")
+        h_vm = h.index_select(0, rows.vm)  # (n_vm, d)
+        x_vm = image_features.detach().index_select(0, rows.vm_keep)  # (n_vm, d) X_image at t+1
+        w_vm = vm_head_weight.detach().to(dtype)
     else:
-        h_vm, x_vm, w_vm = h.reshape(-1, d)[:0], hidden.new_zeros(0, d), mm_head_weight.new_zeros(0, d).float()
-
-    def count(n, given):
-        return torch.as_tensor(n if given is None else given, dtype=torch.float32, device=h.device)
+        h_vm, x_vm, w_vm = h[:0], hidden.new_zeros(0, d), mm_head_weight.new_zeros(0, d).to(dtype)
 
     return _FusedHeadLoss.apply(h_lm, h_vm, mm_head_weight, targets, x_vm, w_vm,
-                                count(h_lm.shape[0], lm_count), count(h_vm.shape[0], vm_count), chunk_size)
+                                _count(h_lm.shape[0], lm_count, h.device), _count(h_vm.shape[0], vm_count, h.device),
+                                chunk_size, dtype)
+
+
+# -----------------------------------------------------------------------------
+# Eq. 9 (stage III) the same way: KL(Q_t || P'_{t+1}) with both heads fused in
+#
+# Here Q = softmax(h W_MM^T) is the constant target and P' = softmax(x W_VM^T) the prediction,
+# so d/dv = softmax(v) - Q for the VM-head logits v, d/dW_VM = (P' - Q)^T x and d/dx = (P' - Q) W_VM.
+
+
+def _fit_chunk(z, v):
+    """z (c, C) MM-head logits (Q = softmax(z), a constant), v (c, C) VM-head logits -> summed
+    KL(Q || P'). Overwrites v with dKL/dv = softmax(v) - Q; z is used as scratch. Each row's KL is a
+    sum of Q(i) (log Q(i) - log P'(i)) over elementwise differences (no large terms that cancel)."""
+    z.sub_(z.amax(-1, keepdim=True))
+    q = z.exp()
+    sq = q.sum(-1, keepdim=True)
+    q.div_(sq)  # Q
+    z.sub_(sq.log())  # log Q
+    v.sub_(v.amax(-1, keepdim=True))
+    v.sub_(v.exp().sum(-1, keepdim=True).log())  # log P'
+    # Eq. 9: KL(Q || P') = sum_i Q(i) (log Q(i) - log P'(i)), row dot products without a (c, C) temporary
+    total = (q[:, None, :] @ z.sub_(v)[:, :, None]).sum()
+    v.exp_().sub_(q)  # softmax(v) - Q
+    return total
+
+
+class _FusedVmFitLoss(torch.autograd.Function):
+    """sum of Eq. 9 rows / count for the predicting rows h_q (n, d) under W_MM and the image rows
+    x (n, d) under W_VM, chunk by chunk; gradients for x and W_VM, none for h_q or W_MM."""
+
+    @staticmethod
+    def forward(ctx, h_q, x, w_mm, w_vm, count, chunk_size, dtype):
+        need_x, need_w = ctx.needs_input_grad[1], ctx.needs_input_grad[3]
+        wq, wv = w_mm.detach().to(dtype), w_vm.to(dtype)
+        scale = 1 / count.clamp(min=1)
+        grad_w = torch.zeros_like(wv, dtype=torch.float32) if need_w else None
+        grad_x = torch.empty_like(x, dtype=torch.float32) if need_x else None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        low = dtype != torch.float32
+        for start in range(0, x.shape[0], chunk_size):
+            end = min(start + chunk_size, x.shape[0])
+            x_chunk = x[start:end].to(dtype)  # (c, d)
+            z = (h_q[start:end].to(dtype) @ wq.T).float()  # (c, C) the MM head: the target's logits
+            v = (x_chunk @ wv.T).float()  # (c, C) the VM head: the prediction's logits
+            total += _fit_chunk(z, v)
+            del z
+            if need_x or need_w:
+                v.mul_(scale)  # now scale * dloss/dv
+                dv = v.to(dtype) if low else v
+                if need_x:
+                    grad_x[start:end] = dv @ wv
+                if need_w:
+                    if low:
+                        grad_w += dv.T @ x_chunk
+                    else:
+                        grad_w.addmm_(dv.T, x_chunk)
+        ctx.grads = (grad_x.to(x.dtype) if need_x else None, grad_w.to(w_vm.dtype) if need_w else None)
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_x, grad_w = ctx.grads
+        if grad_x is None and grad_w is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[3]):
+            raise RuntimeError("chunked_vm_fit_loss: backward ran twice through the same loss")
+        ctx.grads = (None, None)
+        g = g.to(torch.float32)
+        grad_x = grad_x * g.to(grad_x.dtype) if grad_x is not None else None
+        grad_w = grad_w.mul_(g.to(grad_w.dtype)) if grad_w is not None else None
+        return None, grad_x, None, grad_w, None, None, None
+
+
+def chunked_vm_fit_loss(q_hidden, mm_head_weight, x_image, vm_head_weight, num_positions=None, chunk_size=None,
+                        dtype=None):
+    """Eq. 9 on rows already paired, as `vm_fit_rows(q_hidden @ W_MM^T, x_image @ W_VM^T)` but without
+    ever holding (n, C) logits: q_hidden (n, d) decoder outputs at the predicting positions t,
+    x_image (n, d) X_image at t + 1. Q is the target (no gradient to q_hidden or W_MM); the
+    gradient goes to W_VM (and x_image if it asks for one). Chunks and dtype as in `chunked_mm_loss`."""
+    dtype = dtype or head_dtype(x_image, vm_head_weight)
+    chunk_size = chunk_size or _default_chunk(mm_head_weight.shape[0])
+    with torch.autocast(x_image.device.type, enabled=False):
+        return _FusedVmFitLoss.apply(q_hidden.detach(), x_image, mm_head_weight, vm_head_weight,
+                                     _count(x_image.shape[0], num_positions, x_image.device), chunk_size, dtype)
+
+
+# -----------------------------------------------------------------------------
+# where the terms live in a batch, found once on the CPU
+
+
+@dataclass
+class Rows:
+    """The positions of a (B, T) batch that take part in the losses, as flat indices b * T + t into
+    its B * T positions (row-major), so that the device does fixed-shape gathers instead of boolean
+    indexing (which waits for the host to learn the shape). Built by `batch_rows`."""
+    lm: torch.Tensor       # (n_lm,) positions t with a label at t + 1 (Eq. 4)
+    targets: torch.Tensor  # (n_lm,) those labels
+    vm: torch.Tensor       # (n_vm,) positions t with an image position at t + 1 (Eqs. 6, 9)
+    vm_keep: torch.Tensor  # (n_vm,) which of the N image rows (row-major) those t + 1 are
+    image: torch.Tensor    # (N,) the image positions
+
+    def to(self, device):
+        """To the device without blocking the host (from pinned memory the copy is asynchronous)."""
+        if self.lm.device == torch.device(device):
+            return self
+        return Rows(*(t.to(device, non_blocking=True) for t in self._tensors()))
+
+    def pin_memory(self):
+        """Called by DataLoader(pin_memory=True) on each batch's rows."""
+        return Rows(*(t.pin_memory() for t in self._tensors()))
+
+    def _tensors(self):
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+
+
+def batch_rows(labels=None, image_mask=None):
+    """Rows of a batch from its labels (B, T) and image mask (B, T); either may be None."""
+    ref = labels if labels is not None else image_mask
+    B, T = ref.shape
+    empty = torch.zeros(0, dtype=torch.long, device=ref.device)
+    lm = targets = vm = vm_keep = image = empty
+    if labels is not None:
+        supervised = torch.zeros_like(labels, dtype=torch.bool)
+        supervised[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        lm = supervised.reshape(-1).nonzero().squeeze(1)
+        targets = labels.reshape(-1)[lm + 1]
+    if image_mask is not None:
+        image = image_mask.reshape(-1).nonzero().squeeze(1)
+        vm_keep = (image % T != 0).nonzero().squeeze(1)  # an image position at t = 0 is predicted by nobody
+        vm = image[vm_keep] - 1
+    return Rows(lm, targets, vm, vm_keep, image)

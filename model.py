@@ -15,6 +15,7 @@ LLaMA/Mistral decoder with a KV cache → VTLMM (forward, pseudo image features,
 tokens, generate) → loading (every layout of SPEC §5) and saving / export to llava-hf.
 """
 
+import contextlib
 import json
 import os
 import re
@@ -421,26 +422,32 @@ class VTLMM(nn.Module):
         p = F.softmax(self.vm_head(x_image).float(), dim=-1)
         return (p @ self.decoder.embed.weight.float()).to(x_image.dtype)
 
-    def embed(self, input_ids, pixel_values=None):
-        """Token embeddings with image placeholders replaced, in order, by X_image (or X_p)."""
+    def embed(self, input_ids, pixel_values=None, image_rows=None):
+        """Token embeddings with image placeholders replaced, in order, by X_image (or X_p).
+        image_rows: the flat image positions (N,), found on the CPU beforehand (losses.Rows.image), so
+        that nothing here waits for the device; without it they come from the placeholder ids."""
         image_mask = input_ids == self.cfg.image_token_id
         x = self.decoder.embed(input_ids.masked_fill(image_mask, 0))  # placeholder: sentinel, masked
         x_image = None
-        n_pos = int(image_mask.sum())
+        n_pos = int(image_mask.sum()) if image_rows is None else image_rows.shape[0]
         if pixel_values is not None and pixel_values.shape[0] > 0:
             x_image = self.image_features(pixel_values).flatten(0, 1)  # (N, d), row-major
             if x_image.shape[0] != n_pos:
                 raise ValueError(f"{pixel_values.shape[0]} images give {x_image.shape[0]} patch features but "
                                  f"input_ids hold {n_pos} image placeholders (id {self.cfg.image_token_id})")
             x_in = self.pseudo_image_features(x_image) if self.cfg.pseudo_image_features else x_image
-            x = x.masked_scatter(image_mask[..., None], x_in.to(x.dtype))
+            if image_rows is None:
+                x = x.masked_scatter(image_mask[..., None], x_in.to(x.dtype))
+            else:
+                B, T, d = x.shape
+                x = x.reshape(B * T, d).index_copy(0, image_rows, x_in.to(x.dtype)).view(B, T, d)
         elif n_pos:
             raise ValueError(f"input_ids hold {n_pos} image placeholders but no pixel_values were given")
         return x, image_mask, x_image
 
     def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None,
                 logits=True, visual_logits=False, labels=None, objective=None, lm_count=None, vm_count=None,
-                chunk_size=None):
+                chunk_size=None, rows=None):
         """input_ids (B, T), pixel_values (N_img, 3, H, W) for the placeholders in row-major order.
 
         logits=False skips the MM head; visual_logits=True applies the VM head to the N image
@@ -448,9 +455,12 @@ class VTLMM(nn.Module):
         inside forward, so that FSDP has the heads' weights gathered (losses.py, SPEC §2):
           "lm"     Eq. 4 (stages I, II)          "mm"  Eq. 7 = Eq. 4 + Eq. 6 (stage IV)
           "vm_fit" Eq. 9 (stage III)             "mm_lm" stage IV's data with the VM term off
-        The heads never produce logits for all positions at once there (chunked, fused).
+        The heads never produce logits for all positions at once there (chunked, fused). `rows`
+        (losses.Rows of the batch, built on the CPU) keeps the device from waiting on the host.
         """
-        x, image_mask, x_image = self.embed(input_ids, pixel_values)
+        if rows is not None:
+            rows = rows.to(input_ids.device)
+        x, image_mask, x_image = self.embed(input_ids, pixel_values, None if rows is None else rows.image)
         if objective == "vm_fit":  # stage III: the decoder and MM head are frozen targets
             with torch.no_grad():
                 hidden = self.decoder(x, attention_mask, cache)
@@ -463,12 +473,14 @@ class VTLMM(nn.Module):
                 out.visual_logits = self.vm_head(x_image)
             return out
         if objective == "vm_fit":
-            mask, keep = image_mask[:, 1:], image_mask.clone()
-            keep[:, 0] = False  # an image at t = 0 has no predicting position
-            with torch.no_grad():
-                q_logits = self.mm_head(hidden[:, :-1][mask])  # (n, C): the MM head at predicting rows only
-            x_vm = x_image[keep[image_mask]].detach()  # stage III trains the VM head alone
-            out.vm_loss = losses.vm_fit_rows(q_logits, self.vm_head(x_vm), vm_count)
+            if rows is None:
+                rows = losses.batch_rows(None, image_mask)
+            B, T, d = hidden.shape
+            h_q = hidden.reshape(B * T, d).index_select(0, rows.vm)  # (n, d) the predicting positions t
+            x_vm = x_image.detach().index_select(0, rows.vm_keep)  # (n, d) X_image at t + 1; VM head alone trains
+            # Eq. 9, chunked: both heads fused in, no (n, C) logits
+            out.vm_loss = losses.chunked_vm_fit_loss(h_q, self.mm_head.weight, x_vm, self.vm_head.weight, vm_count,
+                                                     chunk_size)
             out.lm_loss = torch.zeros((), device=hidden.device)
             out.loss = out.vm_loss
             return out
@@ -478,7 +490,7 @@ class VTLMM(nn.Module):
         out.lm_loss, out.vm_loss = losses.chunked_mm_loss(
             hidden, self.mm_head.weight, labels=labels, image_mask=image_mask if use_vm else None,
             image_features=x_image if use_vm else None, vm_head_weight=self.vm_head.weight,
-            lm_count=lm_count, vm_count=vm_count, chunk_size=chunk_size)
+            lm_count=lm_count, vm_count=vm_count, chunk_size=chunk_size, rows=rows)
         out.loss = out.lm_loss + out.vm_loss  # Eq. 7 when objective == "mm"
         return out
 
@@ -725,6 +737,13 @@ class WeightFiles:
 
     def get(self, key):
         fpath = self.where[key]
+        if _LAZY is not None:  # lazy_loading: the shape only, nothing read
+            if fpath.endswith(".bin"):
+                return torch.empty(torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)[key].shape,
+                                   device="meta")
+            from safetensors import safe_open
+            with safe_open(fpath, "pt") as f:
+                return torch.empty(f.get_slice(key).get_shape(), device="meta")
         if fpath not in self._open:
             if fpath.endswith(".bin"):
                 self._open[fpath] = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
@@ -736,6 +755,16 @@ class WeightFiles:
             return h[key] if isinstance(h, dict) else h.get_tensor(key)
         except Exception as e:
             raise ValueError(f"cannot read tensor {key} from {fpath}: {e} (truncated file?)") from e
+
+    def read_rows(self, key, start, end):
+        """Rows start:end (dim 0) of a tensor, reading only those bytes from a safetensors file."""
+        fpath = self.where[key]
+        if fpath.endswith(".bin"):  # memory-mapped: only the rows touched are paged in
+            return torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)[key][start:end]
+        from safetensors import safe_open
+        with safe_open(fpath, "pt") as f:
+            sl = f.get_slice(key)
+            return sl[start:end] if len(sl.get_shape()) else sl[:]
 
 
 def fill(model, files, layout, dtype):
@@ -764,6 +793,8 @@ def fill(model, files, layout, dtype):
                              f"model '{name}' expects {tuple(p.shape)}")
         _set_param(model, name, t.to(dtype))
         filled.add(name)
+        if _LAZY is not None:
+            _LAZY.where[name] = (files, key)
     return filled
 
 
@@ -778,12 +809,84 @@ def _finish(model, filled, dtype, device, where, fresh=("vm_head.",)):
     missing = [n for n, p in model.named_parameters() if n not in filled and not n.startswith(fresh)]
     if missing:
         raise KeyError(f"{where}: missing {len(missing)} parameter(s), e.g. {missing[:5]}")
+    if _LAZY is not None:  # lazy_loading: fresh parameters are drawn later, by load_shards, from this RNG state
+        _LAZY.rng, _LAZY.dtype = torch.get_rng_state(), dtype
+        return model
     for n, p in list(model.named_parameters()):
         if n not in filled:  # a fresh module: random init as VTLMM.init_weights does
             t = torch.empty(p.shape, dtype=dtype)
             nn.init.zeros_(t) if n.endswith("bias") else nn.init.normal_(t, std=0.02)
             _set_param(model, n, t)
     return model.to(device)
+
+
+# -----------------------------------------------------------------------------
+# Sharded loading: each rank reads only its own rows of each tensor (never a whole model per rank)
+
+
+class ShardSources:
+    """What `lazy_loading` records: parameter name -> (WeightFiles, key), and the RNG state and dtype
+    that the fresh (not loaded) parameters are to be drawn with, as a full load would."""
+
+    def __init__(self):
+        self.where, self.rng, self.dtype = {}, None, torch.float32
+
+
+_LAZY: Optional[ShardSources] = None
+
+
+@contextlib.contextmanager
+def lazy_loading():
+    """Inside it, from_pretrained / from_clip_and_llm read no tensor: they check every key and shape as
+    usual and return the model on the meta device; the ShardSources this yields says where each
+    parameter lives. Shard the model (fully_shard), `to_empty` it, then `load_shards` fills it."""
+    global _LAZY
+    _LAZY = ShardSources()
+    try:
+        yield _LAZY
+    finally:
+        _LAZY = None
+
+
+def _local_rows(p):
+    """(local tensor, first row) of a parameter: its shard when FSDP2 sharded it (dim 0, torch.chunk
+    sizes over the mesh), else the whole tensor."""
+    if not hasattr(p, "to_local"):
+        return p.data, 0
+    local = p.to_local()
+    rank, world = p.device_mesh.get_local_rank(), p.device_mesh.size()
+    rows = -(-p.shape[0] // world)  # ceil
+    start = min(rank * rows, p.shape[0])
+    assert local.shape[0] == min(p.shape[0], start + rows) - start, (p.shape, local.shape, rank)
+    return local, start
+
+
+@torch.no_grad()
+def assign_full(p, full):
+    """Copy this rank's rows of a full tensor into a (possibly sharded) parameter."""
+    local, start = _local_rows(p)
+    local.copy_(full[start:start + local.shape[0]])
+
+
+@torch.no_grad()
+def load_shards(model, sources: ShardSources):
+    """Fill a model built under `lazy_loading`, sharded and materialised (to_empty): each rank reads the
+    rows of its shard of each tensor (safetensors slices), cast to the dtype on the way; fresh
+    parameters are drawn whole, one at a time, from the recorded RNG state (as `_finish` draws them),
+    so the result is bit-equal to a full load."""
+    if sources.rng is not None:
+        torch.set_rng_state(sources.rng)
+    for name, p in model.named_parameters():
+        local, start = _local_rows(p)
+        if name in sources.where:
+            files, key = sources.where[name]
+            local.copy_(files.read_rows(key, start, start + local.shape[0]) if p.dim() else files.get(key))
+        else:  # fresh: random init as _finish does (the whole tensor, so the RNG stream is the same)
+            t = torch.empty(p.shape, dtype=sources.dtype)
+            nn.init.zeros_(t) if name.endswith("bias") else nn.init.normal_(t, std=0.02)
+            local.copy_(t[start:start + local.shape[0]])
+            del t
+    return model
 
 
 def _read_json(path):

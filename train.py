@@ -22,6 +22,7 @@ after the last of `stages`. `--hook.dir=x` sets one entry.
 import ast
 import contextlib
 import dataclasses
+import functools
 import importlib
 import json
 import math
@@ -39,6 +40,7 @@ import torch.distributed as dist
 
 import data
 import losses
+import model as model_lib
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
 
 
@@ -64,7 +66,8 @@ class TrainConfig:
     max_len: int = 2048
     group_by_length: bool = True
     strict_data: bool = False
-    num_workers: int = 0
+    num_workers: int = -1          # DataLoader worker processes per rank; -1: 4 on GPUs, 0 on CPUs
+    prefetch_factor: int = 4       # batches each worker prepares ahead (with num_workers > 0)
     # optimisation (SPEC §3: AdamW, no weight decay, cosine with 3% warm-up)
     global_batch: int = 128
     micro_batch: int = 4           # per device; accumulation = global / (micro * world)
@@ -85,6 +88,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"
     loss_chunk: int = 0            # rows per chunk of the fused head + loss (0: about 32 MiB of logits)
+    peak_flops: float = 0.0        # FLOP/s of one device for MFU (0: from the table by device name and dtype)
     # bookkeeping
     log_every: int = 10
     save_every: int = 500          # optimizer steps between checkpoints (0: only the final one)
@@ -207,6 +211,9 @@ def setup_distributed(cfg):
     device = torch.device(dev_type, local) if dev_type == "cuda" else torch.device(dev_type)
     if dev_type == "cuda":
         torch.cuda.set_device(device)
+        # float32 matmuls (fp32 runs, anything outside the bf16 policy) may use TF32 tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if (world > 1 or cfg.fsdp == "on") and not dist.is_initialized():
         if world == 1:  # FSDP on one process (tests): a process group of one
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -217,31 +224,63 @@ def setup_distributed(cfg):
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
 
 
-def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32):
+def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
     """The model in float32 on the CPU, from released weights, a checkpoint, or fresh (a fresh
-    decoder takes the tokenizer's vocabulary size unless the config gives one)."""
+    decoder takes the tokenizer's vocabulary size unless the config gives one). With `sources` (a
+    model.ShardSources) the weights are not read: the model stays on the meta device, `sources` says
+    where each tensor lives, and `load_sharded` fills the model after `parallelize` (sharded loading)."""
     over = {} if cfg.pseudo_image_features is None else {"pseudo_image_features": cfg.pseudo_image_features}
-    if cfg.init_from:
-        model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
-    elif cfg.clip_path or cfg.llm_path:
-        model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
-    elif cfg.model:
-        m = dict(cfg.model)
-        dec = dict(m.pop("decoder", {}))
-        if tok is not None:
-            dec.setdefault("vocab_size", tok.vocab_size)
-        mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**dec), **{**m, **over})
-        torch.manual_seed(cfg.seed)
-        model = VTLMM(mcfg)
-    else:
-        raise ValueError("set one of init_from, clip_path + llm_path, or model")
+    lazy = contextlib.nullcontext(None) if sources is None else model_lib.lazy_loading()
+    with lazy as found:
+        if cfg.init_from:
+            model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
+        elif cfg.clip_path or cfg.llm_path:
+            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
+        elif cfg.model:
+            if sources is not None:
+                raise ValueError("sharded loading needs weights to read (init_from, or clip_path + llm_path)")
+            m = dict(cfg.model)
+            dec = dict(m.pop("decoder", {}))
+            if tok is not None:
+                dec.setdefault("vocab_size", tok.vocab_size)
+            mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**dec), **{**m, **over})
+            torch.manual_seed(cfg.seed)
+            model = VTLMM(mcfg)
+        else:
+            raise ValueError("set one of init_from, clip_path + llm_path, or model")
+    if sources is not None:
+        sources.where, sources.rng, sources.dtype = found.where, found.rng, found.dtype
+        return model  # reinit happens in load_sharded, after the weights
+    reinit_modules(model, cfg)
+    return model
+
+
+@torch.no_grad()
+def reinit_modules(model, cfg: TrainConfig):
+    """Re-initialise the Linear layers of cfg.reinit (sharded or not: each full tensor is drawn, then
+    each rank keeps its rows, so that sharded and full loading give the same weights)."""
     for name in cfg.reinit:
         torch.manual_seed(cfg.seed + 1)
         for mod in getattr(model, name).modules():
             if isinstance(mod, torch.nn.Linear):
-                torch.nn.init.normal_(mod.weight, std=0.02)
+                w = torch.empty(mod.weight.shape, dtype=mod.weight.dtype)
+                model_lib.assign_full(mod.weight, torch.nn.init.normal_(w, std=0.02))
                 if mod.bias is not None:
-                    torch.nn.init.zeros_(mod.bias)
+                    model_lib.assign_full(mod.bias, torch.zeros(mod.bias.shape, dtype=mod.bias.dtype))
+
+
+def sharded_loading(cfg: TrainConfig, d):
+    """Read weights shard by shard (each rank only its rows) when FSDP shards the model and there are
+    weights to read; a hook's prepare_model (the toy vision pretraining) needs the whole model first."""
+    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and d.world > 1)
+    return use_fsdp and bool(cfg.init_from or cfg.clip_path or cfg.llm_path) and not cfg.hook
+
+
+def load_sharded(model, sources, cfg: TrainConfig, d):
+    """After parallelize: give the meta shards memory on the device, read each rank's rows, re-init."""
+    model.to_empty(device=d.device)
+    model_lib.load_shards(model, sources)
+    reinit_modules(model, cfg)
     return model
 
 
@@ -252,6 +291,13 @@ def load_hook(cfg):
     if "module" not in cfg.hook:
         raise ValueError(f"hook {cfg.hook}: name the module, e.g. hook = dict(module=\"shapes\", ...)")
     return importlib.import_module(cfg.hook["module"])
+
+
+def make_optimizer(params, cfg, device):
+    """AdamW (SPEC §3) with its fast paths: one fused kernel per step on GPUs, multi-tensor (foreach)
+    on CPUs; both give the plain per-tensor update up to rounding (tests/test_throughput.py)."""
+    fast = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fast)
 
 
 def set_trainable(model, stage, freeze=()):
@@ -334,16 +380,36 @@ def data_report(dataset, d: Dist):
     return dataset.report()
 
 
-def batches(dataset, cfg, d: Dist, tok, epoch, skip):
-    """Micro-batches of this rank for one epoch, starting after `skip` of its samples."""
+def batches(dataset, cfg, d: Dist, tok, epoch, skip, image_token_id):
+    """Micro-batches of this rank for one epoch, starting after `skip` of its samples. Each batch also
+    carries its `rows` (losses.Rows): found in the loader's workers, from the CPU tensors."""
     # the sampler groups by optimizer step (global_batch samples): which samples make a step does
     # not depend on the number of processes or accumulation steps
     sampler = data.make_sampler(dataset, cfg.global_batch // d.world, cfg.seed, epoch, d.rank, d.world,
                                 cfg.group_by_length, skip)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler,
-                                         collate_fn=lambda s: data.collate(s, tok.pad_id),
-                                         num_workers=cfg.num_workers)
+    workers = loader_workers(cfg, d)
+    cuda = d.device.type == "cuda"
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.micro_batch, sampler=sampler,
+        collate_fn=functools.partial(collate_with_rows, pad_id=tok.pad_id, image_token_id=image_token_id),
+        num_workers=workers, pin_memory=cuda, persistent_workers=workers > 0,
+        prefetch_factor=cfg.prefetch_factor if workers > 0 else None)
     return iter(loader)
+
+
+def loader_workers(cfg, d: Dist):
+    """num_workers = -1: 4 worker processes per rank on GPUs (image decoding keeps up with the GPU),
+    none on CPUs (where the cores train)."""
+    if cfg.num_workers >= 0:
+        return cfg.num_workers
+    return min(4, max(1, (os.cpu_count() or 1) // max(1, d.world) - 1)) if d.device.type == "cuda" else 0
+
+
+def collate_with_rows(samples, pad_id, image_token_id):
+    """data.collate, plus the batch's loss rows found here on the CPU (so a micro-step needs no sync)."""
+    b = data.collate(samples, pad_id)
+    b["rows"] = losses.batch_rows(b["labels"], b["input_ids"] == image_token_id)
+    return b
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,15 +483,41 @@ def prune_checkpoints(out_dir, keep):
         shutil.rmtree(os.path.join(out_dir, f"step-{s}"), ignore_errors=True)
 
 
-def peak_flops(device):
-    """Dense bf16 matmul peak of one device, for MFU: a table for GPUs, a quick measurement on CPUs."""
+# Dense (no 2:4 sparsity) tensor-core peaks per device, in TFLOP/s: (bf16 with float32 accumulation,
+# TF32). NVIDIA's sheets print the sparse figure; dense is half of it. Sources: the H100 datasheet
+# (SXM bf16 1,979 / TF32 989 sparse; PCIe 1,513 / 756), the H100 NVL and H200 NVL figures (1,671 /
+# 835 sparse, NVIDIA's H100 and H200 pages), the H200 datasheet (as H100 SXM), the A100 datasheet
+# (312 / 156 dense, 40 and 80 GB, SXM and PCIe), the L40S datasheet (362.05 / 183), the L40 datasheet
+# (181.05 / 90.5), the L4 datasheet (121 / 60), the A10 datasheet (125 / 62.5), and the Ada
+# whitepaper's RTX 4090 column (165.2 / 82.6, bf16 with FP32 accumulate). Matched on the name CUDA
+# reports, most specific first; anything else needs --peak_flops.
+PEAK_TFLOPS = [
+    (r"H100.*NVL", 835, 418), (r"H100.*PCIe", 756, 378), (r"H100", 989, 495),
+    (r"H200.*NVL", 835, 418), (r"H200", 989, 495),
+    (r"A100", 312, 156), (r"L40S", 362, 183), (r"L40\b", 181, 90.5), (r"\bL4\b", 121, 60),
+    (r"\bA10\b", 125, 62.5), (r"RTX 4090", 165, 82.6),
+]
+
+
+def gpu_peak_flops(name, dtype="bf16"):
+    """Dense peak FLOP/s of a GPU by the exact name torch.cuda.get_device_name reports (None if unknown):
+    bf16 tensor cores, or TF32 for float32 runs (TF32 is allowed for float32 matmuls)."""
+    import re
+    for pattern, bf16, tf32 in PEAK_TFLOPS:
+        if re.search(pattern, name, re.IGNORECASE):
+            return (bf16 if dtype == "bf16" else tf32) * 1e12
+    return None
+
+
+def peak_flops(device, dtype="bf16"):
+    """Peak FLOP/s of one device, for MFU: the table for GPUs (None if the name is not in it), a quick
+    measurement of a float32 matmul on CPUs."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in (("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40", 181e12),
-                           ("A10", 125e12), ("4090", 165e12)):
-            if key in name:
-                return flops
-        return 100e12
+        peak = gpu_peak_flops(name, dtype)
+        if peak is None:
+            print(f"note: no peak FLOP/s known for {name!r}; MFU is not reported (set --peak_flops=FLOPS)")
+        return peak
     n = 2048  # big enough for the BLAS to reach its speed (1024 measured up to 2x low, MFU over 100%)
     a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
     torch.mm(a, b, out=c)  # into one buffer: no fresh pages to fault in
@@ -457,7 +549,8 @@ def train_stage(cfg: TrainConfig, d: Dist):
         return final
 
     tok, tok_file = find_tokenizer(cfg)
-    model = build_model(cfg, tok)
+    sources = model_lib.ShardSources() if sharded_loading(cfg, d) else None
+    model = build_model(cfg, tok, sources=sources)  # sharded loading: on meta until after parallelize
     if tok.vocab_size > model.cfg.decoder.vocab_size:
         raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
                          f"{model.cfg.decoder.vocab_size}")
@@ -475,9 +568,10 @@ def train_stage(cfg: TrainConfig, d: Dist):
     flops_per_token = lambda T: factor * plain.flops_per_token(T)
     n_trainable = sum(model.get_parameter(n).numel() for n in trainable)
     model, fsdp = parallelize(model, cfg, d)
+    if sources is not None:
+        load_sharded(model, sources, cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
-                                  foreach=False)
+    optimizer = make_optimizer(params, cfg, d.device)
 
     per_step = cfg.micro_batch * d.world
     if cfg.global_batch % per_step:
@@ -508,7 +602,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
 
     use_autocast = resolve_dtype(cfg, d) == "bf16" and not fsdp
     amp = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
-    peak = peak_flops(d.device) * d.world
+    peak = cfg.peak_flops or peak_flops(d.device, resolve_dtype(cfg, d))  # one device; None: unknown GPU
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     bar = None
     if d.main:
@@ -527,43 +621,47 @@ def train_stage(cfg: TrainConfig, d: Dist):
         # each epoch is exactly steps_per_epoch steps, so a step number fixes the data position
         if it is None or step % steps_per_epoch == 0:
             it = batches(dataset, cfg, d, tok, step // steps_per_epoch,
-                         (step % steps_per_epoch) * cfg.micro_batch * accum)
+                         (step % steps_per_epoch) * cfg.micro_batch * accum, model.cfg.image_token_id)
         micro = [next(it) for _ in range(accum)]
         for b in micro:  # skips made in DataLoader workers are counted here, in the main process
             dataset.note_skipped(b["skipped"])
-        counts = torch.zeros(2, dtype=torch.float64)
-        for b in micro:
-            n_lm, n_vm = losses.count_positions(b["labels"], b["input_ids"] == model.cfg.image_token_id)
-            counts += torch.tensor([float(n_lm), float(n_vm)], dtype=torch.float64)
-        if d.world > 1:
+        # the counts come from the CPU batches (losses.Rows, built by the loader): the device never
+        # has to report them back, and the host can run ahead of it
+        counts = torch.tensor([[b["rows"].lm.numel(), b["rows"].vm.numel()] for b in micro],
+                              dtype=torch.float64).sum(0)
+        if d.world > 1:  # stays on the device: the loss divides by it there
             counts = counts.to(d.device)
             dist.all_reduce(counts)
-        # FSDP averages gradients over ranks: scale by world so the result is sum / count
-        lm_count, vm_count = (counts.cpu() / d.world).float().tolist()
+            # FSDP averages gradients over ranks: scale by world so the result is sum / count
+            lm_count, vm_count = (counts / d.world).float()
+        else:
+            lm_count, vm_count = counts.tolist()
         lr = lr_at(step, total, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        log_lm = log_vm = 0.0
+        step_loss = torch.zeros(2, device=d.device)  # (lm, vm) of this step, read at log steps only
         for b in micro:
             with amp():
-                out = model(b["input_ids"].to(d.device), _to(b["pixel_values"], d.device),
-                            labels=b["labels"].to(d.device), objective=objective,
-                            lm_count=lm_count, vm_count=vm_count, chunk_size=cfg.loss_chunk or None)
+                out = model(_to(b["input_ids"], d.device), _to(b["pixel_values"], d.device),
+                            labels=_to(b["labels"], d.device), objective=objective, lm_count=lm_count,
+                            vm_count=vm_count, chunk_size=cfg.loss_chunk or None, rows=b["rows"].to(d.device))
             out.loss.backward()
-            log_lm += out.lm_loss.item()
-            log_vm += out.vm_loss.item()
-            B, T = b["input_ids"].shape
-            tokens_since += B * T * d.world
-            flops_since += flops_per_token(T) * B * T * d.world
-        if d.world > 1:
-            stats = torch.tensor([log_lm, log_vm], device=d.device)
-            dist.all_reduce(stats)
-            log_lm, log_vm = (stats / d.world).tolist()
-        if not math.isfinite(log_lm + log_vm):
-            raise FloatingPointError(f"stage {cfg.stage}: loss is {log_lm + log_vm} at step {step + 1} "
-                                     f"(lm {log_lm}, vm {log_vm}); stopping. The last checkpoint is "
-                                     f"{latest_checkpoint(cfg.out_dir)}")
+            step_loss += torch.stack([out.lm_loss.detach(), out.vm_loss.detach()]).float()
+            tokens, flops = real_tokens_and_flops(b["attention_mask"], flops_per_token)
+            tokens_since += tokens * d.world
+            flops_since += flops * d.world
+        log_now = step + 1 == total or (step + 1) % cfg.log_every == 0
+        save_now = (cfg.save_every and (step + 1) % cfg.save_every == 0) or (cfg.stop_at and step + 1 == cfg.stop_at)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if log_now or save_now:  # the only host syncs of a step: reading the loss before logging or saving
+            if d.world > 1:
+                dist.all_reduce(step_loss)
+                step_loss /= d.world
+            log_lm, log_vm = step_loss.tolist()
+            if not math.isfinite(log_lm + log_vm):
+                raise FloatingPointError(f"stage {cfg.stage}: loss is {log_lm + log_vm} at step {step + 1} "
+                                         f"(lm {log_lm}, vm {log_vm}; checked every log_every={cfg.log_every} "
+                                         f"steps); stopping. The last checkpoint is {latest_checkpoint(cfg.out_dir)}")
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         optimizer.step()
@@ -571,26 +669,28 @@ def train_stage(cfg: TrainConfig, d: Dist):
         step += 1
         if bar:
             bar.update(1)
-            bar.set_postfix(loss=f"{log_lm + log_vm:.4f}", lr=f"{lr:.2e}")
-        if step % cfg.log_every == 0 or step == total:
+        if log_now:
             dt = time.perf_counter() - t0
             tps = tokens_since / dt
             rec = dict(stage=cfg.stage, step=step, loss=log_lm + log_vm, lm=log_lm, vm=log_vm, lr=lr,
                        grad_norm=float(grad_norm), tokens_per_s=round(tps, 1),
-                       mfu=round(flops_since / dt / peak, 4),
+                       mfu=round(flops_since / dt / (peak * d.world), 4) if peak else None,
                        peak_mem_gb=round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
                        if d.device.type == "cuda" else None)
             if d.main:
+                bar.set_postfix(loss=f"{log_lm + log_vm:.4f}", lr=f"{lr:.2e}")
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 msg = (f"step {step}/{total} loss {rec['loss']:.4f} (lm {log_lm:.4f} vm {log_vm:.4f}) "
-                       f"lr {lr:.2e} grad {rec['grad_norm']:.3f} {tps:,.0f} tok/s mfu {100 * rec['mfu']:.1f}%")
+                       f"lr {lr:.2e} grad {rec['grad_norm']:.3f} {tps:,.0f} tok/s"
+                       + (f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""))
                 (bar.write if bar and not bar.disable else print)(msg)
             t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
         stop = cfg.stop_at and step == cfg.stop_at and step < total
         if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stop:
             save_checkpoint(os.path.join(cfg.out_dir, f"step-{step}"), model, optimizer, fsdp, d,
-                            {"step": step, "config": dataclasses.asdict(cfg), "tokenizer": tok_file})
+                            {"step": step, "config": dataclasses.asdict(cfg), "tokenizer": tok_file,
+                             "data_position": data_position(step, steps_per_epoch, cfg, d)})
             if d.main:
                 prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
         if stop:
@@ -610,7 +710,22 @@ def train_stage(cfg: TrainConfig, d: Dist):
 
 
 def _to(x, device):
-    return x.to(device) if x is not None else None
+    """To the device; from pinned memory (the loader pins on GPUs) the copy does not block the host."""
+    return x.to(device, non_blocking=True) if x is not None else None
+
+
+def real_tokens_and_flops(attention_mask, flops_per_token):
+    """Non-padding tokens of a CPU batch and their training FLOPs (each sample at its own length):
+    what tokens/s and MFU count, so that padding never reads as throughput."""
+    lengths = attention_mask.sum(1).tolist()
+    return sum(lengths), sum(flops_per_token(n) * n for n in lengths)
+
+
+def data_position(step, steps_per_epoch, cfg, d: Dist):
+    """Where the data stands after `step` optimizer steps, as plain ints a checkpoint can carry:
+    the epoch, and the samples of it this rank has consumed (the sampler's `skip` on resume)."""
+    per_rank = cfg.global_batch // d.world
+    return {"epoch": step // steps_per_epoch, "samples": (step % steps_per_epoch) * per_rank}
 
 
 def load_checkpoint(path, model, optimizer, d: Dist):
@@ -657,19 +772,34 @@ def memory_budget(mcfg: VTLMMConfig, stage, world=8, micro_batch=16, seq_len=204
         "gathered": 2 * 2 * max(block, counts["mm_head"]),
         # checkpointed block inputs (bf16) and one block's recompute: q,k,v,o, norms, MLP (3 x hidden)
         "activations": 0 if stage == 3 else 2 * tokens * (dec.layers * d + 8 * d + 3 * dec.hidden),
-        "loss": 4 * 2 * 1024 * dec.vocab_size,  # two float32 (chunk, C) buffers of the fused loss
+        "loss": loss_buffers(mcfg, stage, tokens),
     }
     if stage == 3:  # no backward through the decoder: activations of one block, no grads kept
         parts["activations"] = 2 * tokens * (8 * d + 3 * dec.hidden)
     return {k: v / gib for k, v in parts.items()} | {"total": sum(parts.values()) / gib}
 
 
+def loss_buffers(mcfg: VTLMMConfig, stage, tokens):
+    """Bytes the chunked loss holds at its peak under the bf16 policy (losses.py), for `tokens` positions:
+    per chunk of rows, the bf16 logits of a matmul, their float32 copy and the bf16 gradient (plus the
+    target's P' / Q and its logits for Eqs. 6 and 9); the trained head's float32 gradient, a bf16 share of
+    one chunk and its bf16 copy; and the gathered rows (bf16) with their gradients (float32 + bf16 copy)."""
+    C, d = mcfg.decoder.vocab_size, mcfg.decoder.dim
+    chunk = losses._default_chunk(C) * C
+    head = C * d
+    if stage == 3:  # Eq. 9: both heads' logits per chunk; W_VM trains; rows of the decoder and X_image, no grads
+        return 18 * chunk + 8 * head + 2 * 2 * tokens * d
+    per_chunk = 8 * chunk + (10 * chunk if stage == 4 else 0)  # Eq. 4 (+ Eq. 6 in stage IV)
+    head_grad = 8 * head if "mm_head" in STAGES[stage]["train"] else 0
+    return per_chunk + head_grad + 8 * tokens * d
+
+
 def print_memory_budgets():
     """The README's memory table: python train.py memory"""
     from model import PRESETS
     print("| decoder | stage | trains | micro-batch (x 2048 tokens; III: x 577) | weights | grads+Adam | gathered | "
-          "activations | total GiB/GPU (8 GPUs) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "activations | loss | total GiB/GPU (8 GPUs) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in ("vicuna-7b-v1.5", "mistral-7b-instruct-v0.2"):
         mcfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=PRESETS[name])
         for stage, micro in ((1, 32), (2, 16), (3, 32), (4, 16)):
@@ -677,7 +807,7 @@ def print_memory_budgets():
             b = memory_budget(mcfg, stage, 8, micro, seq)
             print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {', '.join(STAGES[stage]['train'])} | {micro} | "
                   f"{b['weights']:.1f} | {b['grads+adam']:.1f} | {b['gathered']:.1f} | {b['activations']:.1f} | "
-                  f"{b['total']:.1f} |")
+                  f"{b['loss']:.1f} | {b['total']:.1f} |")
 
 
 def run(cfg: TrainConfig):

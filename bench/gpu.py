@@ -1,0 +1,224 @@
+"""GPU checks that bench/gpu.sh runs after its training runs (one GPU, a few minutes):
+
+    python bench/gpu.py layers   # 7B widths cut to 2 and 4 blocks: per-block step time and memory, 16 x 2048
+    python bench/gpu.py decode   # batch-1 greedy decoding against the memory-bandwidth roofline
+    python bench/gpu.py parity   # model vs transformers on CUDA; chunked losses vs full; no host sync per step
+
+Each prints Markdown lines; gpu.sh collects them. Needs CUDA.
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+
+import torch
+
+import losses
+from model import PRESETS, VTLMM, VTLMMConfig
+
+DEV = torch.device(os.environ.get("GPU_PY_DEVICE", "cuda"))  # cpu only for a dry run of the code paths
+# HBM bandwidth by device name, GB/s, from NVIDIA's datasheets (H100 SXM 3.35 TB/s, PCIe 2.0, NVL 3.9;
+# H200 4.8; A100 80GB SXM 2.039, 40GB 1.555); anything else: pass BANDWIDTH_GBS.
+BANDWIDTH = [("H100.*NVL", 3900), ("H100.*PCIe", 2000), ("H100", 3350), ("H200", 4800),
+             ("A100.*80GB", 2039), ("A100", 1555)]
+
+
+def bandwidth():
+    import re
+    if os.environ.get("BANDWIDTH_GBS"):
+        return float(os.environ["BANDWIDTH_GBS"]) * 1e9
+    name = torch.cuda.get_device_name()
+    for pat, gbs in BANDWIDTH:
+        if re.search(pat, name):
+            return gbs * 1e9
+    return None
+
+
+def fsdp_world1(model):
+    """FSDP2 on one process (NCCL), bf16 params, float32 reductions: train.parallelize's policy."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29591")
+        dist.init_process_group("nccl", rank=0, world_size=1)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.decoder.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model.vision, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def batch_7b(cfg, B, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = cfg.vision.num_patches
+    ids = torch.randint(3, cfg.decoder.vocab_size - 1, (B, T), generator=g)
+    ids[:, 0] = 1
+    ids[:, 35:35 + P] = cfg.image_token_id
+    labels = ids.clone()
+    labels[:, :35 + P + 20] = -100
+    px = torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    return ids, px, labels
+
+
+def layers():
+    """Stage IV step (forward + backward, activation checkpointing, chunked loss) of a model with Vicuna-7B
+    widths and 2, then 4 decoder blocks, at micro-batch 16 x 2048: the difference is two blocks' cost."""
+    B, T = int(os.environ.get("LAYERS_B", 16)), 2048
+    res = {}
+    for n in (2, 4):
+        dec = PRESETS["vicuna-7b-v1.5"]
+        cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
+                          image_token_id=dec.vocab_size - 1)
+        with torch.device("meta"):
+            model = VTLMM(cfg)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(("decoder.", "mm_head.")))
+        model.set_checkpointing(True)
+        model = fsdp_world1(model)
+        model.to_empty(device=DEV)
+        model.init_weights()
+        ids, px, labels = batch_7b(cfg, B, T)
+        rows = losses.batch_rows(labels, ids == cfg.image_token_id)
+        ids, px, labels = ids.to(DEV), px.to(DEV), labels.to(DEV)
+        counts = (float(rows.lm.numel()), float(rows.vm.numel()))
+        times = []
+        torch.cuda.reset_peak_memory_stats()
+        for i in range(4):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model(ids, px, labels=labels, objective="mm", lm_count=counts[0], vm_count=counts[1],
+                        rows=rows.to(DEV))
+            out.loss.backward()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            model.zero_grad(set_to_none=True)
+        res[n] = (min(times[1:]), torch.cuda.max_memory_allocated() / 2 ** 30)
+        print(f"- {n} blocks: step {res[n][0] * 1e3:.0f} ms, peak {res[n][1]:.1f} GiB (B={B}, T={T}, stage IV)")
+        del model, out
+        torch.cuda.empty_cache()
+    dt, dm = (res[4][0] - res[2][0]) / 2, (res[4][1] - res[2][1]) / 2
+    c = PRESETS["vicuna-7b-v1.5"]
+    block_params = 4 * c.dim * c.dim + 3 * c.dim * c.hidden  # q, k, v, o and the SwiGLU MLP (norms aside)
+    flops = (6 * block_params + 12 * c.heads * c.hd * T) * B * T  # model FLOPs (recompute not counted)
+    peak = float(os.environ.get("PEAK_FLOPS", 0)) or None
+    if not peak:
+        import train
+        peak = train.gpu_peak_flops(torch.cuda.get_device_name(), "bf16")
+    mfu = f", block MFU {flops / dt / peak:.1%}" if peak else ""
+    print(f"- per decoder block (Vicuna-7B widths, {B} x {T}, fwd + bwd with recompute): {dt * 1e3:.1f} ms, "
+          f"{dm:.2f} GiB{mfu}; x 32 blocks = {32 * dt:.2f} s per micro-batch")
+
+
+def decode():
+    """Greedy batch-1 decoding of 7B widths cut to 8 blocks, bf16: tokens/s against the roofline
+    bandwidth / (bytes of weights read per token)."""
+    dec = PRESETS["vicuna-7b-v1.5"]
+    n = int(os.environ.get("DECODE_LAYERS", 8))
+    cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
+                      image_token_id=dec.vocab_size - 1)
+    with torch.device("meta"):
+        model = VTLMM(cfg)
+    model = model.to_empty(device=DEV)
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    ids = torch.randint(3, cfg.decoder.vocab_size - 1, (1, 64), device=DEV)
+    model.generate(ids, max_new_tokens=8)
+    new = 128
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=1)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter() - t
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=new)
+    torch.cuda.synchronize()
+    tn = time.perf_counter() - t
+    tok_s = (new - 1) / (tn - t1)
+    weight_bytes = 2 * (model.num_params("decoder") - model.decoder.embed.weight.numel() + model.mm_head.weight.numel())
+    bw = bandwidth()
+    roof = bw / weight_bytes if bw else None
+    line = f"- batch-1 greedy decoding, Vicuna-7B widths x {n} blocks, bf16: {tok_s:.0f} tokens/s"
+    if roof:
+        line += f"; roofline {roof:.0f} tokens/s ({bw / 1e12:.2f} TB/s / {weight_bytes / 1e9:.2f} GB per token) = {tok_s / roof:.0%}"
+    print(line)
+
+
+def parity():
+    """On CUDA: logits vs transformers (float32, TF32 off), the chunked losses vs full logits in float32
+    and bf16, and a training micro-step with torch.cuda.set_sync_debug_mode('error')."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from hf_tiny import save_new_layout, tiny_llava
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = tiny_llava().to(DEV)
+        path = save_new_layout(hf.cpu(), tmp + "/m")
+        hf = hf.to(DEV)
+        nano = VTLMM.from_pretrained(path, device=DEV).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 200, (2, 30), generator=g)
+    ids[:, 3:19] = 250
+    px = torch.randn(2, 3, 32, 32, generator=g)
+    ids, px = ids.to(DEV), px.to(DEV)
+    with torch.no_grad():
+        a = nano(ids, px).logits
+        b = hf(input_ids=ids, pixel_values=px).logits
+    err = ((a - b).abs().max() / b.abs().max()).item()
+    print(f"- logits vs transformers on CUDA, float32: max rel err {err:.1e} ({'ok' if err < 1e-4 else 'FAIL'})")
+
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(2)
+        B, T, C, d = 2, 1024, 32000, 256
+        hidden = torch.randn(B, T, d, generator=g).to(DEV, dtype).requires_grad_()
+        w = (torch.randn(C, d, generator=g) * 0.05).to(DEV, dtype).requires_grad_()
+        wv = (torch.randn(C, d, generator=g) * 0.05).to(DEV, dtype)
+        im = torch.zeros(B, T, dtype=torch.bool, device=DEV)
+        im[:, 1:577] = True
+        labels = torch.randint(0, C, (B, T), generator=g).to(DEV)
+        labels[im] = -100
+        x = torch.randn(int(im.sum()), d, generator=g).to(DEV, dtype)
+        lm, vm = losses.chunked_mm_loss(hidden, w, labels, im, x, wv)
+        h32 = hidden.detach().float()
+        ref = losses.mm_loss(h32 @ w.detach().float().T, labels, x.float() @ wv.float().T, im)
+        rel = max(abs(lm.item() - ref[1].item()) / ref[1].item(), abs(vm.item() - ref[2].item()) / ref[2].item())
+        tol = 1e-4 if dtype == torch.float32 else 1e-2
+        print(f"- chunked LM + VM vs full float32 logits on CUDA, {str(dtype)[6:]} inputs: rel diff {rel:.1e} "
+              f"({'ok' if rel <= tol else 'FAIL'}, tolerance {tol})")
+        keep = losses.batch_rows(None, im)
+        hq, xv = h32.reshape(-1, d)[keep.vm.to(DEV)], x.detach()[keep.vm_keep.to(DEV)]
+        fit = losses.chunked_vm_fit_loss(hq.to(dtype), w.detach(), xv, wv)
+        fref = losses.vm_fit_rows(hq @ w.detach().float().T, xv.float() @ wv.float().T)
+        rel = abs(fit.item() - fref.item()) / fref.item()
+        print(f"- chunked Eq. 9 vs full logits on CUDA, {str(dtype)[6:]}: rel diff {rel:.1e} "
+              f"({'ok' if rel <= tol else 'FAIL'})")
+
+    model = nano.train()
+    ids2, px2 = ids.cpu(), px
+    labels = ids2.clone()
+    labels[ids2 == 250] = -100
+    rows = losses.batch_rows(labels, ids2 == 250)
+    counts = (float(rows.lm.numel()), float(rows.vm.numel()))
+    rows_d = rows.to(DEV)
+    labels_d = labels.to(DEV, non_blocking=True)
+    ids_d = ids2.to(DEV)
+    if DEV.type != "cuda":
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = model(ids_d, px2, labels=labels_d, objective="mm", lm_count=counts[0], vm_count=counts[1], rows=rows_d)
+        out.loss.backward()
+        ok = "ok: no host sync"
+    except RuntimeError as e:
+        ok = f"FAIL: {str(e).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"- training micro-step (stage IV, rows from the CPU) under set_sync_debug_mode('error'): {ok}")
+
+
+if __name__ == "__main__":
+    {"layers": layers, "decode": decode, "parity": parity}[sys.argv[1]]()

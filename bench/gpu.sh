@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One GPU, about 8 minutes: the checks of issue 15 that need CUDA. Writes $OUT/results_gpu.md (or
+# bench/results_gpu.md when OUT is unset) and each run's metrics.jsonl beside it.
+#   bash bench/gpu.sh
+# 1. tiny config, bf16 + FSDP2 on NCCL, world 1: loss, tokens/s, MFU, peak memory
+# 2. a 1B-class config (TinyLlama-1.1B decoder + CLIP ViT-L/14-336), the same
+# 3. Vicuna-7B widths cut to 2 and 4 blocks: per-block step time and memory at micro-batch 16 x 2048
+# 4. batch-1 decoding against the memory-bandwidth roofline
+# 5. parity on CUDA (vs transformers, chunked losses vs full logits) and a sync-free training micro-step
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUTDIR=${OUT:-bench}
+RUNS=${OUTDIR}/gpu-runs
+mkdir -p "$RUNS"
+RES=${OUTDIR}/results_gpu.md
+export NANOVT_PROGRESS=
+{
+  echo "# nanoVT on one GPU (bench/gpu.sh)"
+  echo
+  echo "- date: $(date -u +%F)"
+  echo "- $($PY -c 'import torch; print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)')"
+  echo
+} > "$RES"
+
+section() { echo "## $1" >> "$RES"; echo >> "$RES"; }
+last_metrics() {  # the last log record of a run: loss, tokens/s, MFU, peak memory
+  $PY - "$1" <<'PYEOF' >> "$RES"
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+for r in recs:
+    mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+    print(f"- step {r['step']}: loss {r['loss']:.4f}, {r['tokens_per_s']:,.0f} tokens/s (non-padding), MFU {mfu}, "
+          f"peak {r['peak_mem_gb']} GiB")
+PYEOF
+  echo >> "$RES"
+}
+
+section "1. tiny config, bf16 + FSDP2 (NCCL, world 1)"
+timeout 120 torchrun --nproc_per_node=1 --master_port=29581 train.py configs/tiny.py --fsdp=on --dtype=bf16 \
+  --max_steps=24 --log_every=8 --save_every=0 --out_dir="$RUNS/tiny" > "$RUNS/tiny.log" 2>&1 \
+  && last_metrics "$RUNS/tiny" || { echo "- FAILED: $(tail -3 "$RUNS/tiny.log")" >> "$RES"; echo >> "$RES"; }
+
+section "2. 1B-class config (bench/gpu_1b.py), bf16 + FSDP2 (NCCL, world 1)"
+timeout 240 torchrun --nproc_per_node=1 --master_port=29582 train.py bench/gpu_1b.py --out_dir="$RUNS/1b" \
+  > "$RUNS/1b.log" 2>&1 \
+  && last_metrics "$RUNS/1b" || { echo "- FAILED: $(tail -3 "$RUNS/1b.log")" >> "$RES"; echo >> "$RES"; }
+
+section "3. per decoder block at Vicuna-7B widths, micro-batch 16 x 2048"
+timeout 150 $PY bench/gpu.py layers >> "$RES" 2> "$RUNS/layers.log" || echo "- FAILED: $(tail -3 "$RUNS/layers.log")" >> "$RES"
+echo >> "$RES"
+
+section "4. batch-1 decoding vs the memory-bandwidth roofline"
+timeout 90 $PY bench/gpu.py decode >> "$RES" 2> "$RUNS/decode.log" || echo "- FAILED: $(tail -3 "$RUNS/decode.log")" >> "$RES"
+echo >> "$RES"
+
+section "5. parity and host syncs on CUDA"
+timeout 90 $PY bench/gpu.py parity >> "$RES" 2> "$RUNS/parity.log" || echo "- FAILED: $(tail -3 "$RUNS/parity.log")" >> "$RES"
+echo >> "$RES"
+
+cat "$RES"
