@@ -4,7 +4,7 @@ Data for nanoVT: tokenizers, chat templates, images, LLaVA datasets.
 Read top to bottom:
   1. tokenizers     one small interface over sentencepiece and tiktoken (LLaMA-3) files
   2. chat templates plain / vicuna_v1 / mistral_instruct / vw_mistral, tokenised once; the
-                    labels are LLaVA-1.5's (docs/llava_data.md)
+                    labels are LLaVA-1.5's (docs/data.md §Labels)
   3. images         LLaVA-1.5's recipe: pad to square with the CLIP mean colour, CLIP resize,
                     centre crop, normalise
   4. datasets       LLaVA JSON conversations (stages I, II, IV), images only (stage III),
@@ -174,7 +174,7 @@ def tokenizer_config(path):
       legacy          (default true) false: text right after a special token (</s>) is tokenised
                       without sentencepiece's dummy-prefix space (Vicuna: "USER" one piece, not
                       "▁US" "ER"; Mistral: "[" not "▁["). LLaVA-1.5 was trained with legacy
-                      behaviour: docs/llava_data.md, "Tokenizers".
+                      behaviour: docs/data.md §Tokenizers.
       add_bos_token   (default true) whether a prompt starts with BOS
       bos_token / eos_token / pad_token   a piece of the model (a string or {"content": ...})
     """
@@ -228,7 +228,7 @@ def train_sentencepiece(texts, out_path, vocab_size=1024, user_defined_symbols=(
 
 
 # -----------------------------------------------------------------------------
-# 2. Chat templates (SPEC §4) and tokenisation with label masking
+# 2. Chat templates (docs/data.md §Templates) and tokenisation with label masking (§Labels)
 
 SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
@@ -285,7 +285,7 @@ def render_segments(conversations, template, has_image=None):
 
 
 def render_conversation(conversations, template, has_image=None):
-    """The exact prompt string of SPEC §4, with <image> and </s> as text."""
+    """The prompt string of docs/data.md §Templates, with <image> and </s> as text."""
     return "".join(text for text, _ in render_segments(conversations, template, has_image))
 
 
@@ -424,7 +424,7 @@ def check_conversations(sample):
 
 
 # -----------------------------------------------------------------------------
-# 3. Images: LLaVA-1.5's recipe (SPEC §4)
+# 3. Images: LLaVA-1.5's recipe (docs/data.md §Images)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

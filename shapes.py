@@ -50,7 +50,7 @@ COLOR_WEIGHTS = (0.25, 0.2, 0.18, 0.15, 0.12, 0.1)
 CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
 WHERE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
          "center": "in the center"}  # how a cell reads in a sentence; the rest are "at the <cell>"
-SHORT = "Answer the question using a single word or phrase."  # LLaVA's, docs/evaluation.md §Prompts
+SHORT = "Answer the question using a single word or phrase."  # LLaVA's, docs/eval.md §Prompts
 PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
 NUMBERS = ("zero", "one", "two", "three", "four")
 

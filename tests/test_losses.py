@@ -1,5 +1,5 @@
 """Tests of losses.py against float64 references written from the paper's equations
-(Eqs. 4, 6, 7, 9) with the index convention of SPEC §2: z_t predicts position t+1."""
+(Eqs. 4, 6, 7, 9) with the index convention of docs/method.md §Index convention: z_t predicts position t+1."""
 
 import math
 
