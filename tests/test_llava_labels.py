@@ -3,7 +3,6 @@ tokenizers: Mistral-7B's and a LLaMA-2-like one; tokenizer_config.json's `legacy
 transformers; and a tiny run that only learns to start a numeric answer with LLaVA's labels."""
 
 import json
-import os
 import shutil
 
 import pytest
