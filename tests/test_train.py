@@ -84,7 +84,7 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     a = run_py(args(world, str(tmp_path / "a"), "--max_steps=6", "--save_every=0"))
     b_out = str(tmp_path / "b")
     assert run_py(args(world, b_out, "--max_steps=6", "--save_every=0", "--stop_at=3")) is None
-    assert os.path.exists(os.path.join(b_out, "step-3", "trainer.pt"))
+    assert os.path.exists(os.path.join(b_out, "step-3", "meta.json")) and not os.path.exists(os.path.join(b_out, "final"))
     b = run_py(args(world, b_out, "--max_steps=6", "--save_every=0", "--resume"))
     wa, wb = weights(a), weights(b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
