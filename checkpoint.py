@@ -506,6 +506,8 @@ class Checkpointer:
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         meta = {**meta, "step": step, "run_id": self.run_id, "world": _world()}
         if self.async_save:
+            # DCP stages (copies) the state into host memory before async_save returns; the steps
+            # that follow do not change what is written (tests/test_checkpoint.py kills it mid-write)
             fut = dcp.async_save(sd, storage_writer=writer, process_group=self.pg, no_dist=not _dist())
             self.pending = (fut, step, tmp, meta)
         else:
@@ -589,9 +591,13 @@ def resume(out_dir, model, optimizer, fingerprint, allow_changes=False):
     and when keys or shapes differ (always)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    found = complete_checkpoints(out_dir)
+    if not found:
+        return None
+    # (this builds AdamW's state with a zero-lr step when it has none: only when there is a
+    # checkpoint to overwrite it, or a fresh run's first update would differ)
     sd, osd = train_state(model, optimizer)
     want = _expected(sd)
-    found = complete_checkpoints(out_dir)
     for path, meta in found:
         # every rank checks the files (cheap: metadata and sizes); all must agree before loading
         err = ""

@@ -167,11 +167,8 @@ def test_kills_at_random_moments_always_resume(world, ref, tmp_path):
         cmd = [sys.executable, os.path.join(TESTS, "crash_train.py"), "slow", "0",
                *args(world, out, *RUN, "--save_every=1", "--async_save=true", "--resume")]
         p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=ENV)
-        target = rnd.randint(1, 2)  # die during the target-th save of this attempt, or just after it
-        seen = 0
-        for line in p.stdout:
-            seen += line.startswith("writing step-")
-            if seen == target:
+        for line in p.stdout:  # die during this attempt's first save, or while training goes on after it
+            if line.startswith("writing step-"):
                 time.sleep(rnd.uniform(0.0, 0.5))
                 p.kill()
                 kills += 1
@@ -180,7 +177,7 @@ def test_kills_at_random_moments_always_resume(world, ref, tmp_path):
         newest = checkpoint.latest(out)
         if newest:  # the newest published checkpoint is always whole
             checkpoint.check_files(newest, checkpoint.read_metadata(newest))
-    assert kills == 3
+    assert kills >= 2  # (an attempt that starts at the last step checkpoint has no save left to die in)
     final = run_py(args(world, out, *RUN, "--save_every=1", "--async_save=true", "--resume"))
     assert same(weights(final), ref[0])
 
@@ -219,8 +216,11 @@ def test_out_dir_reuse_needs_resume_or_overwrite(world, tmp_path):
     with pytest.raises(FileExistsError, match="not empty.*--resume.*--overwrite"):
         run_py(args(world, out, "--max_steps=4", "--save_every=1"))
     assert snapshot(out) == before  # nothing of the earlier run touched
+    old_run = json.load(open(os.path.join(out, "step-2", "meta.json")))["run_id"]
     run_py(args(world, out, "--max_steps=2", "--save_every=1", "--overwrite"))
-    assert os.path.exists(os.path.join(out, "final")) and not checkpoint.latest(out)
+    runs = {os.path.basename(p): m["run_id"] for p, m in checkpoint.complete_checkpoints(out)}
+    assert list(runs) == ["step-1"] and runs["step-1"] != old_run  # the old run's step-1 and step-2 are gone
+    assert checkpoint.is_final(os.path.join(out, "final"))
 
 
 def test_live_lock_refuses_a_second_run_stale_lock_is_taken_over(world, tmp_path, capsys):
@@ -265,8 +265,9 @@ def test_resume_refuses_other_settings_and_names_them(world, tmp_path):
     with pytest.raises(ValueError, match=r"data_path .*stage1_captions.json"):
         run_py(args(world, out, "--max_steps=4", "--save_every=1", "--resume",
                     f"--data_path={world}/stage1_captions.json"))
-    grown = ("--model=dict(vision=dict(image_size=32, patch_size=8, width=32, layers=3, heads=2, mlp=64), "
-             "decoder=dict(dim=64, layers=2, heads=4, kv_heads=2, hidden=128, max_seq_len=256), template='vicuna_v1')")
+    grown = ("--model={'vision': {'image_size': 32, 'patch_size': 8, 'width': 32, 'layers': 3, 'heads': 2, "
+             "'mlp': 64}, 'decoder': {'dim': 64, 'layers': 2, 'heads': 4, 'kv_heads': 2, 'hidden': 128, "
+             "'max_seq_len': 256}, 'template': 'vicuna_v1'}")
     with pytest.raises(ValueError, match=r"model\.vision\.layers \(checkpoint 2, now 3\)"):
         run_py(args(world, out, "--max_steps=4", "--save_every=1", "--resume", grown))
     # a deliberate change is allowed; the shapes are still checked strictly
