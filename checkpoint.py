@@ -485,6 +485,7 @@ class Checkpointer:
     def __init__(self, out_dir, run_id, keep=2, async_save=False, lock=None):
         self.out_dir, self.run_id, self.keep, self.async_save, self.lock = out_dir, run_id, keep, async_save, lock
         self.pending = None  # (future, step, tmp, meta) of a background save
+        self.touched = time.monotonic()
         self.pg = None
         if async_save and _dist():
             # the background writer's collectives get their own gloo group, apart from training's
@@ -515,7 +516,11 @@ class Checkpointer:
             self._publish(step, tmp, meta)
 
     def poll(self):
-        """Publish a finished background save (call once per step; never blocks)."""
+        """Publish a finished background save (call once per step; never blocks); keep the lock
+        fresh (its age tells runs on other hosts whether this one is alive)."""
+        if self.lock and time.monotonic() - self.touched > 60:
+            self.lock.touch()
+            self.touched = time.monotonic()
         if self.pending and getattr(self.pending[0], "upload_completion", self.pending[0]).done():
             self.wait()
 

@@ -348,12 +348,6 @@ def test_nonfinite_state_is_never_saved(world, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(out, "step-2.tmp", "meta.json"))
 
 
-def test_nan_loss_stops(world, tmp_path):
-    with pytest.raises(FloatingPointError, match=r"at step \d+"):
-        run_py(args(world, str(tmp_path / "run"), "--max_steps=8", "--save_every=0", "--lr=1e12",
-                    "--grad_clip=0", "--warmup_ratio=0", "--max_skipped_steps=1"))
-
-
 # ----------------------------------------------------------------------------------------------
 # checkpoint files that try to run code
 
