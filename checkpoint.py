@@ -449,7 +449,7 @@ def _safe_reader_and_planner(path):
             return md
 
     class TensorsOnlyPlanner(DefaultLoadPlanner):
-        def load_bytes(self, read_item, value):  # stock DCP: torch.load(weights_only=False)
+        def load_bytes(self, read_item, value):  # stock DCP: a full torch.load of the bytes
             raise ValueError(f"{path}: {read_item.dest_index.fqn} is stored as a pickled object; refused")
 
     return SafeReader(path), TensorsOnlyPlanner(allow_partial_load=False)
