@@ -19,11 +19,14 @@ stage IV branches from the stage III checkpoint:
   3. vtlmm    stage IV with Eq. 7 (LM + VM): VT-LMM
   4. pif      stage IV with pseudo image features X_p (Eq. 8), which it also answers from
 
-Each variant answers the held-out short-answer and POPE sets. Everything lands in OUT_DIR:
+Each variant answers the held-out short-answer and POPE sets (shapes.held_out_report); what the
+runs so far gave is in docs/experiments.md §Table 5 on the shapes world. Everything lands in OUT_DIR:
 stage0/, seed{k}/stage{1,2,3}/, seed{k}/stage4_{control,vtlmm,pif}/, seed{k}/eval/{variant}/,
 times.json (seconds per job), results.json, and ablation.md (mean ± std over seeds). It resumes:
 finished stages and evaluations are skipped, an interrupted stage continues from its last step
-checkpoint. Other --key=value arguments override TrainConfig fields (train.py) for every stage.
+checkpoint. Other --key=value arguments override TrainConfig fields (train.py) for every stage;
+--hook.KEY=value sets an entry of the shapes world's settings (shapes.ShapesConfig), e.g.
+--hook.dir=DIR for another world or --hook.report_limit=N for the first N questions of each set.
 """
 
 import dataclasses
@@ -33,8 +36,7 @@ import statistics
 import sys
 import time
 
-import data
-import eval as evaluate
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -73,8 +75,8 @@ def parse_args(argv):
     stages = {s["stage"] for s in cfg.stages}
     if not {0, 1, 2, 3, 4} <= stages:
         raise ValueError(f"{config}: the ablation needs `stages` entries for stages 0-4, found {sorted(stages)}")
-    if not cfg.shapes_dir:
-        raise ValueError("the ablation runs on the shapes world: set shapes_dir")
+    if cfg.hook.get("module") != "shapes":
+        raise ValueError(f"{config}: the ablation runs on the shapes world: set hook = dict(module=\"shapes\", ...)")
     return cfg, seeds
 
 
@@ -98,19 +100,19 @@ def stage_config(cfg, stage, out_dir, **over):
     """One stage's TrainConfig: the base, the config's entry for that stage, the ablation's choices."""
     entry = {k: v for k, v in next(s for s in cfg.stages if s["stage"] == stage).items()
              if k not in ("out_dir", "init_from")}
-    world = cfg.shapes_dir
+    world = shapes.settings(cfg).dir
     default = os.path.join(world, "instruct.json" if stage in (2, 4) else "stage1_captions.json")
     data_path = entry.pop("data_path", default)  # the config's choice, e.g. stage 0 on instruct.json
-    return dataclasses.replace(cfg, stages=[], eval=False, resume=True, tokenizer=os.path.join(world, "tokenizer.model"),
+    return dataclasses.replace(cfg, stages=[], resume=True, tokenizer=os.path.join(world, "tokenizer.model"),
                                data_path=data_path, image_folder="", out_dir=out_dir, **{**entry, **over})
 
 
 def run(cfg, seeds, argv=()):
     t_start = time.perf_counter()
-    root, world = cfg.out_dir, cfg.shapes_dir
+    toy = shapes.settings(cfg)
+    root, world = cfg.out_dir, toy.dir
     os.makedirs(root, exist_ok=True)
-    data.ensure_shapes_world(world, n_images=cfg.shapes_images, image_size=cfg.model["vision"]["image_size"],
-                             seed=0, workers=2)
+    shapes.ensure_shapes_world(world, n_images=toy.images, image_size=toy.image_size, seed=0, workers=2)
     d = train.setup_distributed(cfg)
     if d.world > 1:
         raise ValueError("ablate.py runs in one process")
@@ -138,7 +140,7 @@ def run(cfg, seeds, argv=()):
                                                        init_from=ckpt, **over))
             report = os.path.join(sdir, "eval", v, "report.json")
             jobs.run(f"seed{seed}/eval_{v}", lambda: os.path.exists(report),
-                     lambda: evaluate.shapes_report(model, world, limit=cfg.eval_limit, out_path=report,
+                     lambda: shapes.held_out_report(model, world, limit=toy.report_limit, out_path=report,
                                                     progress=False))
             with open(report) as f:
                 results[v][seed] = json.load(f)

@@ -260,7 +260,8 @@ def latest(out_dir):
 
 
 def is_final(path):
-    return os.path.isfile(os.path.join(path, FINAL_META)) and os.path.isfile(os.path.join(path, "config.json"))
+    """A published final/ (it appears whole, by a rename; older runs' final/ has no train_meta.json)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
 
 
 OWN_FILES = ("final", "final.tmp", "metrics.jsonl", "train_config.json")

@@ -1,47 +1,51 @@
 """
-Data for nanoVT: tokenizers, chat templates, images, LLaVA datasets, and the "shapes" world.
+Data for nanoVT: tokenizers, chat templates, images, LLaVA datasets.
 
 Read top to bottom:
   1. tokenizers     one small interface over sentencepiece and tiktoken (LLaMA-3) files
-  2. chat templates plain / vicuna_v1 / mistral_instruct, rendered exactly as in SPEC §4,
-                    tokenised once, labels derived from character offsets
+  2. chat templates plain / vicuna_v1 / mistral_instruct / vw_mistral, tokenised once; the
+                    labels are LLaVA-1.5's (docs/llava_data.md)
   3. images         LLaVA-1.5's recipe: pad to square with the CLIP mean colour, CLIP resize,
                     centre crop, normalise
   4. datasets       LLaVA JSON conversations (stages I, II, IV), images only (stage III),
                     collate, length-grouped sharded sampler
-  5. shapes world   a synthetic LLaVA-format dataset that a tiny model can learn on a laptop:
-                    python data.py shapes --out data/shapes
 
 Bad input (LlavaDataset / ImageOnlyDataset). Default: skip the sample, log one warning with
-its id and reason, count it (`.skipped`, `.report()`); with strict=True raise instead.
-  - malformed JSON            ValueError naming file, line and column. JSON is read at init,
-                              so this fails fast even when strict=False (nothing to skip to).
-  - empty conversations, a first turn from "gpt", turns not alternating human/gpt, a last
-    turn without an answer, two <image> tags, <image> in an assistant turn, <image> but no
-    "image" field            checked at init; skipped (strict: ValueError)
+its id and reason, count it (`.skipped`, `.report()`); with strict=True raise instead. Found when
+the file is read, before step 1, so the sampler only ever serves usable samples:
+  - malformed JSON            ValueError naming file, line and column; JSON Lines content in a
+                              .json file, and bytes that are not UTF-8 (file, byte offset, line),
+                              get their own messages; a UTF-8 byte-order mark is accepted. These
+                              fail even when strict=False (nothing to skip to).
+  - LLaVA's repairs           a first turn from "gpt" is dropped (LLaVA: source[1:]); a last human
+                              turn without an answer is dropped, the answered turns kept. Counted
+                              in `.repaired` and the report.
+  - empty conversations, turns not alternating human/gpt, a single unanswered question, two
+    <image> tags, <image> in an assistant turn, <image> but no "image" field, an "image" field
+    that is not a string (a list, a number)          skipped with the reason
   - "image" field but no <image> tag   LLaVA's data always has the tag; we prepend "<image>\n"
                               to the first human turn (the JSON says the image belongs there)
-  - missing, corrupt or truncated image file, an image over `max_pixels` (decompression bomb)
-                              found when the item is loaded; the loader then serves the next
-                              sample instead, so a run never crashes at step 40,000 (strict: raise)
-  - a sample whose image block does not fit in max_len, or with no answer left after
-    truncation                as above, found at load time
+  - missing image files       a parallel scan of every path; skipped, with one summary "N of M
+                              images missing, by folder" (a missing sub-folder never stops a run)
+Found when an item is loaded; the loader then serves the next sample instead, so a run never
+crashes at step 40,000 (strict: raise), and the skip reaches the main process with the batch:
+  - corrupt or truncated image file, an image over `max_pixels` (decompression bomb)
+  - a sample whose image block does not fit in max_len, or with no answer left after truncation
 """
 
-import argparse
+import array
+import codecs
 import json
+import os
 import logging
 import math
-import random
 import re
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 log = logging.getLogger("nanovt.data")
 
@@ -57,24 +61,53 @@ EOS_TAG = "</s>"         # end of an assistant turn in rendered prompts; always 
 class SentencePieceTokenizer:
     """A sentencepiece `tokenizer.model` (LLaMA, Vicuna, Mistral, the shapes world)."""
 
-    def __init__(self, path):
+    def __init__(self, path, config=None):
         import sentencepiece as spm
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self._sp_bare = None  # the same model without the dummy prefix, made when first needed
         self.vocab_size = self.sp.get_piece_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # LLaMA has no pad piece; like LLaVA (pad_token = unk_token) we then pad with unk, id 0
         self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else max(self.sp.unk_id(), 0)
+        # tokenizer_config.json as the released model ships it (see tokenizer_config()); without one,
+        # plain sentencepiece: BOS first, a dummy-prefix space before every chunk of text (legacy)
+        config = tokenizer_config(path) if config is None else config
+        self.legacy = bool(config.get("legacy", True))
+        self.add_bos = bool(config.get("add_bos_token", True))
+        for name in ("bos", "eos", "pad"):
+            token = config.get(f"{name}_token")
+            token = token.get("content") if isinstance(token, dict) else token
+            if isinstance(token, str):
+                i = self.sp.piece_to_id(token)
+                if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
+                    raise ValueError(f"{Path(path).parent / 'tokenizer_config.json'}: {name}_token {token!r} "
+                                     f"is not a piece of {path}")
+                setattr(self, f"{name}_id", i)
 
-    def encode(self, text):
-        return self.sp.encode(text)
+    def encode(self, text, dummy_prefix=True):
+        return self._model(dummy_prefix).encode(text)
 
-    def encode_with_offsets(self, text):
-        """[(id, char_start, char_end)] for one tokenisation of `text`."""
+    def encode_with_offsets(self, text, dummy_prefix=True):
+        """[(id, char_start, char_end)] for one tokenisation of `text`. dummy_prefix=False: without
+        sentencepiece's leading "▁" (how transformers' LlamaTokenizer, legacy=False, tokenises text
+        that follows a special token)."""
         try:
-            r = self.sp.encode(text, out_type="offset_mapping")
+            r = self._model(dummy_prefix).encode(text, out_type="offset_mapping")
         except (ValueError, TypeError, RuntimeError) as e:
             raise RuntimeError("this sentencepiece has no out_type='offset_mapping'; use >= 0.2.3") from e
         return [(i, s, e) for i, (s, e) in zip(r["ids"], r["offsets"])]
+
+    def _model(self, dummy_prefix):
+        if dummy_prefix:
+            return self.sp
+        if self._sp_bare is None:
+            import sentencepiece as spm
+            # The model file is a protobuf ModelProto; a second normalizer_spec message (field 3)
+            # appended to it is merged into the first by the parser, so these 4 bytes set only
+            # NormalizerSpec.add_dummy_prefix (its field 3, a bool) to false.
+            proto = self.sp.serialized_model_proto() + bytes([0x1A, 0x02, 0x18, 0x00])
+            self._sp_bare = spm.SentencePieceProcessor(model_proto=proto)
+        return self._sp_bare
 
     def decode(self, ids):
         return self.sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
@@ -117,11 +150,12 @@ class TiktokenTokenizer:
         self.vocab_size = self.enc.n_vocab
         self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
         self.pad_id = self.eos_id
+        self.legacy, self.add_bos = True, True  # byte-level BPE has no dummy prefix to drop
 
-    def encode(self, text):
+    def encode(self, text, dummy_prefix=True):
         return self.enc.encode(text, disallowed_special=())  # special-token text is plain text here
 
-    def encode_with_offsets(self, text):
+    def encode_with_offsets(self, text, dummy_prefix=True):
         ids = self.encode(text)
         _, starts = self.enc.decode_with_offsets(ids)
         return [(i, s, e) for i, s, e in zip(ids, starts, starts[1:] + [len(text)])]
@@ -133,8 +167,33 @@ class TiktokenTokenizer:
         return self.enc.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
 
 
-def load_tokenizer(path):
-    """A tokenizer from `tokenizer.model` or a directory holding one; the kind is read from the content."""
+def tokenizer_config(path):
+    """The tokenizer_config.json beside a tokenizer.model, as a dict ({} when there is none).
+
+    What nanoVT reads from it, as transformers' LlamaTokenizer does:
+      legacy          (default true) false: text right after a special token (</s>) is tokenised
+                      without sentencepiece's dummy-prefix space (Vicuna: "USER" one piece, not
+                      "▁US" "ER"; Mistral: "[" not "▁["). LLaVA-1.5 was trained with legacy
+                      behaviour: docs/llava_data.md, "Tokenizers".
+      add_bos_token   (default true) whether a prompt starts with BOS
+      bos_token / eos_token / pad_token   a piece of the model (a string or {"content": ...})
+    """
+    cpath = Path(path).parent / "tokenizer_config.json"
+    if not cpath.is_file():
+        return {}
+    try:
+        config = json.loads(cpath.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cpath}: not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{cpath}: expected a JSON object")
+    return config
+
+
+def load_tokenizer(path, legacy=None):
+    """A tokenizer from `tokenizer.model` or a directory holding one; the kind is read from the content.
+
+    A tokenizer_config.json beside it is honoured (tokenizer_config()); `legacy` overrides its value."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.model"
@@ -142,7 +201,8 @@ def load_tokenizer(path):
         head = f.readline(4096)
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):  # tiktoken rank files are text lines
         return TiktokenTokenizer(path)
-    return SentencePieceTokenizer(path)  # otherwise a sentencepiece ModelProto (binary)
+    config = tokenizer_config(path)  # otherwise a sentencepiece ModelProto (binary)
+    return SentencePieceTokenizer(path, config if legacy is None else {**config, "legacy": legacy})
 
 
 def train_sentencepiece(texts, out_path, vocab_size=1024, user_defined_symbols=(), max_sentences=200_000):
@@ -172,7 +232,7 @@ def train_sentencepiece(texts, out_path, vocab_size=1024, user_defined_symbols=(
 
 SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("plain", "vicuna_v1", "mistral_instruct")
+TEMPLATES = ("plain", "vicuna_v1", "mistral_instruct", "vw_mistral")
 
 
 def _move_image_tag_to_front(turns, has_image):
@@ -212,6 +272,11 @@ def render_segments(conversations, template, has_image=None):
                 segs.append(("[INST] " + t["value"] + " [/INST] ", False))
             else:
                 segs.append((t["value"] + " " + EOS_TAG, True))
+        elif template == "vw_mistral":  # the VW-LMM authors' "mistral" style: no spaces around answers
+            if t["from"] == "human":
+                segs.append(("[INST] " + t["value"] + " [/INST]", False))
+            else:
+                segs.append((t["value"] + EOS_TAG, True))
         else:
             raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
     if turns[-1]["from"] == "human":  # generation prompt: no trailing space after the prefix
@@ -227,16 +292,25 @@ def render_conversation(conversations, template, has_image=None):
 _MARKERS = re.compile(re.escape(IMAGE_TAG) + "|" + re.escape(EOS_TAG))
 
 
+def _dummy_prefix(tokenizer, marker):
+    """Whether the text chunk after `marker` (None: the start) gets sentencepiece's dummy-prefix space.
+
+    At the start and after <image>: yes, as LLaVA's tokenizer_image_token, which tokenises every
+    chunk between images in its own call. After </s>: as the tokenizer is configured (legacy=True,
+    the default: yes, as the slow LLaMA tokenizer LLaVA-1.5 trained with; legacy=False: no)."""
+    return marker != EOS_TAG or getattr(tokenizer, "legacy", True)
+
+
 def _tokenize_text(text, tokenizer, image_token_id, num_patches):
     """[(id, char_start, char_end)] for a rendered prompt: split only at <image> and </s>."""
-    out, pos = [], 0
+    out, pos, marker = [], 0, None
     for m in list(_MARKERS.finditer(text)) + [None]:
         end = m.start() if m else len(text)
-        # each text chunk is tokenised once, with sentencepiece's dummy-prefix space: as LLaVA's
-        # tokenizer_image_token at <image>, and its slow (legacy) LLaMA tokenizer after </s>
-        if end > pos:
-            out += [(i, pos + s, pos + e) for i, s, e in tokenizer.encode_with_offsets(text[pos:end])]
+        if end > pos:  # each text chunk is tokenised once
+            out += [(i, pos + s, pos + e) for i, s, e in
+                    tokenizer.encode_with_offsets(text[pos:end], dummy_prefix=_dummy_prefix(tokenizer, marker))]
         if m:
+            marker = m.group()
             ids = [image_token_id] * num_patches if m.group() == IMAGE_TAG else [tokenizer.eos_id]
             out += [(i, m.start(), m.end()) for i in ids]
             pos = m.end()
@@ -245,12 +319,13 @@ def _tokenize_text(text, tokenizer, image_token_id, num_patches):
 
 def tokenize_prompt(text, tokenizer, image_token_id=IMAGE_TOKEN_ID, num_patches=576):
     """BOS + the whole rendered prompt tokenised at once: the reference tokenize_conversation must equal."""
-    out, pos = [tokenizer.bos_id], 0
+    out, pos, marker = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else [], 0, None
     for m in list(_MARKERS.finditer(text)) + [None]:
         end = m.start() if m else len(text)
         if end > pos:
-            out += tokenizer.encode(text[pos:end])
+            out += tokenizer.encode(text[pos:end], dummy_prefix=_dummy_prefix(tokenizer, marker))
         if m:
+            marker = m.group()
             out += [image_token_id] * num_patches if m.group() == IMAGE_TAG else [tokenizer.eos_id]
             pos = m.end()
     return out
@@ -258,30 +333,75 @@ def tokenize_prompt(text, tokenizer, image_token_id=IMAGE_TOKEN_ID, num_patches=
 
 def tokenize_conversation(conversations, tokenizer, template, image_token_id=IMAGE_TOKEN_ID,
                           num_patches=576, has_image=None):
-    """(input_ids, labels) of one conversation.
+    """(input_ids, labels) of one conversation: LLaVA-1.5's input_ids and supervised positions.
 
-    The rendered prompt is tokenised once; a token is supervised if its characters overlap an
-    assistant answer or its </s>. So the ids are, by construction, those of the whole prompt,
-    and LLaVA's "tokenization mismatch" (per-turn lengths that disagree) cannot happen.
+    The rendered prompt is tokenised once; a token is supervised if it starts inside an assistant
+    answer or its </s>, or in the space that ends the user segment right before an answer
+    (below). So the ids are, by construction, those of the whole prompt, and LLaVA's
+    "tokenization mismatch" (per-round lengths, counted from separately tokenised rounds, that
+    disagree with the whole prompt; LLaVA then masks the whole sample) cannot happen: no length
+    is counted apart from the one tokenisation.
     Labels are IGNORE_INDEX on BOS, system prompt, user turns and image positions.
     """
     segs = render_segments(conversations, template, has_image)
     spans, pos = [], 0
-    for text, supervised in segs:
+    for k, (text, supervised) in enumerate(segs):
+        start = pos
+        # Why the "▁" before some answers is supervised: LLaVA (preprocess_v1 / preprocess_llama_2)
+        # masks len(tokens("... ASSISTANT: ")) - 2 tokens of a round, BOS and the piece of that
+        # trailing space; everything after is supervised. When an answer starts with a character
+        # the tokenizer does not join to a preceding space (a digit, CJK, a newline, an emoji with
+        # the LLaMA-2 and Mistral tokenizers), the space stays a bare "▁" piece and LLaVA supervises
+        # it, so a model learns to start such answers. The space belongs to the answer's span here.
+        if supervised and k and not segs[k - 1][1] and segs[k - 1][0].endswith(" "):
+            start -= 1
         if supervised:
-            spans.append((pos, pos + len(text)))
+            spans.append((start, pos + len(text)))
         pos += len(text)
-    input_ids, labels = [tokenizer.bos_id], [IGNORE_INDEX]  # BOS as an id, plain included (as LLaVA)
+    # BOS as an id, plain included (as LLaVA), unless the tokenizer's config says add_bos_token: false
+    input_ids = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else []
+    labels = [IGNORE_INDEX] * len(input_ids)
     for i, s, e in _tokenize_text("".join(t for t, _ in segs), tokenizer, image_token_id, num_patches):
-        hit = any((s < b and e > a) or (s == e and a <= s < b) for a, b in spans)
+        # a token that starts in the user segment stays with it, even if it runs into the answer
+        # ("](" with vw_mistral's "[/INST](b)"): LLaVA counts it in len(tokens(instruction))
+        hit = any(a <= s < b for a, b in spans)
         input_ids.append(i)
         labels.append(i if hit and i != image_token_id else IGNORE_INDEX)
     return input_ids, labels
 
 
-def check_conversations(sample):
-    """Why a LLaVA JSON sample is unusable, or None if it is fine (cheap: text only)."""
+REPAIRS = {"first": "dropped a first turn from gpt", "last": "dropped a last question without an answer"}
+
+
+def repair_conversations(sample):
+    """(sample, repairs): the sample with LLaVA's repairs made, and their names (REPAIRS values).
+
+    A first turn from gpt is dropped (LLaVA's preprocess does source[1:]). A last human turn
+    without an answer is dropped, so the answered turns before it are kept (LLaVA would mask the
+    whole sample). Anything else is left for check_conversations to judge. The input is not changed.
+    """
     turns = sample.get("conversations") if isinstance(sample, dict) else None
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return sample, []
+    repairs = []
+    if turns and turns[0].get("from") == "gpt":
+        turns, repairs = turns[1:], repairs + [REPAIRS["first"]]
+    if len(turns) > 1 and turns[-1].get("from") == "human":
+        turns, repairs = turns[:-1], repairs + [REPAIRS["last"]]
+    return ({**sample, "conversations": turns} if repairs else sample), repairs
+
+
+def check_conversations(sample):
+    """Why a LLaVA JSON sample is unusable, or None if it is fine (cheap: text and field types only;
+    run repair_conversations first to get LLaVA's repairs)."""
+    if not isinstance(sample, dict):
+        return f"not a JSON object ({type(sample).__name__})"
+    image = sample.get("image")
+    if image is not None and not isinstance(image, str):
+        return f"image field is not a string ({type(image).__name__}; one image path per sample)"
+    turns = sample.get("conversations")
+    if turns is not None and not isinstance(turns, list):
+        return f"conversations is not a list ({type(turns).__name__})"
     if not turns:
         return "empty conversations"
     if not all(isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str)
@@ -361,13 +481,31 @@ def load_image(path, max_pixels=MAX_PIXELS):
 # 4. Datasets, collate, sampler
 
 
+def read_text_utf8(path):
+    """A file's text: UTF-8, a leading byte-order mark dropped; other bytes are an error naming the
+    file, the byte offset and the line."""
+    raw = Path(path).read_bytes()
+    skip = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return raw[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = skip + e.start
+        line = raw[:at].count(b"\n") + 1
+        raise ValueError(f"{path}: not UTF-8 text: byte 0x{raw[at]:02x} at byte offset {at} (line {line}); "
+                         f"save the file as UTF-8") from None
+
+
 def read_json(path):
     """A JSON list (or JSON lines if the file ends in .jsonl); errors name the file, line and column."""
-    text = Path(path).read_text(encoding="utf-8")
+    text = read_text_utf8(path)
     if not str(path).endswith(".jsonl"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # one whole JSON value, then more: most likely one sample per line
+                raise ValueError(
+                    f"{path}: a second JSON value starts at line {e.lineno}, column {e.colno}; this looks like "
+                    f"JSON Lines (one sample per line): name the file .jsonl, or write one JSON list") from None
             raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -378,26 +516,101 @@ def read_json(path):
     return rows
 
 
+def find_missing_images(image_folder, paths, workers=32):
+    """The indices of `paths` (relative to image_folder) that are not files; a parallel scan.
+
+    os.stat releases the GIL, so threads overlap the file system's latency (a network disk, a
+    cold cache); each thread checks a block of paths, so a warm local disk costs what one loop does."""
+    from concurrent.futures import ThreadPoolExecutor
+    folder, paths = str(image_folder), list(paths)
+    block = max(1, math.ceil(len(paths) / (workers * 4)))
+    blocks = [paths[i:i + block] for i in range(0, len(paths), block)]
+    with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
+        found = pool.map(lambda ps: [os.path.isfile(os.path.join(folder, p)) for p in ps], blocks)
+        found = [ok for part in found for ok in part]
+    return [k for k, ok in enumerate(found) if not ok]
+
+
+def missing_summary(paths, total):
+    """ "N of M images missing, by folder: a/b 3, c 1" for the missing relative paths."""
+    by_folder = Counter(os.path.dirname(p) or "." for p in paths)
+    return (f"{len(paths)} of {total} images missing, by folder: "
+            + ", ".join(f"{folder} {n}" for folder, n in sorted(by_folder.items(), key=lambda x: (-x[1], x[0]))))
+
+
+class SampleIndex:
+    """Samples kept compactly: each one's JSON in one bytes buffer, found by an offsets array and
+    decoded when asked for. Parsed dicts cost several times the file's size per rank (3.4x for
+    mix665k-like samples: bench/data_memory.py), and DataLoader workers copy them page by page as
+    reference counts change (copy-on-write); one buffer and one array do neither. Indexing and iteration give fresh dicts, so callers cannot change it."""
+
+    def __init__(self, samples):
+        chunks = [json.dumps(s, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for s in samples]
+        self._offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)
+        self._blob = b"".join(chunks)
+
+    def __len__(self):
+        return len(self._offsets) - 1
+
+    def __getitem__(self, j):
+        if not -len(self) <= j < len(self):
+            raise IndexError(j)
+        j %= len(self)
+        return json.loads(self._blob[self._offsets[j]:self._offsets[j + 1]])
+
+    def __iter__(self):
+        return (self[j] for j in range(len(self)))
+
+
 class _SkippingDataset(torch.utils.data.Dataset):
-    """Shared bad-sample handling: warn once per id, count per reason, serve the next sample."""
+    """Shared bad-sample handling: warn once per sample, count per reason, serve the next sample.
+
+    Skips are keyed by the sample's position (("read", k) in the file, ("load", j) in .samples),
+    so two bad samples that share an id count twice and one sample seen again counts once.
+    Counting across processes: DataLoader workers are copies of this object, so what they count
+    stays with them; each item carries the skips made while loading it ("skipped"), collate
+    gathers them into the batch, and the training loop hands them to note_skipped() in the main
+    process. Ranks combine their load-time skips with merge_load_skips(); read-time skips are the
+    same on every rank (each reads the whole file) and are counted once.
+    """
 
     max_tries = 64  # this many bad samples in a row means the data is broken: raise
 
     def _init_skips(self, strict):
-        self.strict, self.skipped, self._warned = strict, Counter(), set()
+        self.strict, self.skipped, self._counted = strict, Counter(), {}
+        self.repaired, self.missing = Counter(), ""
 
-    def _skip(self, sample_id, reason):
+    def _skip(self, key, sample_id, reason, warn=True):
         if self.strict:
             raise ValueError(f"sample {sample_id}: {reason}")
-        if sample_id not in self._warned:  # count each bad sample once, however many epochs
-            self._warned.add(sample_id)
+        if key not in self._counted:  # count each bad sample once, however many epochs
+            self._counted[key] = (sample_id, reason)
             self.skipped[reason.split(":")[0]] += 1
-            log.warning("skipping sample %s: %s", sample_id, reason)
+            if warn:
+                log.warning("skipping sample %s: %s", sample_id, reason)
+
+    def note_skipped(self, skipped):
+        """Count skips reported by a batch (collate's "skipped": (index, id, reason) triples)."""
+        for j, sample_id, reason in skipped:
+            self._skip(("load", j), sample_id, reason, warn=False)  # the worker has warned
+
+    def load_skips(self):
+        """{index: (id, reason)} of the samples skipped while loading: what ranks exchange."""
+        return {key[1]: v for key, v in self._counted.items() if key[0] == "load"}
+
+    def merge_load_skips(self, per_rank):
+        """Add other ranks' load_skips(); a sample skipped on two ranks counts once."""
+        for skips in per_rank:
+            for j, (sample_id, reason) in skips.items():
+                self._skip(("load", j), sample_id, reason, warn=False)
 
     def report(self):
         total = sum(self.skipped.values())
-        return f"skipped {total} samples" + (": " + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
+        text = f"skipped {total} samples" + (": " + ", ".join(f"{n} {r}" for r, n in self.skipped.most_common())
                                              if total else "")
+        if self.repaired:
+            text += "; repaired " + ", ".join(f"{n} ({r})" for r, n in self.repaired.most_common())
+        return text + (f"; {self.missing}" if self.missing else "")
 
     def __len__(self):
         return len(self.samples)
@@ -414,10 +627,27 @@ class _SkippingDataset(torch.utils.data.Dataset):
                     Image.DecompressionBombWarning) as e:  # what PIL and our checks raise on bad data
                 sid = str(self.samples[j].get("id", j))
                 bomb = isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning))
-                self._skip(sid, f"decompression bomb: {e}" if bomb else str(e) if isinstance(e, ValueError)
-                           else f"bad image: {type(e).__name__}: {e}")
-                skipped.append((sid, str(e)))
+                reason = (f"decompression bomb: {e}" if bomb else str(e) if isinstance(e, ValueError)
+                          else f"bad image: {type(e).__name__}: {e}")
+                self._skip(("load", j), sid, reason)
+                skipped.append((j, sid, reason))
         raise RuntimeError(f"{self.max_tries} bad samples in a row from index {index}: {self.report()}")
+
+    def _drop_missing_images(self, rows, where):
+        """Read-time check: skip the samples in `rows` [(key, id, sample)] whose image file is
+        missing; return the others. Logs one summary by folder."""
+        with_image = [r for r in rows if r[2].get("image")]
+        gone = set(find_missing_images(self.image_folder, [r[2]["image"] for r in with_image]))
+        if not gone:
+            return rows
+        self.missing = missing_summary([with_image[k][2]["image"] for k in sorted(gone)], len(with_image))
+        log.warning("%s: %s (under %s)", where, self.missing, self.image_folder)
+        gone_keys = {with_image[k][0] for k in gone}
+        for key, sid, sample in rows:
+            if key in gone_keys:
+                self._skip(key, sid, f"missing image file: {Path(self.image_folder) / sample['image']}",
+                           warn=len(gone) <= 20)  # past that, the summary says it better than warnings
+        return [r for r in rows if r[0] not in gone_keys]
 
     def _pixels(self, image_file):
         path = Path(self.image_folder) / image_file
@@ -445,25 +675,30 @@ class LlavaDataset(_SkippingDataset):
         data = read_json(json_path)
         if not isinstance(data, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(data).__name__}")
-        self.samples = []
+        rows = []  # (key, id, sample) of the samples that pass the text checks
         for k, sample in enumerate(data):
+            sid = str(sample.get("id", k)) if isinstance(sample, dict) else str(k)
+            sample, repairs = repair_conversations(sample)
             reason = check_conversations(sample)
             if reason:
-                self._skip(str(sample.get("id", k)) if isinstance(sample, dict) else str(k), reason)
-            else:
-                self.samples.append(sample)
+                self._skip(("read", k), sid, reason)
+                continue
+            for r in repairs:
+                self.repaired[r] += 1
+            rows.append((("read", k), sid, sample))
+        if self.repaired:
+            log.info("%s: repaired as LLaVA does: %s", json_path, dict(self.repaired))
+        # missing images are found now, so the sampler only ever serves usable samples
+        samples = [sample for _, _, sample in self._drop_missing_images(rows, json_path)]
+        del data, rows
+        # estimated lengths (words + patches), negative for text-only samples, as LLaVA's
+        words = [sum(len(t["value"].split()) for t in s["conversations"]) for s in samples]
+        self.modality_lengths = array.array("i", [w + num_patches if s.get("image") else -w
+                                                  for w, s in zip(words, samples)])
+        self.lengths = array.array("i", [abs(n) for n in self.modality_lengths])
+        self.samples = SampleIndex(samples)
         if not self.samples:
             raise ValueError(f"{json_path}: no usable samples ({self.report()})")
-
-    @property
-    def modality_lengths(self):
-        """Estimated lengths (words + patches), negative for text-only samples, as LLaVA's."""
-        words = [sum(len(t["value"].split()) for t in s["conversations"]) for s in self.samples]
-        return [w + self.num_patches if s.get("image") else -w for w, s in zip(words, self.samples)]
-
-    @property
-    def lengths(self):
-        return [abs(n) for n in self.modality_lengths]
 
     def _load(self, j):
         sample = self.samples[j]
@@ -503,16 +738,27 @@ class ImageOnlyDataset(_SkippingDataset):
         else:
             self.image_folder = image_folder if image_folder is not None else source.parent
             data = read_json(source)
-            self.samples = [{"id": str(s.get("id", k)), "image": s["image"]}
-                            for k, s in enumerate(data) if isinstance(s, dict) and s.get("image")]
+            if not isinstance(data, list):
+                raise ValueError(f"{source}: expected a JSON list of samples, got {type(data).__name__}")
+            rows = []
+            for k, s in enumerate(data):
+                if not isinstance(s, dict) or not s.get("image"):
+                    continue
+                sid = str(s.get("id", k))
+                if not isinstance(s["image"], str):
+                    self._skip(("read", k), sid, f"image field is not a string ({type(s['image']).__name__}; "
+                                                 f"one image path per sample)")
+                    continue
+                rows.append((("read", k), sid, {"id": sid, "image": s["image"]}))
+            self.samples = SampleIndex(s for _, _, s in self._drop_missing_images(rows, source))
         if not self.samples:
             raise ValueError(f"{source}: no images")
         self.modality_lengths = self.lengths = [num_patches + 1] * len(self.samples)
 
     def _load(self, j):
-        ids = [self.tokenizer.bos_id] + [self.image_token_id] * self.num_patches
+        ids, sample = [self.tokenizer.bos_id] + [self.image_token_id] * self.num_patches, self.samples[j]
         return {"input_ids": torch.tensor(ids), "labels": torch.full((len(ids),), IGNORE_INDEX),
-                "pixel_values": self._pixels(self.samples[j]["image"]), "id": self.samples[j]["id"]}
+                "pixel_values": self._pixels(sample["image"]), "id": sample["id"]}
 
 
 def collate(samples, pad_id):
@@ -590,273 +836,3 @@ def make_sampler(dataset, batch_size, seed=0, epoch=0, rank=0, world_size=1, gro
     """A LengthGroupedSampler over `dataset.modality_lengths` (all equal if it has none)."""
     lengths = getattr(dataset, "modality_lengths", None) or [1] * len(dataset)
     return LengthGroupedSampler(lengths, batch_size, seed, epoch, rank, world_size, group_by_length, skip)
-
-
-# -----------------------------------------------------------------------------
-# 5. The shapes world: 1-4 coloured shapes on a 3x3 grid, in LLaVA's formats
-
-SHAPES = ("circle", "square", "triangle", "star")
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 90, 230),
-          "yellow": (240, 210, 40), "purple": (150, 60, 190), "orange": (250, 140, 30)}
-BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
-SHAPE_WEIGHTS = (0.35, 0.3, 0.2, 0.15)  # skewed on purpose, so POPE's "popular" negatives mean something
-COLOR_WEIGHTS = (0.25, 0.2, 0.18, 0.15, 0.12, 0.1)
-CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-WHERE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
-         "center": "in the center"}  # how a cell reads in a sentence; the rest are "at the <cell>"
-SHORT = "Answer the question using a single word or phrase."  # SPEC §7, LLaVA's short-answer suffix
-PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
-NUMBERS = ("zero", "one", "two", "three", "four")
-
-
-def where(cell):
-    return WHERE.get(cell, "at the " + cell)
-
-
-def article(word):
-    return ("an " if word[0] in "aeiou" else "a ") + word
-
-
-def there_are(n, noun, plural):
-    return f"There is one {noun}" if n == 1 else f"There are {NUMBERS[n]} {plural}"
-
-
-def sample_scene(rng):
-    """A scene: background and 1-4 objects (color, shape, size, cell), each in its own grid cell."""
-    n = rng.randint(1, 4)
-    objects = [(rng.choices(list(COLORS), COLOR_WEIGHTS)[0], rng.choices(SHAPES, SHAPE_WEIGHTS)[0],
-                rng.choice(("small", "large")), cell) for cell in sorted(rng.sample(range(9), n))]
-    return {"background": rng.choice(list(BACKGROUNDS)), "objects": objects,
-            "jitter": [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in objects]}
-
-
-def scene_of(seed, i):
-    """Image i of the world made with `seed` (each scene has its own generator, so any one can be redrawn)."""
-    return sample_scene(random.Random(f"{seed}/scene/{i}"))
-
-
-def cell_labels(scene):
-    """What each of the 9 cells holds (0: empty, else 1 + 4 * colour + shape) and the background's index:
-    the targets of the demo's toy vision pretraining."""
-    cells = [0] * 9
-    for c, s, _, cell in scene["objects"]:
-        cells[cell] = 1 + 4 * list(COLORS).index(c) + SHAPES.index(s)
-    return cells, list(BACKGROUNDS).index(scene["background"])
-
-
-def draw_scene(scene, size, ss=4):
-    """Render a scene, drawn at ss x the size and box-downsampled (cheap anti-aliasing)."""
-    S = size * ss
-    im = Image.new("RGB", (S, S), BACKGROUNDS[scene["background"]])
-    d = ImageDraw.Draw(im)
-    for (color, shape, sz, cell), (jx, jy) in zip(scene["objects"], scene["jitter"]):
-        r = S / 6 * (0.75 if sz == "large" else 0.45)  # a cell is S/3 wide
-        cx = (cell % 3 + 0.5) * S / 3 + jx * (S / 6 - r) * 0.8
-        cy = (cell // 3 + 0.5) * S / 3 + jy * (S / 6 - r) * 0.8
-        fill = COLORS[color]
-        if shape == "circle":
-            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-        elif shape == "square":
-            d.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
-        else:
-            k, radii = (3, (r,)) if shape == "triangle" else (5, (r, 0.45 * r))
-            pts = [(cx + radii[j % len(radii)] * math.sin(math.pi * j / (k * len(radii) / 2)),
-                    cy - radii[j % len(radii)] * math.cos(math.pi * j / (k * len(radii) / 2)))
-                   for j in range(k * len(radii))]
-            d.polygon(pts, fill=fill)
-    return im.reduce(ss)
-
-
-def _draw_and_save(job):
-    scene, size, path = job
-    draw_scene(scene, size).save(path, optimize=False, compress_level=1)
-
-
-def caption(scene):
-    parts = [f"{article(sz)} {c} {s} {where(CELLS[cell])}" for c, s, sz, cell in scene["objects"]]
-    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{text}, on a {scene['background']} background."
-
-
-def questions(scene, rng, popular):
-    """All (question, short answer, long answer) pairs about a scene; the caller samples a few."""
-    objs = scene["objects"]
-    present = {(c, s) for c, s, _, _ in objs}
-    count = Counter(s for _, s, _, _ in objs)
-    n = len(objs)
-    # counts are words: the toy tokenizer has no digit pieces, and a digit answer would start with a
-    # bare "▁" piece that the label mask (answer characters only) leaves unsupervised
-    qa = [("How many shapes are in the image?", NUMBERS[n].capitalize(), there_are(n, "shape", "shapes") + " in the image."),
-          ("What color is the background?", scene["background"].capitalize(),
-           f"The background is {scene['background']}."),
-          ("Describe the image.", None, caption(scene).capitalize())]
-    s = rng.choice(SHAPES)
-    qa.append((f"How many {PLURAL[s]} are there?", NUMBERS[count[s]].capitalize(),
-               there_are(count[s], s, PLURAL[s]) + "."))
-    for c, s, sz, cell in objs:
-        if count[s] == 1:
-            qa.append((f"What color is the {s}?", c.capitalize(), f"The {s} is {c}."))
-        if sum(1 for o in objs if o[:2] == (c, s)) == 1:
-            qa.append((f"Where is the {c} {s}?", CELLS[cell].capitalize(), f"The {c} {s} is {where(CELLS[cell])}."))
-        qa.append((f"What shape is {where(CELLS[cell])}?", s.capitalize(),
-                   f"There is {article(sz)} {c} {s} {where(CELLS[cell])}."))
-    for category in ("random", "popular", "adversarial"):
-        qa.append(pope_question(scene, rng, present, True, category, popular))
-        qa.append(pope_question(scene, rng, present, False, category, popular))
-    return qa
-
-
-def pope_question(scene, rng, present, positive, category, popular):
-    """POPE-style "Is there a X in the image?"; negatives: random, popular (most frequent objects
-    absent here), adversarial (shares a colour or a shape with an object that is present)."""
-    if positive:
-        c, s = rng.choice(sorted(present))
-    else:
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        if category == "popular":
-            absent = [o for o in popular if o not in present][:3]
-        elif category == "adversarial":
-            near = [o for o in absent if any(o[0] == p[0] or o[1] == p[1] for p in present)]
-            absent = near or absent
-        c, s = rng.choice(absent)
-    where_ = next((where(CELLS[cell]) for oc, osh, _, cell in scene["objects"] if (oc, osh) == (c, s)), "")
-    long = f"Yes, there is {article(c)} {s} {where_}." if positive else f"No, there is no {c} {s} in the image."
-    return (f"Is there {article(c)} {s} in the image?", "Yes" if positive else "No", long, category)
-
-
-def text_only_conversation(rng):
-    """A question needing no image: simple facts about the world's shapes, colours and numbers."""
-    sides = {"triangle": "three sides", "square": "four sides", "star": "five points", "circle": "no corners"}
-    mixes = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
-    kind = rng.randrange(4)
-    if kind == 0:
-        s = rng.choice(SHAPES)
-        return f"What can you tell me about {article(s)}?", f"{article(s).capitalize()} has {sides[s]}."
-    if kind == 1:
-        (a, b), c = rng.choice(sorted(mixes.items()))
-        return f"What color do you get when you mix {a} and {b}?", f"Mixing {a} and {b} gives {c}."
-    if kind == 2:
-        a, b = rng.randint(0, 2), rng.randint(1, 2)
-        q = f"{NUMBERS[a]} plus {NUMBERS[b]}"
-        return f"What is {q}?", f"{q.capitalize()} is {NUMBERS[a + b]}."
-    w = rng.choice(list(COLORS) + list(SHAPES))
-    kind = "color" if w in COLORS else "shape"
-    return f"Is {w} a color?", ("Yes" if w in COLORS else "No") + f", {w} is a {kind}."
-
-
-WORLD_VERSION = 2  # bump when the generator changes what a seed produces: older worlds are rebuilt
-
-
-def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fraction=0.05,
-                      vocab_size=1024, text_only_fraction=0.05, workers=2, turns_per_image=5):
-    """Write the shapes world (LLaVA formats) to out_dir; deterministic from `seed`. Returns world.json's dict.
-
-    Files: images/NNNNNN.png; stage1_captions.json (plain template; its images are also stage III's,
-    as in the paper); instruct.json (stages II and IV); text_corpus.txt (text for a "stage 0"
-    decoder); tokenizer.model; eval_pope.jsonl and eval_short.jsonl on held-out images; world.json.
-    Image paths in every file are relative to out_dir.
-    """
-    t0 = time.time()
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    scenes = [scene_of(seed, i) for i in range(n_images)]
-    paths = [f"images/{i:06d}.png" for i in range(n_images)]
-    jobs = [(s, image_size, str(out / p)) for s, p in zip(scenes, paths)]
-    if workers > 1:
-        import multiprocessing as mp
-        with mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
-            pool.map(_draw_and_save, jobs, chunksize=256)
-    else:
-        for job in jobs:
-            _draw_and_save(job)
-
-    n_eval = max(1, int(n_images * eval_fraction))
-    train, held_out = range(n_images - n_eval), range(n_images - n_eval, n_images)
-    freq = Counter((c, s) for i in train for c, s, _, _ in scenes[i]["objects"])
-    popular = [o for o, _ in freq.most_common()]
-
-    stage1, instruct, corpus = [], [], []
-    for i in train:
-        cap = caption(scenes[i])
-        stage1.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": [
-            {"from": "human", "value": rng.choice(("Describe the image briefly.", "Write a short caption."))
-             + "\n" + IMAGE_TAG}, {"from": "gpt", "value": cap}]})
-        qa = questions(scenes[i], rng, popular)
-        turns = []
-        # several questions per image: a from-scratch decoder learns to look up what a question
-        # names far faster from many answers about each picture than from one
-        for q, short, long, *_ in rng.sample(qa, min(len(qa), turns_per_image)):
-            use_short = short is not None and rng.random() < 0.5
-            turns += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
-                      {"from": "gpt", "value": short if use_short else long}]
-            corpus.append(f"{q} {long}")
-        turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
-        instruct.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": turns})
-        corpus.append(cap.capitalize())
-    for k in range(int(len(train) * text_only_fraction)):
-        q, a = text_only_conversation(rng)
-        instruct.append({"id": f"text-{k:06d}", "conversations": [{"from": "human", "value": q},
-                                                                   {"from": "gpt", "value": a}]})
-        corpus.append(f"{q} {a}")
-    rng.shuffle(instruct)
-
-    pope, short_eval = [], []
-    for i in held_out:
-        present = {(c, s) for c, s, _, _ in scenes[i]["objects"]}
-        for category in ("random", "popular", "adversarial"):
-            for positive in (True, False):
-                q, ans, _, _ = pope_question(scenes[i], rng, present, positive, category, popular)
-                pope.append({"question_id": len(pope), "image": paths[i], "text": f"{q}\n{SHORT}",
-                             "label": ans.lower(), "category": category})
-        for q, ans, *_ in rng.sample([x for x in questions(scenes[i], rng, popular)
-                                      if x[1] is not None and len(x) == 3], 2):
-            short_eval.append({"question_id": len(short_eval), "image": paths[i], "text": f"{q}\n{SHORT}",
-                               "answer": ans.lower()})  # compare case-insensitively
-
-    def dump(name, rows, lines=False):
-        with open(out / name, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows) if lines else json.dumps(rows, indent=0))
-
-    dump("stage1_captions.json", stage1)
-    dump("instruct.json", instruct)
-    dump("eval_pope.jsonl", pope, lines=True)
-    dump("eval_short.jsonl", short_eval, lines=True)
-    (out / "text_corpus.txt").write_text("\n".join(corpus) + "\n")
-    # the tokenizer sees the world's text and the chat templates' words, so both are cheap pieces
-    words = " ".join(list(COLORS) + list(SHAPES) + list(BACKGROUNDS) + list(NUMBERS) + ["yes", "no", "small", "large"])
-    template_text = [SYSTEM_VICUNA, "USER: ASSISTANT: [INST] [/INST]", SHORT, words, words.title()] * 200
-    train_sentencepiece(template_text + corpus, out / "tokenizer.model", vocab_size, user_defined_symbols=["\n"])
-    world = {"version": WORLD_VERSION, "seed": seed, "n_images": n_images, "turns_per_image": turns_per_image,
-             "image_size": image_size, "eval_fraction": eval_fraction,
-             "vocab_size": vocab_size, "text_only_fraction": text_only_fraction, "shapes": SHAPES,
-             "colors": list(COLORS), "backgrounds": list(BACKGROUNDS), "cells": CELLS, "image_folder": ".",
-             "counts": {"train_images": len(train), "eval_images": n_eval, "stage1": len(stage1),
-                        "instruct": len(instruct), "eval_pope": len(pope), "eval_short": len(short_eval),
-                        "corpus_lines": len(corpus)},
-             "stage3": "stage1_captions.json", "seconds": round(time.time() - t0, 1)}
-    (out / "world.json").write_text(json.dumps(world, indent=1))
-    return world
-
-
-def ensure_shapes_world(out_dir, **kwargs):
-    """Build the shapes world unless out_dir/world.json exists and is of this version (what the toy
-    configs call)."""
-    path = Path(out_dir) / "world.json"
-    if not path.exists() or json.loads(path.read_text()).get("version") != WORLD_VERSION:
-        make_shapes_world(out_dir, **kwargs)
-    return json.loads((Path(out_dir) / "world.json").read_text())
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="nanoVT data tools")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="write the synthetic shapes world")
-    p.add_argument("--out", required=True)
-    p.add_argument("--n-images", type=int, default=10000)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    world = make_shapes_world(args.out, args.n_images, args.size, args.seed, workers=args.workers)
-    print(json.dumps(world["counts"]), f"in {world['seconds']} s")

@@ -1,29 +1,36 @@
 """
-Answer LLaVA-style question files with batched greedy decoding, and score the answers.
+Answer LLaVA-style question files with batched greedy decoding, and score the answers as the official
+scorers do (the rules: scorers.py; the benchmarks' files and prompts: benchmarks.py). One command per
+benchmark of the paper's Table 1, on LLaVA-1.5's eval data:
 
-    python eval.py --ckpt out/shapes/final --questions data/shapes/eval_pope.jsonl \
-        --image-folder data/shapes --answers out/pope_answers.jsonl --metric pope
+    python eval.py --ckpt DIR --benchmark textvqa --data playground/data/eval --out out/eval/mymodel
 
-Question files are jsonl: {"question_id", "image", "text", and "answer" or "label"}.
+(benchmarks: vqav2 gqa vizwiz sqa textvqa pope mmbench mmbench_cn mmvet; data layout: docs/eval.md).
+Answers, scores and submission files go to OUT/<benchmark>/; every run prints the row of Table 1 from
+the scores cached in OUT (`python eval.py --summary OUT` prints it alone). Any question file works too:
+
+    python eval.py --ckpt DIR --questions q.jsonl --image-folder IMAGES --answers a.jsonl --metric pope
+
+Question files are jsonl: {"question_id", "image", "text", and "answer"/"answers" or "label"}.
 Answers are written one line per question as soon as a batch is done, so an interrupted run
-continues where it stopped (questions already in the answer file are not asked again).
-
-Metrics: pope (SPEC §7: accuracy, precision, recall, F1, yes-ratio; per category too), vqa (VQAv2's
-answer normalisation, exact match against any accepted answer), mc (option letters, parsed as LLaVA's
-ScienceQA script does). A checkpoint trained with pseudo image features answers from X_p by itself;
---pseudo-image-features switches any model to X_p (Eq. 8).
+continues where it stopped (questions already in the answer file are not asked again). Decoding is
+greedy with up to 128 new tokens (1024 for ScienceQA, MMBench and MM-Vet, as LLaVA's scripts), and a
+batch answers exactly as one question at a time. A checkpoint trained with pseudo image features
+answers from X_p by itself; --pseudo-image-features switches any model to X_p (Eq. 8).
 """
 
 import argparse
 import json
 import os
-import re
 import sys
 
 import torch
 
+import benchmarks
 import data
-from model import VTLMM
+from scorers import (_key, normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope,  # noqa: F401
+                     score_sqa, score_vqa)
+from inference import add_args, load_model, prompt_ids, stop_ids  # noqa: F401  (one loader for all scripts)
 
 
 def read_jsonl(path, allow_torn_tail=False):
@@ -47,27 +54,8 @@ def read_jsonl(path, allow_torn_tail=False):
 # answering
 
 
-def load_model(ckpt, device="cpu", dtype=torch.float32, tokenizer=None):
-    model = VTLMM.from_pretrained(ckpt, dtype=dtype, device=device).eval()
-    tok = data.load_tokenizer(tokenizer or ckpt)
-    return model, tok
-
-
-def prompt_ids(model, tok, text, has_image, history=()):
-    """Token ids of a generation prompt: the chat so far + a new user turn, ending at the
-    assistant's prefix, in the model's own template."""
-    turns = list(history) + [{"from": "human", "value": (data.IMAGE_TAG + "\n" + text) if has_image and
-                              not history else text}]
-    rendered = data.render_conversation(turns, model.cfg.template, has_image=has_image)
-    return data.tokenize_prompt(rendered, tok, model.cfg.image_token_id, model.cfg.vision.num_patches)
-
-
-def stop_ids(tok):
-    return [tok.eos_id]
-
-
 @torch.no_grad()
-def answer_batch(model, tok, prompts, images, max_new_tokens=32):
+def answer_batch(model, tok, prompts, images, max_new_tokens=128):
     """prompts: lists of ids; images: (N, 3, H, W) for the prompts holding an image, in order.
     Left-pads, decodes greedily with the KV cache, returns the answer strings."""
     device = model.mm_head.weight.device
@@ -77,9 +65,10 @@ def answer_batch(model, tok, prompts, images, max_new_tokens=32):
     for b, p in enumerate(prompts):
         ids[b, T - len(p):] = torch.tensor(p)
         mask[b, T - len(p):] = True
-    steps = list(model.generate_stream(ids.to(device), images.to(device) if images is not None else None,
-                                       attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                                       stop_ids=stop_ids(tok)))
+    if images is not None:
+        images = images.to(device, model.mm_head.weight.dtype)
+    steps = list(model.generate_stream(ids.to(device), images, attention_mask=mask.to(device),
+                                       max_new_tokens=max_new_tokens, stop_ids=stop_ids(tok)))
     out = []
     for b in range(len(prompts)):
         toks = []
@@ -92,39 +81,64 @@ def answer_batch(model, tok, prompts, images, max_new_tokens=32):
     return out
 
 
-def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16, max_new_tokens=32,
-                progress=True):
-    """Answer every question not yet in `answers_path`, appending as it goes. Returns all answers."""
+def check_unique(questions, where="the question file"):
+    """Answers are matched to questions by id: a repeated id would score one question twice."""
+    dup = benchmarks.duplicates(questions)
+    if dup:
+        raise ValueError(f"{where}: {len(dup)} question_id(s) occur more than once, e.g. {dup[:10]}; "
+                         f"give every question its own id")
+
+
+def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16, max_new_tokens=128,
+                progress=True, failed=None):
+    """Answer every question not yet in `answers_path`, appending as it goes. Returns the answers, in
+    question order. A question whose image cannot be read is reported (question id and file), left
+    unanswered and appended to `failed` as (question_id, file, reason); the rest of its batch is answered."""
+    check_unique(questions)
+    key = _key
     done = {}
     if os.path.exists(answers_path):
         for row in read_jsonl(answers_path, allow_torn_tail=True):
-            done[row["question_id"]] = row
+            done[key(row)] = row
         _drop_torn_tail(answers_path)
-    todo = [q for q in questions if q["question_id"] not in done]
+    todo = [q for q in questions if key(q) not in done]
     os.makedirs(os.path.dirname(os.path.abspath(answers_path)), exist_ok=True)
     size = model.cfg.vision.image_size
+    failed = [] if failed is None else failed
     from tqdm import tqdm
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), desc="answering",
                disable=None if progress else True, dynamic_ncols=True)  # None: off when not a terminal
     with open(answers_path, "a") as f:
         for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            prompts, images = [], []
-            for q in chunk:
-                has_image = bool(q.get("image"))
-                prompts.append(prompt_ids(model, tok, q["text"], has_image))
+            chunk, prompts, images = [], [], []
+            for q in todo[i:i + batch_size]:
+                has_image = bool(q.get("image") or q.get("image_b64"))
                 if has_image:
-                    img = data.load_image(os.path.join(image_folder, q["image"]))
+                    try:
+                        img = benchmarks.image_of(q, image_folder)
+                    except Exception as e:  # missing, truncated, not an image, too large
+                        where = q.get("image") or "its base64 image"
+                        failed.append((q["question_id"], where, f"{type(e).__name__}: {e}"))
+                        print(f"question {q['question_id']}: cannot read image {where} "
+                              f"({type(e).__name__}: {e}); not answered", file=sys.stderr)
+                        continue
                     images.append(data.process_image(img, size))
-            texts = answer_batch(model, tok, prompts, torch.stack(images) if images else None, max_new_tokens)
-            for q, a in zip(chunk, texts):
-                row = {"question_id": q["question_id"], "prompt": q["text"], "text": a}
-                done[q["question_id"]] = row
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            bar.update(len(chunk))
+                chunk.append(q)
+                prompts.append(prompt_ids(model, tok, q["text"], has_image))
+            if chunk:
+                texts = answer_batch(model, tok, prompts, torch.stack(images) if images else None, max_new_tokens)
+                for q, a in zip(chunk, texts):
+                    row = {"question_id": q["question_id"], "prompt": q["text"], "text": a}
+                    if "key" in q:
+                        row["key"] = q["key"]
+                    done[key(q)] = row
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                f.flush()
+            bar.update(len(todo[i:i + batch_size]))
     bar.close()
-    return [done[q["question_id"]] for q in questions]
+    if failed:
+        print(f"{len(failed)} question(s) not answered: their image could not be read", file=sys.stderr)
+    return [done[key(q)] for q in questions if key(q) in done]
 
 
 def _drop_torn_tail(path):
@@ -136,162 +150,101 @@ def _drop_torn_tail(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# scoring
+# scoring: the official rules live in scorers.py
 
 
-def pope_yes(text):
-    """LLaVA's POPE parsing (SPEC §7): the text before the first '.', commas removed; 'no' if it
-    holds the word No / not / no, else 'yes'."""
-    first = text.split(".")[0].replace(",", "")
-    words = first.split()
-    return not ("No" in words or "not" in words or "no" in words)
+# "mc" is the old name of the ScienceQA rule, kept for existing commands
+METRICS = {"pope": score_pope, "vqa": score_vqa, "gqa": score_gqa, "sqa": score_sqa, "mc": score_sqa,
+           "mmbench": score_mmbench}
 
 
-def _pope_counts(pairs):
-    """pairs: (predicted yes, gold yes) -> the POPE metrics, 'yes' the positive class."""
-    tp = fp = tn = fn = 0
-    for pred, gold in pairs:
-        tp += pred and gold
-        fp += pred and not gold
-        tn += (not pred) and not gold
-        fn += (not pred) and gold
-    n = tp + fp + tn + fn
-    precision = tp / max(tp + fp, 1)
-    recall = tp / max(tp + fn, 1)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {"accuracy": (tp + tn) / max(n, 1), "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": (tp + fp) / max(n, 1), "n": n}
+def run_benchmark(model, tok, name, data_dir, out_dir, questions=None, image_folder=None, batch_size=16,
+                  max_new_tokens=None, limit=0, progress=True):
+    """Answer and score one benchmark; writes OUT/<name>/answers.jsonl, result.json and, for server or
+    judge benchmarks, the submission file. Returns the result dict."""
+    column, qfile, ifolder, reader, scorer, headline, submission = benchmarks.BENCHMARKS[name]
+    qpath = questions or os.path.join(data_dir, qfile)
+    if not os.path.exists(qpath):
+        raise FileNotFoundError(f"{name}: no question file {qpath} (data layout: docs/eval.md)")
+    qs = reader(qpath, data_dir)
+    check_unique(qs, qpath)
+    qs = qs[: limit or None]
+    folder = image_folder or (os.path.join(data_dir, ifolder) if ifolder else "")
+    bdir = os.path.join(out_dir, name)
+    failed = []
+    long = name in ("sqa", "mmbench", "mmbench_cn", "mmvet")  # LLaVA's model_vqa(_science/_mmbench): 1024
+    ans = answer_file(model, tok, qs, folder, os.path.join(bdir, "answers.jsonl"), batch_size,
+                      max_new_tokens or (1024 if long else 128), progress, failed)
+    result = {"benchmark": name, "column": column, "questions": qpath, "n_questions": len(qs),
+              "unanswered": [{"question_id": i, "image": f, "error": e} for i, f, e in failed]}
+    if scorer is not None and benchmarks.has_gold(name, qs):
+        result["scores"] = scorer(ans, qs)
+        result["headline"] = result["scores"][headline]
+    if submission is not None:
+        fname, write = submission
+        write(ans, qs, os.path.join(bdir, fname))
+        result["submission"] = os.path.join(bdir, fname)
+        print(f"{name}: wrote {result['submission']} ({SUBMIT[name]})")
+    with open(os.path.join(bdir, "result.json"), "w") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    return result
 
 
-def score_pope(answers, questions):
-    """Accuracy, precision, recall, F1 and yes-ratio (SPEC §7), overall and per `category` if the
-    questions have one (POPE's random / popular / adversarial)."""
-    qs = {q["question_id"]: q for q in questions}
-    pairs = {}
-    for a in answers:
-        q = qs[a["question_id"]]
-        gold = str(q.get("label", q.get("answer"))).strip().lower() == "yes"
-        pairs.setdefault(q.get("category"), []).append((pope_yes(a["text"]), gold))
-    report = _pope_counts([p for ps in pairs.values() for p in ps])
-    if any(c is not None for c in pairs):
-        report["categories"] = {c: _pope_counts(ps) for c, ps in sorted(pairs.items(), key=str)}
-    return report
+SUBMIT = {"vqav2": "upload to the VQAv2 test-dev server on EvalAI",
+          "vizwiz": "upload to the VizWiz VQA test server on EvalAI",
+          "gqa": "GQA's own eval.py reads it too: python eval.py --tier testdev_balanced",
+          "mmbench": "upload to the MMBench server (test split) or read locally: dev is scored here",
+          "mmbench_cn": "upload to the MMBench server (test split) or read locally: dev is scored here",
+          "mmvet": "MM-Vet's GPT-4 judge scores it: upload to its evaluator"}
 
 
-# VQAv2's official answer normalisation (vqaEval.py / EvalAI's answer processor), abridged contractions
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-            "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_CONTRACTIONS = {"dont": "don't", "doesnt": "doesn't", "isnt": "isn't", "arent": "aren't", "cant": "can't",
-                 "wont": "won't", "im": "i'm", "thats": "that's", "whats": "what's", "wasnt": "wasn't",
-                 "werent": "weren't", "didnt": "didn't", "couldnt": "couldn't", "shouldnt": "shouldn't",
-                 "wouldnt": "wouldn't", "hasnt": "hasn't", "havent": "haven't", "youre": "you're",
-                 "theyre": "they're", "lets": "let's", "ive": "i've"}
-_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
-_COMMA_IN_NUMBER = re.compile(r"(\d)(,)(\d)")
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit: "2." -> "2", "3.5" stays
-
-
-def normalize_answer(text):
-    """VQAv2-style: lower case; a punctuation mark next to a space (or any, if the text has a number
-    with a comma) is dropped, elsewhere it becomes a space ("black-and-white" -> "black and white");
-    periods out except in numbers; number words to digits; articles out; contractions restored."""
-    t = text.replace("\n", " ").replace("\t", " ").strip().lower()
-    for p in _PUNCT:
-        if p + " " in t or " " + p in t or _COMMA_IN_NUMBER.search(t):
-            t = t.replace(p, "")
-        else:
-            t = t.replace(p, " ")
-    t = _PERIOD.sub("", t)
-    words = [_NUMBERS.get(w, w) for w in t.split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
-
-
-def score_vqa(answers, questions):
-    """Exact match after normalisation; `answer` (or `answers`) may be one string or a list of accepted ones."""
-    gold = {}
-    for q in questions:
-        a = q.get("answer", q.get("answers"))
-        gold[q["question_id"]] = {normalize_answer(str(x)) for x in (a if isinstance(a, list) else [a])}
-    hits = sum(normalize_answer(a["text"]) in gold[a["question_id"]] for a in answers)
-    return {"accuracy": hits / max(len(answers), 1), "n": len(answers)}
-
-
-def mc_letter(text, n_options=10):
-    """The option letter an answer names, as LLaVA's ScienceQA script parses it (plus brackets):
-    'B', 'B.', 'B)', '(B)', 'B: ...', '... The answer is B.' -> 'B'; 'A cat', 'b', '' -> None."""
-    letters = "ABCDEFGHIJ"[:n_options]
-    t = text.strip()
-    m = re.match(rf"^\(?([{letters}])(?:[.:)]|$)", t)
-    if m:
-        return m.group(1)
-    found = re.findall(rf"The answer is \(?([{letters}])(?:[.,:)]|$)", t)
-    return found[0] if len(found) == 1 else None
-
-
-def score_mc(answers, questions):
-    """Accuracy on option letters; a question's `choices`/`options` list, if any, bounds the letters."""
-    qs = {q["question_id"]: q for q in questions}
-    hits = 0
-    for a in answers:
-        q = qs[a["question_id"]]
-        gold = str(q.get("answer", q.get("label"))).strip().strip("()").upper()[:1]
-        n = len(q.get("choices") or q.get("options") or "ABCDEFGHIJ")
-        hits += mc_letter(a["text"], n) == gold
-    return {"accuracy": hits / max(len(answers), 1), "n": len(answers)}
-
-
-METRICS = {"pope": score_pope, "vqa": score_vqa, "mc": score_mc}
-
-
-# ----------------------------------------------------------------------------------------------
-# the shapes world's held-out sets, as the demo reports them
-
-
-def shapes_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, progress=True, model=None, tok=None):
-    """Answer and score the shapes world's eval_short.jsonl (vqa) and eval_pope.jsonl (pope)."""
-    if model is None:
-        model, tok = load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
-    report = {}
-    for name, metric in (("short", "vqa"), ("pope", "pope")):
-        qs = read_jsonl(os.path.join(shapes_dir, f"eval_{name}.jsonl"))
-        if limit:
-            qs = qs[:limit]
-        apath = os.path.join(os.path.dirname(out_path) if out_path else ckpt, f"answers_{name}.jsonl")
-        if os.path.exists(apath):
-            os.remove(apath)  # a fresh model: old answers are stale
-        ans = answer_file(model, tok, qs, shapes_dir, apath, batch_size=batch_size, progress=progress)
-        report[name] = METRICS[metric](ans, qs)
-    print("held-out shapes: short-answer accuracy {:.1%} ({} questions); POPE accuracy {:.1%}, F1 {:.3f}, "
-          "yes-ratio {:.2f} ({} questions)".format(report["short"]["accuracy"], report["short"]["n"],
-                                                   report["pope"]["accuracy"], report["pope"]["f1"],
-                                                   report["pope"]["yes_ratio"], report["pope"]["n"]))
-    if out_path:
-        with open(out_path, "w") as f:
-            json.dump(report, f, indent=2)
-    return report
+def summary(out_dir):
+    """The row of Table 1 from the result.json files cached under out_dir ('-' where none)."""
+    results = {}
+    for name in benchmarks.BENCHMARKS:
+        path = os.path.join(out_dir, name, "result.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                results[name] = json.load(f).get("headline")
+    head, row = benchmarks.table1_row(results)
+    return head + "\n" + row
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="nanoVT checkpoint or llava-hf directory")
-    p.add_argument("--questions", required=True, help="question jsonl")
+    p.add_argument("--ckpt", help="nanoVT checkpoint or llava-hf directory")
+    p.add_argument("--benchmark", choices=list(benchmarks.BENCHMARKS), help="one of the paper's benchmarks")
+    p.add_argument("--data", default="playground/data/eval", help="LLaVA-1.5's eval data folder (docs/eval.md)")
+    p.add_argument("--out", default=None, help="results folder (default: CKPT/eval); one subfolder per benchmark")
+    p.add_argument("--summary", metavar="OUT", help="only print the Table 1 row cached in OUT")
+    p.add_argument("--questions", default=None, help="question jsonl (with --benchmark: replaces its default)")
     p.add_argument("--image-folder", default="", help="images are relative to this (default: the file's folder)")
-    p.add_argument("--answers", required=True, help="answer jsonl (appended to; resumable)")
+    p.add_argument("--answers", default=None, help="answer jsonl (appended to; resumable)")
     p.add_argument("--metric", choices=sorted(METRICS), help="score the answers with this metric")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: in --ckpt)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 128 (1024 for sqa, mmbench, mmvet)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--pseudo-image-features", action="store_true", help="answer from X_p (Eq. 8)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_args(p)
     a = p.parse_args(argv)
-    model, tok = load_model(a.ckpt, a.device, torch.bfloat16 if a.device == "cuda" else torch.float32, a.tokenizer)
-    if a.pseudo_image_features:
-        model.cfg.pseudo_image_features = True
+    if a.summary:
+        print(summary(a.summary))
+        return
+    if not a.ckpt or not (a.benchmark or (a.questions and a.answers)):
+        p.error("give --ckpt and either --benchmark or --questions with --answers")
+    model, tok = load_model(a.ckpt, a.tokenizer, a.device, a.dtype, a.pseudo_image_features, a.template)
+    if a.benchmark:
+        out = a.out or os.path.join(a.ckpt, "eval")
+        r = run_benchmark(model, tok, a.benchmark, a.data, out, a.questions, a.image_folder or None, a.batch_size,
+                          a.max_new_tokens, a.limit)
+        if "scores" in r:
+            print(json.dumps(r["scores"], indent=2))
+        print(summary(out))
+        return r
     qs = read_jsonl(a.questions)[: a.limit or None]
     folder = a.image_folder or os.path.dirname(os.path.abspath(a.questions))
-    ans = answer_file(model, tok, qs, folder, a.answers, a.batch_size, a.max_new_tokens)
+    ans = answer_file(model, tok, qs, folder, a.answers, a.batch_size, a.max_new_tokens or 128)
     if a.metric:
         scores = METRICS[a.metric](ans, qs)
         print(json.dumps(scores, indent=2))

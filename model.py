@@ -811,9 +811,15 @@ _HF_DEFAULTS = {
 }
 
 
+def _is_mistral(c):
+    """A Mistral decoder: model_type "mistral" / "llava_mistral", or (VW-LMM's release: model_type
+    "llava", a LlavaConfig subclassing MistralConfig) an architecture named Mistral."""
+    archs = c.get("architectures") or []
+    return "mistral" in str(c.get("model_type", "llama")) or any("mistral" in str(a).lower() for a in archs)
+
+
 def decoder_config_from_hf(c, where):
-    kind = c.get("model_type", "llama")
-    kind = "mistral" if "mistral" in kind else "llama"
+    kind = "mistral" if _is_mistral(c) else "llama"
     c = {**_HF_DEFAULTS[kind], **c}
     act = c.get("hidden_act", "silu")
     if act != "silu":
@@ -845,8 +851,22 @@ def vision_config_from_hf(c, where, select_layer=-2, defaults="clip_vision_model
                         eps=c["layer_norm_eps"], select_layer=select_layer)
 
 
-def _template_for(dec: DecoderConfig):
+def _template_for(dec: DecoderConfig, c=None):
+    """The chat template a checkpoint was trained with: the VW-LMM authors' Mistral model
+    (vwMistralForCausalLM) uses their own "mistral" style (vw_mistral), other Mistral decoders
+    LLaVA's mistral_instruct, LLaMA / Vicuna decoders vicuna_v1 (docs/llava_data.md)."""
+    if any(str(a).startswith("vwMistral") for a in (c or {}).get("architectures") or []):
+        return "vw_mistral"
     return "mistral_instruct" if dec.kind == "mistral" else "vicuna_v1"
+
+
+def _is_pif(c, path):
+    """VW-LMM's pif checkpoint (pseudo image features, Eq. 8): architectures vwPifLlamaForCausalLM,
+    or a VW-LMM checkpoint (a vw* architecture) with "pif" in its directory's name, which is what
+    the authors' loader keys on."""
+    archs = [str(a) for a in c.get("architectures") or []]
+    name = os.path.basename(os.path.normpath(path))
+    return any(a.startswith("vwPif") for a in archs) or (any(a.startswith("vw") for a in archs) and "pif" in name)
 
 
 def _clip_config(path):
@@ -904,7 +924,7 @@ def load_pretrained(cls, path, dtype, device, vision_path, overrides):
         else:
             vis = vision_config_from_hf(c.get("vision_config") or {}, cpath, layer, defaults="llava_vision")
         cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=c.get("image_token_index", IMAGE_TOKEN_ID),
-                          template=_template_for(dec))
+                          template=_template_for(dec, c), pseudo_image_features=_is_pif(c, path))
     cfg = replace(cfg, **overrides)
     with torch.device("meta"):
         model = cls(cfg)

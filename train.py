@@ -3,19 +3,27 @@ Train nanoVT: the four stages of VT-LMM (SPEC §3), one code path from one CPU p
 `torchrun --nproc_per_node=8` (FSDP2 + bf16).
 
     python train.py configs/tiny.py                      # seconds on a CPU
-    python train.py configs/shapes.py                    # the demo: stages 0, I-IV, then eval
+    python train.py configs/shapes.py                    # the demo: stages 0, I-IV, then eval (shapes.py)
     torchrun --nproc_per_node=8 train.py configs/stage4_mistral.py --micro_batch=8
     python train.py configs/tiny.py --resume             # continue from the last checkpoint
 
 A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them.
 A config that sets `stages` (a list of dicts of overrides) runs them in order, each starting
 from the final checkpoint of the one before.
+
+A config may name a side module in `hook`, with its settings: the demo's
+`hook = dict(module="shapes", dir="data/shapes", ...)` (shapes.py). train.py knows nothing else of it
+and calls three of its functions: prepare_data(cfg) on the main process at the start of each stage,
+the others waiting; prepare_model(cfg, model, d) on every process once the model is built, before
+anything is frozen or sharded, unless the stage resumes; after_run(cfg, final) on the main process
+after the last of `stages`. `--hook.dir=x` sets one entry.
 """
 
 import ast
 import contextlib
 import dataclasses
 import datetime
+import importlib
 import json
 import math
 import os
@@ -28,7 +36,6 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import checkpoint
 import data
@@ -47,8 +54,6 @@ class TrainConfig:
     vision_path: str = ""          # the CLIP tower of an original-LLaVA / VW-LMM checkpoint
     model: dict = field(default_factory=dict)  # a fresh model: VTLMMConfig fields (vision/decoder dicts)
     reinit: tuple = ()             # modules to re-initialise after loading, e.g. ("adapter",)
-    vision_pretrain_epochs: float = 0.0  # toy stage 0 only: first teach the vision tower the shapes world's cells
-    vision_pretrain_lr: float = 2e-3
     freeze: tuple = ()             # modules the stage would train but keeps frozen, e.g. ("vision",) in stage 0
     pseudo_image_features: Optional[bool] = None  # Eq. 8 switch (None: as the checkpoint says)
     vm_loss: bool = True           # stage IV: False trains LM only on the same data (ablation control)
@@ -60,9 +65,6 @@ class TrainConfig:
     max_len: int = 2048
     group_by_length: bool = True
     strict_data: bool = False
-    shapes_dir: str = ""           # generate the shapes world here first if it is missing
-    shapes_images: int = 10000
-    shapes_image_size: int = 64
     num_workers: int = 0
     # optimisation (SPEC §3: AdamW, no weight decay, cosine with 3% warm-up)
     global_batch: int = 128
@@ -95,9 +97,8 @@ class TrainConfig:
     allow_resume_changes: bool = False  # --resume although stage, data, batch or schedule differ
     max_skipped_steps: int = 3     # non-finite steps in a row skipped (no update) before the run stops
     dist_timeout_min: float = 30.0  # process-group timeout (NCCL's default is 10 minutes)
-    eval: bool = False             # after the last stage, score the shapes held-out sets (eval.py)
-    eval_limit: int = 0
     stages: list = field(default_factory=list)
+    hook: dict = field(default_factory=dict)  # dict(module="shapes", ...): a side module's settings (see top)
 
 
 # What each stage trains and with which loss (SPEC §3). The vision tower is never trained,
@@ -145,11 +146,14 @@ def check_fields(d, where):
 
 def load_config(argv):
     """argv: [CONFIG_FILE] [--key=value ...] -> TrainConfig."""
-    values = {}
+    values, entries = {}, []
     for arg in argv:
         if arg.startswith("--"):
             key, eq, val = arg[2:].partition("=")
             key = key.replace("-", "_")
+            if "." in key:  # --hook.dir=x: one entry of a dict field, set after the files are read
+                entries.append((key, val))
+                continue
             default = getattr(TrainConfig(), key, None)
             check_fields([key], "command line")
             values[key] = True if not eq and isinstance(default, bool) else _coerce(key, val, default)
@@ -161,6 +165,21 @@ def load_config(argv):
                            and not isinstance(v, type(sys))}
             check_fields(file_values, arg)
             values = {**file_values, **values}
+    for key, val in entries:
+        name, sub = key.split(".", 1)
+        check_fields([name], "command line")
+        fields = values.get(name, getattr(TrainConfig(), name))
+        if not isinstance(fields, dict):
+            raise ValueError(f"--{key}: {name} is not a dict")
+        fields = dict(fields)
+        if sub in fields:  # the type of the entry the config gives
+            fields[sub] = _coerce(key, val, fields[sub])
+        else:  # a new entry: a Python literal, else the string itself
+            try:
+                fields[sub] = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                fields[sub] = val
+        values[name] = fields
     cfg = TrainConfig(**values)
     for s in cfg.stages:
         check_fields(s, "stages")
@@ -234,75 +253,13 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32):
     return model
 
 
-def pretrain_vision_on_shapes(model, cfg, d: Dist):
-    """The demo's stand-in for CLIP's own pretraining (toy stage 0 only; the paper's stages never
-    train the vision tower). A from-scratch tower that learns only through the LM loss of a few
-    thousand answers does not learn to see small shapes, so here it first learns, with a linear probe
-    thrown away afterwards, what each cell of the world's 3x3 grid holds (empty, or one of 24 colour
-    and shape pairs), which cell it is, and the background colour. Training images only; every
-    process runs the same steps from the same seed, before any sharding. Returns the cell accuracy
-    over the last epoch's batches."""
-    world = json.loads(open(os.path.join(cfg.shapes_dir, "world.json")).read())
-    vc = model.cfg.vision
-    g = vc.image_size // vc.patch_size
-    if g % 3:
-        raise ValueError(f"vision pretraining pools the {g}x{g} patch grid into the world's 3x3 cells; "
-                         f"image_size / patch_size must be a multiple of 3")
-    n_train = world["counts"]["train_images"]
-    labels = [data.cell_labels(data.scene_of(world["seed"], i)) for i in range(n_train)]
-    cells = torch.tensor([c for c, _ in labels])
-    backgrounds = torch.tensor([b for _, b in labels])
-    from PIL import Image
-    pixels = torch.stack([data.process_image(Image.open(os.path.join(cfg.shapes_dir, f"images/{i:06d}.png")),
-                                             vc.image_size) for i in range(n_train)])
-    torch.manual_seed(cfg.seed)
-    vision = model.vision
-    cell_head = torch.nn.Linear(vc.width, 1 + len(data.COLORS) * len(data.SHAPES))
-    bg_head = torch.nn.Linear(vc.width, len(data.BACKGROUNDS))
-    where_head = torch.nn.Linear(vc.width, 9)
-    params = [p for m in (vision, cell_head, bg_head, where_head) for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.vision_pretrain_lr, weight_decay=0.0, foreach=False)
-    batch = 64
-    per_epoch = n_train // batch
-    total = max(1, round(per_epoch * cfg.vision_pretrain_epochs))
-    vcfg = dataclasses.replace(cfg, warmup_ratio=0.05, lr=cfg.vision_pretrain_lr)
-    k = g // 3
-
-    def loss_and_hits(idx):
-        f = vision(pixels[idx])  # (B, g*g, width) -> mean over each cell's k x k patches
-        f = f.view(len(idx), 3, k, 3, k, vc.width).mean((2, 4)).reshape(len(idx), 9, vc.width)
-        logits = cell_head(f)
-        loss = (F.cross_entropy(logits.flatten(0, 1), cells[idx].flatten())
-                + F.cross_entropy(bg_head(f.mean(1)), backgrounds[idx])
-                + F.cross_entropy(where_head(f).flatten(0, 1), torch.arange(9).repeat(len(idx))))
-        return loss, (logits.argmax(-1) == cells[idx]).float().mean()
-
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc="stage 0: vision", dynamic_ncols=True,
-               disable=not d.main or (not sys.stderr.isatty() and not os.environ.get("NANOVT_PROGRESS")))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, hits = 0, []
-    while step < total:
-        perm = torch.randperm(n_train, generator=gen)
-        for j in range(per_epoch):
-            if step == total:
-                break
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, vcfg)
-            loss, acc = loss_and_hits(perm[j * batch:(j + 1) * batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            hits = (hits + [acc.item()])[-per_epoch:]
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", cells=f"{sum(hits) / len(hits):.3f}")
-    bar.close()
-    acc = sum(hits) / len(hits)
-    if d.main:
-        print(f"stage 0: vision pretrained on the shapes world's cells, {total} steps of {batch} images; "
-              f"cell accuracy over the last epoch's batches {acc:.3f}")
-    return acc
+def load_hook(cfg):
+    """The module `cfg.hook` names (its "module" entry), or None."""
+    if not cfg.hook:
+        return None
+    if "module" not in cfg.hook:
+        raise ValueError(f"hook {cfg.hook}: name the module, e.g. hook = dict(module=\"shapes\", ...)")
+    return importlib.import_module(cfg.hook["module"])
 
 
 def set_trainable(model, stage, freeze=()):
@@ -350,6 +307,8 @@ def resolve_dtype(cfg, d):
 
 def stage_template(cfg, model):
     if cfg.template:
+        if cfg.template not in data.TEMPLATES:
+            raise ValueError(f"template {cfg.template!r} is unknown; choose from {data.TEMPLATES}")
         return cfg.template
     return "plain" if cfg.stage in (0, 1) else model.cfg.template
 
@@ -371,6 +330,16 @@ def build_dataset(cfg, model, tok):
                                      mc.image_token_id, image_folder=folder, strict=cfg.strict_data)
     return data.LlavaDataset(cfg.data_path, folder, tok, stage_template(cfg, model), mc.vision.image_size,
                              mc.vision.num_patches, mc.image_token_id, max_len=cfg.max_len, strict=cfg.strict_data)
+
+
+def data_report(dataset, d: Dist):
+    """The dataset's report with the samples skipped while loading on every rank (each rank loads
+    its own share; DataLoader workers' skips reached it with the batches)."""
+    if d.world > 1:
+        per_rank = [None] * d.world
+        dist.all_gather_object(per_rank, dataset.load_skips())
+        dataset.merge_load_skips(per_rank)
+    return dataset.report()
 
 
 def batches(dataset, cfg, d: Dist, tok, epoch, skip):
@@ -456,8 +425,9 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if cfg.shapes_dir and d.main:
-        data.ensure_shapes_world(cfg.shapes_dir, n_images=cfg.shapes_images, image_size=cfg.shapes_image_size)
+    hook = load_hook(cfg)
+    if hook and d.main:
+        hook.prepare_data(cfg)
     if d.world > 1:
         dist.barrier()
     final = os.path.join(cfg.out_dir, "final")
@@ -468,11 +438,8 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
         raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
                          f"{model.cfg.decoder.vocab_size}")
     objective = STAGES[cfg.stage]["objective"]
-    if cfg.vision_pretrain_epochs:
-        if cfg.stage != 0 or not cfg.shapes_dir:
-            raise ValueError("vision_pretrain_epochs is for the toy stage 0 on the shapes world (shapes_dir)")
-        if not (cfg.resume and checkpoint.latest(cfg.out_dir)):
-            pretrain_vision_on_shapes(model, cfg, d)
+    if hook and not (cfg.resume and checkpoint.latest(cfg.out_dir)):  # resumed: the checkpoint has it
+        hook.prepare_model(cfg, model, d)
     if objective == "mm" and not cfg.vm_loss:
         objective = "mm_lm"
     trainable = set_trainable(model, cfg.stage, cfg.freeze)
@@ -514,7 +481,8 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
         print(f"stage {cfg.stage} ({objective}): {len(dataset)} samples, {total} steps of {cfg.global_batch} "
               f"({cfg.micro_batch} x {d.world} processes x {accum} accumulation), trains {len(trainable)} "
               f"tensors / {n_trainable:,} parameters"
-              + (f", resumed at step {step}" if ckpt else ""))
+              + (f", resumed at step {step}" if ckpt else "")
+              + (f"; data as read: {dataset.report()}" if dataset.skipped or dataset.repaired else ""))
 
     use_autocast = resolve_dtype(cfg, d) == "bf16" and not fsdp
     amp = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
@@ -540,6 +508,8 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
             data_pos = None
             it = batches(dataset, cfg, d, tok, pos["epoch"], pos["samples_in_epoch"] // d.world)
         micro = [next(it) for _ in range(accum)]
+        for b in micro:  # skips made in DataLoader workers are counted here, in the main process
+            dataset.note_skipped(b["skipped"])
         counts = torch.zeros(2, dtype=torch.float64)
         for b in micro:
             n_lm, n_vm = losses.count_positions(b["labels"], b["input_ids"] == model.cfg.image_token_id)
@@ -621,10 +591,15 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
     if bar:
         bar.close()
     ckptr.close()
-    checkpoint.save_final(final, model, plain.cfg.to_dict(), tok_file, cfg.final_dtype, {"run_id": run_id, "stage": cfg.stage, "step": step, "skipped": skipped},
+    checkpoint.save_final(final, model, plain.cfg.to_dict(), tok_file, cfg.final_dtype,
+                          {"run_id": run_id, "stage": cfg.stage, "step": step, "skipped": skipped},
                           timeout_s=60 * cfg.dist_timeout_min)
+    report = data_report(dataset, d)
     if d.main:
-        print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {dataset.report()}")
+        print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {report}")
+        with open(os.path.join(cfg.out_dir, "data_report.json"), "w") as f:
+            json.dump({"report": report, "skipped": dict(dataset.skipped), "repaired": dict(dataset.repaired),
+                       "missing": dataset.missing}, f, indent=1)
     return final
 
 
@@ -693,10 +668,9 @@ def run(cfg: TrainConfig):
             prev = train_stage(scfg, d)
             if prev is None:  # stopped early (stop_at): the next stages wait for --resume
                 return None
-        if cfg.eval and d.main:
-            import eval as evaluate
-            evaluate.shapes_report(prev, cfg.shapes_dir, limit=cfg.eval_limit,
-                                   out_path=os.path.join(cfg.out_dir, "eval.json"))
+        hook = load_hook(cfg)
+        if hook and d.main:
+            hook.after_run(cfg, prev)
         return prev
     finally:
         if d.world > 1 and dist.is_initialized():

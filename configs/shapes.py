@@ -2,12 +2,14 @@
 #   python train.py configs/shapes.py
 # No pretrained CLIP or LLM can be downloaded here, so a toy stage 0 stands in for them: the vision
 # tower first learns what each cell of the world's 3x3 grid holds (a supervised stand-in for CLIP's
-# pretraining, train.pretrain_vision_on_shapes), then, with the tower frozen, the decoder, adapter and
-# MM head learn language and looking from the instruction data. Then the adapter and VM head start
-# afresh and stages I-IV run as in the paper (SPEC §3); the held-out sets are scored at the end.
-shapes_dir = "data/shapes"
-shapes_images = 10000
-shapes_image_size = 48
+# pretraining, shapes.pretrain_vision), then, with the tower frozen, the decoder, adapter and MM head
+# learn language and looking from the instruction data. Then the adapter and VM head start afresh and
+# stages I-IV run as in the paper (docs/method.md §Stages); the held-out sets are scored at the end.
+# shapes.py does the toy's part (the world, stage 0's vision pretraining, the report): train.py calls it
+# through `hook`, whose entries are shapes.ShapesConfig's fields.
+hook = dict(module="shapes", dir="data/shapes", images=10000, image_size=48,
+            vision_epochs=12, vision_lr=2e-3,  # stage 0 only
+            report=True, report_limit=0)       # after stage IV: all 1,000 short-answer and 3,000 POPE questions
 tokenizer = "data/shapes/tokenizer.model"
 out_dir = "out/shapes"
 # 16-pixel patches: one patch per cell of the 3x3 grid, 9 image tokens per picture
@@ -20,12 +22,11 @@ global_batch = 32          # one process, no accumulation: 32 samples per step
 log_every = 25
 save_every = 100
 activation_checkpointing = False
-eval = True
 _captions = "data/shapes/stage1_captions.json"
 _instruct = "data/shapes/instruct.json"
 stages = [
     dict(stage=0, out_dir="out/shapes/stage0", data_path=_instruct, template="vicuna_v1", lr=1e-3,
-         warmup_ratio=0.1, epochs=1.25, vision_pretrain_epochs=12, freeze=("vision",)),
+         warmup_ratio=0.1, epochs=1.25, freeze=("vision",)),
     dict(stage=1, out_dir="out/shapes/stage1", data_path=_captions, reinit=("adapter", "vm_head"), lr=2e-3,
          epochs=0.5),
     dict(stage=2, out_dir="out/shapes/stage2", data_path=_instruct, lr=1e-3, epochs=1),

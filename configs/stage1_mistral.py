@@ -1,4 +1,4 @@
-# Stage I (SPEC §3): align the adapter on LCS-558K captions, plain template, LM loss (Eq. 4).
+# Stage I (docs/method.md §Stages): align the adapter on LCS-558K captions, plain template, LM loss (Eq. 4).
 #   torchrun --nproc_per_node=8 train.py configs/stage1_mistral.py
 # global batch 256 = 32 per GPU x 8 GPUs x 1 accumulation step
 stage = 1

@@ -1,4 +1,4 @@
-# Stage II (SPEC §3): instruction tuning on llava_v1_5_mix665k, vicuna_v1 template, LM loss (Eq. 4).
+# Stage II (docs/method.md §Stages): instruction tuning on llava_v1_5_mix665k, vicuna_v1 template, LM loss (Eq. 4).
 # Trains decoder, MM head and adapter; FSDP2 full sharding.
 #   torchrun --nproc_per_node=8 train.py configs/stage2_vicuna.py
 # global batch 128 = 16 per GPU x 8 GPUs x 1 accumulation step

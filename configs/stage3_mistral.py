@@ -1,4 +1,4 @@
-# Stage III (SPEC §3): fit the VM head to the frozen stage-II model on the LCS-558K images
+# Stage III (docs/method.md §Stages): fit the VM head to the frozen stage-II model on the LCS-558K images
 # (BOS + image patches, no text), VM-fit loss (Eq. 9). Only the VM head trains.
 #   torchrun --nproc_per_node=8 train.py configs/stage3_mistral.py
 # To start from a released LLaVA-1.5 instead: --init_from=weights/llava-1.5-7b-hf

@@ -1,4 +1,4 @@
-# Stage IV (SPEC §3): visual modeling. llava_v1_5_mix665k again, MM loss = LM + VM (Eq. 7):
+# Stage IV (docs/method.md §Stages): visual modeling. llava_v1_5_mix665k again, MM loss = LM + VM (Eq. 7):
 # the VM head's visual-token distributions are the targets at image positions (Eq. 6).
 # Trains decoder and MM head; adapter and VM head frozen; FSDP2 full sharding.
 #   torchrun --nproc_per_node=8 train.py configs/stage4_vicuna.py

@@ -1,7 +1,5 @@
 # A few seconds on one CPU: a tiny random model on a small shapes world. Tests use it.
-shapes_dir = "data/shapes-tiny"
-shapes_images = 240
-shapes_image_size = 32
+hook = dict(module="shapes", dir="data/shapes-tiny", images=240, image_size=32)  # builds the world first
 tokenizer = "data/shapes-tiny/tokenizer.model"
 data_path = "data/shapes-tiny/instruct.json"
 out_dir = "out/tiny"

@@ -10,7 +10,7 @@ from tiny_ckpt import make_world
 def test_tiny_ablation_end_to_end(tmp_path, capsys):
     world = make_world(tmp_path / "world", n_images=160)
     out = tmp_path / "ablate"
-    argv = ["--tiny", "--seeds=0", f"--shapes_dir={world}", f"--out_dir={out}", "--eval_limit=6"]
+    argv = ["--tiny", "--seeds=0", f"--hook.dir={world}", f"--out_dir={out}", "--hook.report_limit=6"]
     ablate.run(*ablate.parse_args(argv), argv=argv)
     table = (out / "ablation.md").read_text()
     for label, _ in ablate.VARIANTS.values():

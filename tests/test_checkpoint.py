@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import data
+import shapes
 import train
 from model import VTLMM
 
@@ -29,12 +30,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("shapes")
-    data.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
+    shapes.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
     return d
 
 
 def args(world, out, *extra):
-    return [os.path.join(ROOT, "configs/tiny.py"), "--shapes_dir=", f"--tokenizer={world}/tokenizer.model",
+    return [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={world}/tokenizer.model",
             f"--data_path={world}/instruct.json", f"--out_dir={out}", "--log_every=1", *extra]
 
 

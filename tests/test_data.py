@@ -1,12 +1,11 @@
 """data.py: templates and label masks, whole-prompt tokenisation, LLaVA's image recipe against
-transformers' CLIP processor, every bad input's documented outcome, sampler, shapes world."""
+transformers' CLIP processor, every bad input's documented outcome, sampler."""
 
 import base64
 import io
 import json
 import logging
 import struct
-import time
 import zlib
 
 import numpy as np
@@ -227,14 +226,15 @@ def _dataset(root, sp_tok, **kw):
 def test_bad_inputs_are_skipped_counted_and_warned_once(bad_world, sp_tok, caplog):
     with caplog.at_level(logging.WARNING, logger="nanovt.data"):
         ds = _dataset(bad_world, sp_tok)
-        # text-level problems are found at init
-        assert [s["id"] for s in ds.samples] == ["ok-image", "ok-text", "no-tag", "truncated", "corrupt", "missing",
+        # text-level problems and missing files are found at init
+        assert [s["id"] for s in ds.samples] == ["ok-image", "ok-text", "no-tag", "truncated", "corrupt",
                                                  "bomb", "bomb2", "too-long", "ok-last"]
-        assert sum(ds.skipped.values()) == 4
+        assert sum(ds.skipped.values()) == 5
         items = [ds[i] for i in range(len(ds))] + [ds[i] for i in range(len(ds))]  # two epochs
     ok = {"ok-image", "ok-text", "no-tag", "ok-last"}
     assert {it["id"] for it in items} == ok  # every bad one replaced by the next good one
-    assert ds.skipped == {"empty conversations": 1, "first turn is from the assistant": 1,
+    # gpt-first: LLaVA drops the first turn from gpt, and then nothing is left
+    assert ds.skipped == {"empty conversations": 2,
                           "2 <image> tags (one image per sample)": 1, "<image> tag but no image file": 1,
                           "bad image": 2, "missing image file": 1, "decompression bomb": 2, "too long": 1}
     for bad in ["truncated", "corrupt", "missing", "bomb", "bomb2", "too-long", "two-tags", "empty", "gpt-first"]:
@@ -244,14 +244,17 @@ def test_bad_inputs_are_skipped_counted_and_warned_once(bad_world, sp_tok, caplo
     assert (no_tag["input_ids"] == IMAGE_TOKEN_ID).sum() == 4 and no_tag["pixel_values"].shape == (3, 32, 32)
     assert next(it for it in items if it["id"] == "ok-text")["pixel_values"] is None
     # skips made while loading reach the batch, so the main process can count them across workers
-    assert [s for s, _ in ds[3]["skipped"]] == ["truncated", "corrupt", "missing", "bomb", "bomb2", "too-long"]
+    assert [s for _, s, _ in ds[3]["skipped"]] == ["truncated", "corrupt", "bomb", "bomb2", "too-long"]
 
 
 def test_strict_fails_fast(bad_world, sp_tok):
     with pytest.raises(ValueError, match="sample two-tags: 2 <image> tags"):
         _dataset(bad_world, sp_tok, strict=True)
     rows = json.loads((bad_world / "data.json").read_text())
-    for bad, match in [("truncated", "bad image.*truncated"), ("corrupt", "bad image"), ("missing", "missing"),
+    (bad_world / "one.json").write_text(json.dumps([r for r in rows if r["id"] == "missing"]))
+    with pytest.raises(ValueError, match="sample missing: missing image file"):  # found when read
+        data.LlavaDataset(bad_world / "one.json", None, sp_tok, "vicuna_v1", 32, 4, strict=True)
+    for bad, match in [("truncated", "bad image.*truncated"), ("corrupt", "bad image"),
                        ("bomb", "decompression bomb"), ("bomb2", "decompression bomb"),
                        ("too-long", "image block|no answer")]:
         (bad_world / "one.json").write_text(json.dumps([r for r in rows if r["id"] == bad]))
@@ -339,70 +342,3 @@ def test_image_only_dataset(bad_world, sp_tok, tmp_path):
     ds = data.ImageOnlyDataset(bad_world / "data.json", sp_tok, 16, 4)  # images of a LLaVA JSON
     assert {ds[i]["id"] for i in range(len(ds))} == {"ok-image", "no-tag", "ok-last", "two-tags", "gpt-first", "too-long"}
     assert ds.skipped["bad image"] == 2 and ds.skipped["missing image file"] == 1
-
-
-# ---------------------------------------------------------------------------- shapes world
-
-def test_shapes_world(tmp_path):
-    w = data.make_shapes_world(tmp_path / "a", n_images=200, seed=5, vocab_size=600)
-    data.make_shapes_world(tmp_path / "b", n_images=200, seed=5, vocab_size=600, workers=1)
-    for name in ["stage1_captions.json", "instruct.json", "eval_pope.jsonl", "eval_short.jsonl", "text_corpus.txt",
-                 "tokenizer.model", "images/000123.png"]:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name  # deterministic
-    root = tmp_path / "a"
-    tok = data.load_tokenizer(root)
-    assert all(len(tok.encode(wd)) == 1 for wd in ["red", "circle", "yes", "No", "triangle", "purple", "USER"])
-    instruct = json.loads((root / "instruct.json").read_text())
-    train_images = {s["image"] for s in instruct if "image" in s}
-    assert any("image" not in s for s in instruct) and any(len(s["conversations"]) >= 4 for s in instruct)
-    assert all(data.check_conversations(s) is None for s in instruct)
-    pope = [json.loads(l) for l in (root / "eval_pope.jsonl").read_text().splitlines()]
-    short = [json.loads(l) for l in (root / "eval_short.jsonl").read_text().splitlines()]
-    assert {p["category"] for p in pope} == {"random", "popular", "adversarial"}
-    assert sum(p["label"] == "yes" for p in pope) * 2 == len(pope)
-    assert all(q["text"].endswith(data.SHORT) for q in short + pope)
-    assert not train_images & {q["image"] for q in pope + short}  # evaluation images are held out
-    assert w["counts"]["eval_images"] == 10 and json.loads((root / "world.json").read_text())["seed"] == 5
-    im = Image.open(root / pope[0]["image"])
-    assert im.size == (64, 64) and im.mode == "RGB"
-    # a real batch through the sampler and loader
-    ds = data.LlavaDataset(root / "instruct.json", None, tok, "vicuna_v1", 64, 64)
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=data.make_sampler(ds, 8, seed=0),
-                                         collate_fn=lambda s: data.collate(s, tok.pad_id))
-    b = next(iter(loader))
-    n_img = 0 if b["pixel_values"] is None else len(b["pixel_values"])
-    assert (b["input_ids"] == IMAGE_TOKEN_ID).sum() == 64 * n_img and (b["labels"] != IGNORE_INDEX).any()
-    assert sum(ds.skipped.values()) == 0
-
-
-def test_shapes_world_cell_labels_and_rebuild_of_old_versions(tmp_path):
-    for i in range(50):  # the labels the toy vision pretraining learns say what the caption says
-        scene = data.scene_of(0, i)
-        cells, bg = data.cell_labels(scene)
-        said = {(data.CELLS[k], list(data.COLORS)[(v - 1) // 4], data.SHAPES[(v - 1) % 4]) for k, v in enumerate(cells) if v}
-        assert said == {(data.CELLS[cell], c, s) for c, s, _, cell in scene["objects"]}
-        assert list(data.BACKGROUNDS)[bg] == scene["background"]
-        assert f"on a {scene['background']} background" in data.caption(scene)
-    root = tmp_path / "w"
-    data.ensure_shapes_world(root, n_images=60, vocab_size=600, workers=1)
-    w = json.loads((root / "world.json").read_text())
-    assert w["version"] == data.WORLD_VERSION
-    instruct = json.loads((root / "instruct.json").read_text())
-    assert max(len(s["conversations"]) for s in instruct) == 2 * w["turns_per_image"]
-    (root / "world.json").write_text(json.dumps({**w, "version": 1}))  # a world from an older generator
-    (root / "instruct.json").write_text("[]")
-    data.ensure_shapes_world(root, n_images=60, vocab_size=600, workers=1)
-    assert json.loads((root / "instruct.json").read_text()) == instruct
-
-
-@pytest.mark.slow
-def test_shapes_world_10k_is_fast(tmp_path):
-    t = time.time()
-    w = data.make_shapes_world(tmp_path, n_images=10_000, workers=2)
-    assert time.time() - t < 60 and len(list((tmp_path / "images").iterdir())) == 10_000
-    assert w["counts"]["stage1"] == 9500
-    tok = data.load_tokenizer(tmp_path)
-    for s in json.loads((tmp_path / "instruct.json").read_text()):
-        for turn in s["conversations"][1::2]:  # every answer starts with a piece the label mask supervises:
-            # a bare "▁" (before a digit, say) belongs to "ASSISTANT: " and would never be learned
-            assert tok.piece(tok.encode("ASSISTANT: " + turn["value"])[2]) != "▁", turn["value"]

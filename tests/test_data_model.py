@@ -3,12 +3,13 @@
 import torch
 
 import data
+import shapes
 import losses
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
 
 
 def test_shapes_batch_through_model_and_losses(tmp_path):
-    data.make_shapes_world(tmp_path, n_images=64, vocab_size=600, workers=1)
+    shapes.make_shapes_world(tmp_path, n_images=64, vocab_size=600, workers=1)
     tok = data.load_tokenizer(tmp_path)
     torch.manual_seed(0)
     model = VTLMM(VTLMMConfig(vision=VisionConfig(image_size=64, patch_size=8, width=32, layers=2, heads=2, mlp=64),

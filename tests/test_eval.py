@@ -1,4 +1,5 @@
-"""eval.py: the metrics on hand-made answer sets (numbers computed by hand), and resumable answering."""
+"""eval.py: the metrics on hand-made answer sets (numbers computed by hand), resumable answering, bad input,
+batch-invariant greedy answers, and one benchmark end to end on files laid out as LLaVA-1.5's eval data."""
 
 import json
 import os
@@ -29,6 +30,7 @@ def test_pope_by_hand():
          "There is no doubt. Yes."],     # FN
         key="label", category=["random"] * 5 + ["adversarial"] * 5)
     r = evaluate.score_pope(answers, qs)
+    assert r["mean_f1"] == pytest.approx((0.8 + 1 / 3) / 2)  # Table 1's POPE figure: the categories' mean F1
     # TP 3, FN 2, TN 2, FP 3
     assert r["n"] == 10 and r["accuracy"] == 0.5 and r["precision"] == 0.5 and r["recall"] == 0.6
     assert r["f1"] == pytest.approx(0.6 / 1.1) and r["yes_ratio"] == 0.6
@@ -38,28 +40,50 @@ def test_pope_by_hand():
     assert adv["f1"] == pytest.approx(1 / 3)
 
 
-def test_vqa_normalisation_and_score_by_hand():
-    n = evaluate.normalize_answer
-    assert n("Two.") == "2" and n("2.") == "2" and n("3.5") == "3.5"
-    assert n("Black-and-white") == "black and white"  # a mark inside a word becomes a space
-    assert n("yes, it is") == "yes it is" and n("1,000") == "1000"  # next to a space / in a number: dropped
-    assert n("The  Red  circle!") == "red circle" and n("isnt") == "isn't" and n("None") == "0"
-    answers, qs = qa(["2", "black and white", "red", "1000", "3.5", "circle", ["top left", "upper left"], "yes",
-                      "isn't"],
-                     ["Two.", "Black-and-white", "The red.", "1,000", "3.5", "circles", "Upper left!", "yes, it is",
-                      "isnt"])
+def test_vqa_metric_is_vqa_accuracy():
+    # a gold string counts as ten annotators agreeing; a list is the ten human answers (VQA accuracy)
+    answers, qs = qa(["2", "black and white", "red", "circle", ["red"] * 2 + ["blue"] * 8],
+                     ["Two.", "Black-and-white", "The red.", "circles", "red"])
     r = evaluate.score_vqa(answers, qs)
-    assert r == {"accuracy": 7 / 9, "n": 9}  # misses: "circles", "yes it is"
+    assert r == {"accuracy": pytest.approx((1 + 1 + 1 + 0 + 0.6) / 5), "n": 5}  # 2 of 10 humans: 0.6
 
 
-def test_multiple_choice_by_hand():
-    answers, qs = qa(["B", "C", "A", "D", "A", "B", "B", "E", "(C)"],
+def test_multiple_choice_is_llava_scienceqa_rule():
+    # gold: ScienceQA's integer index (a letter is read as its index); parsed as LLaVA's scorer does
+    answers, qs = qa([1, 2, 0, 3, 0, 1, 1, 4, "C"],
                      ["B", "C. Paris", "(A)", "The answer is D.", "A cat sat", "b",
                       "The answer is A. The answer is B.", "E", "C"],
                      choices=[None] * 7 + [["w", "x", "y", "z"], None])
-    assert [evaluate.mc_letter(a["text"]) for a in answers[:7]] == ["B", "C", "A", "D", None, None, None]
-    r = evaluate.score_mc(answers, qs)
-    assert r == {"accuracy": 5 / 9, "n": 9}  # "E" is not one of 4 choices
+    r = evaluate.score_sqa(answers, qs)
+    assert r["accuracy"] == 4 / 9 and r["n"] == 9  # "(A)" fails; "E" is not one of 4 choices
+
+
+def test_duplicate_question_ids_are_refused(setup, tmp_path):
+    world, ckpt, _, qs = setup
+    model, tok = evaluate.load_model(ckpt)
+    dup = qs[:3] + [dict(qs[1], text="Is there a square?")]
+    with pytest.raises(ValueError, match=rf"question_id.*\[{qs[1]['question_id']}\]"):
+        evaluate.answer_file(model, tok, dup, world, str(tmp_path / "a.jsonl"), progress=False)
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_missing_image_is_reported_and_the_batch_answered(setup, tmp_path, capsys):
+    world, ckpt, _, qs = setup
+    model, tok = evaluate.load_model(ckpt)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    bad = [dict(qs[0], question_id=100, image="images/nothing.png"),
+           dict(qs[1], question_id=101, image=str(tmp_path / "broken.png"))]
+    batch = [qs[2], bad[0], qs[3], bad[1], qs[4]]
+    failed = []
+    got = evaluate.answer_file(model, tok, batch, world, str(tmp_path / "a.jsonl"), batch_size=8,
+                               max_new_tokens=6, progress=False, failed=failed)
+    assert [f[:2] for f in failed] == [(100, "images/nothing.png"), (101, str(tmp_path / "broken.png"))]
+    err = capsys.readouterr().err
+    assert "question 100: cannot read image images/nothing.png" in err and "question 101" in err
+    alone = evaluate.answer_file(model, tok, [qs[2], qs[3], qs[4]], world, str(tmp_path / "b.jsonl"), batch_size=1,
+                                 max_new_tokens=6, progress=False)
+    assert [r["question_id"] for r in got] == [qs[k]["question_id"] for k in (2, 3, 4)]
+    assert [r["text"] for r in got] == [r["text"] for r in alone]  # the rest of the batch, answered as alone
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +130,70 @@ def test_batched_answers_equal_one_by_one(setup, tmp_path):
     b = evaluate.answer_file(model, tok, qs, world, str(tmp_path / "b.jsonl"), batch_size=1, max_new_tokens=6,
                              progress=False)
     assert [r["text"] for r in a] == [r["text"] for r in b]
+
+
+def test_batched_answers_equal_one_by_one_with_text_only_questions(setup, tmp_path):
+    # prompts of different lengths (left padding) and questions without an image in the same batch
+    world, ckpt, _, qs = setup
+    model, tok = evaluate.load_model(ckpt)
+    mixed = [qs[0], {"question_id": "t1", "text": "Say something about circles."}, qs[1],
+             {"question_id": "t2", "text": "Hi"}, qs[2]]
+    a = evaluate.answer_file(model, tok, mixed, world, str(tmp_path / "a.jsonl"), batch_size=5, max_new_tokens=8,
+                             progress=False)
+    b = evaluate.answer_file(model, tok, mixed, world, str(tmp_path / "b.jsonl"), batch_size=1, max_new_tokens=8,
+                             progress=False)
+    assert [r["text"] for r in a] == [r["text"] for r in b] and len(a) == 5
+
+
+def _pope_mean_f1(answers, qs):
+    """Reference written from LLaVA's eval_pope.py: per category, first sentence, 'no' if No/not/no."""
+    cat = {q["question_id"]: (q["category"], q["label"] == "yes") for q in qs}
+    f1s = []
+    for c in sorted({v[0] for v in cat.values()}):
+        tp = fp = fn = 0
+        for a in answers:
+            if cat[a["question_id"]][0] != c:
+                continue
+            words = a["text"].split(".")[0].replace(",", "").split(" ")
+            pred = not any(w in words for w in ("No", "not", "no"))
+            gold = cat[a["question_id"]][1]
+            tp, fp, fn = tp + (pred and gold), fp + (pred and not gold), fn + (not pred and gold)
+        p, r = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+        f1s.append(2 * p * r / (p + r) if p + r else 0.0)
+    return sum(f1s) / len(f1s)
+
+
+def test_benchmark_command_on_llava_layout(setup, tmp_path, capsys):
+    # POPE and VQAv2 laid out as LLaVA-1.5's playground/data/eval: pope/llava_pope_test.jsonl with its
+    # images in pope/val2014 and labels in pope/coco/coco_pope_<category>.json; vqav2 without answers (test-dev)
+    world, ckpt, _, _ = setup
+    qs = [json.loads(line) for line in open(os.path.join(world, "eval_pope.jsonl"))][:9]
+    root = tmp_path / "eval"
+    (root / "pope" / "coco").mkdir(parents=True)
+    os.symlink(world, root / "pope" / "val2014")
+    (root / "pope" / "llava_pope_test.jsonl").write_text(
+        "".join(json.dumps({k: q[k] for k in ("question_id", "image", "text", "category")}) + "\n" for q in qs))
+    for c in ("random", "popular", "adversarial"):
+        (root / "pope" / "coco" / f"coco_pope_{c}.json").write_text(
+            "".join(json.dumps({"label": q["label"]}) + "\n" for q in qs if q["category"] == c))
+    (root / "vqav2").mkdir()
+    os.symlink(world, root / "vqav2" / "test2015")
+    (root / "vqav2" / "llava_vqav2_mscoco_test-dev2015.jsonl").write_text(
+        "".join(json.dumps({"question_id": q["question_id"], "image": q["image"], "text": q["text"]}) + "\n"
+                for q in qs[:3]))
+    out = tmp_path / "out"
+    base = ["--ckpt", ckpt, "--data", str(root), "--out", str(out), "--max-new-tokens", "4", "--device", "cpu",
+            "--batch-size", "4"]
+    r = evaluate.main(base + ["--benchmark", "pope"])
+    answers = evaluate.read_jsonl(str(out / "pope" / "answers.jsonl"))
+    assert len(answers) == 9 and r["headline"] == pytest.approx(_pope_mean_f1(answers, qs))
+    assert json.load(open(out / "pope" / "result.json"))["headline"] == r["headline"]
+    v = evaluate.main(base + ["--benchmark", "vqav2"])
+    assert "headline" not in v  # test-dev: scored by the server, from the submission file
+    sub = json.load(open(out / "vqav2" / "vqav2_test-dev_submission.json"))
+    assert [s["question_id"] for s in sub] == [q["question_id"] for q in qs[:3]]
+    capsys.readouterr()
+    evaluate.main(["--summary", str(out)])
+    head, row = capsys.readouterr().out.splitlines()
+    cells = dict(zip([h.strip() for h in head.split("|")], [c.strip() for c in row.split("|")]))
+    assert cells["POPE"] == f"{100 * r['headline']:.1f}" and cells["VQAv2"] == "-" and cells["GQA"] == "-"

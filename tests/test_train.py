@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
-import data
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,12 +19,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("shapes")
-    data.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
+    shapes.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
     return d
 
 
 def args(world, out, *extra):
-    return [os.path.join(ROOT, "configs/tiny.py"), "--shapes_dir=", f"--tokenizer={world}/tokenizer.model",
+    return [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={world}/tokenizer.model",
             f"--data_path={world}/instruct.json", f"--out_dir={out}", *extra]
 
 
@@ -152,29 +152,6 @@ def test_bf16_autocast_trains(world, start, tmp_path):
                 "--log_every=1"))
     m = metrics(out)
     assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in m)  # finite and sane under bf16 autocast
-
-
-def test_vision_pretraining_learns_the_cells(world):
-    """The demo's toy stand-in for CLIP pretraining: the tower (and only it) learns to name what each
-    cell holds, well above always answering "empty"; stage 0 can then keep it frozen."""
-    cfg = train.load_config(args(world, "unused", f"--shapes_dir={world}", "--stage=0",
-                                 "--vision_pretrain_epochs=120", "--vision_pretrain_lr=3e-3"))
-    cfg.model = dict(vision=dict(image_size=48, patch_size=16, width=48, layers=2, heads=2, mlp=96),
-                     decoder=dict(dim=32, layers=1, heads=2, kv_heads=2, hidden=64, max_seq_len=64))
-    model = train.build_model(cfg, data.load_tokenizer(os.path.join(world, "tokenizer.model")))
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    d = train.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-    acc = train.pretrain_vision_on_shapes(model, cfg, d)
-    n = json.load(open(os.path.join(world, "world.json")))["counts"]["train_images"]
-    cells = torch.tensor([data.cell_labels(data.scene_of(0, i))[0] for i in range(n)])
-    empty = (cells == 0).float().mean().item()
-    assert acc > empty + 0.5 * (1 - empty), (acc, empty)  # half of the way from "all empty" to perfect
-    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], model.state_dict()[k])}
-    assert changed == {"vision"}
-    assert not any(n.startswith("vision.") for n in train.set_trainable(model, 0, freeze=("vision",)))
-    cfg.model["vision"]["patch_size"] = 12  # a 4x4 grid does not pool into 3x3 cells
-    with pytest.raises(ValueError, match="multiple of 3"):
-        train.pretrain_vision_on_shapes(train.build_model(cfg), cfg, d)
 
 
 def test_config_errors(tmp_path):

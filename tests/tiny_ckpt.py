@@ -4,13 +4,14 @@ import os
 import shutil
 
 import data
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_world(path, n_images=120):
-    data.make_shapes_world(path, n_images=n_images, image_size=32, vocab_size=600, workers=1)
+    shapes.make_shapes_world(path, n_images=n_images, image_size=32, vocab_size=600, workers=1)
     return str(path)
 
 

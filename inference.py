@@ -1,0 +1,88 @@
+"""
+Loading a model for inference and building its prompts: what sample.py and eval.py share.
+
+    model, tok = load_model("out/shapes/stage4/final", device="auto", dtype="auto")
+    ids = prompt_ids(model, tok, "What shape is in the center?", has_image=True)
+
+dtype "auto" is bfloat16 on a GPU and float32 on a CPU. Weights are converted tensor by tensor as they
+are read (model.from_pretrained), so a bf16 checkpoint loaded in bf16 never exists in float32: a 7B
+model (about 7.1e9 parameters with its CLIP tower) takes 2 bytes x 7.1e9 = 14.2 GB, which fits one
+24 GB GPU with room for the KV cache, where float32 (28.4 GB) does not.
+"""
+
+import os
+import sys
+
+import torch
+
+import data
+from model import VTLMM
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def resolve_device(device="auto"):
+    """'auto': the GPU if there is one, else the CPU; anything else is passed through."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype="auto", device="cpu"):
+    """'auto': bf16 on a GPU, fp32 on a CPU (bf16 matmuls are slow there); or bf16 / fp16 / fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_features=False, template=None):
+    """(model in eval mode, tokenizer) from a nanoVT checkpoint or a llava-hf directory; the tokenizer
+    is `tokenizer` (a tokenizer.model file or folder) or the one beside the weights. `template`
+    overrides the chat template the checkpoint says it was trained with."""
+    if not os.path.exists(os.path.join(ckpt, "config.json")):
+        raise FileNotFoundError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a "
+                                f"llava-hf directory")
+    device = resolve_device(device)
+    model = VTLMM.from_pretrained(ckpt, dtype=resolve_dtype(dtype, device), device=device).eval()
+    if pseudo_image_features:
+        model.cfg.pseudo_image_features = True  # Eq. 8 at inference
+    if template:
+        if template not in data.TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose one of {', '.join(data.TEMPLATES)}")
+        model.cfg.template = template  # every prompt is rendered in model.cfg.template
+    return model, data.load_tokenizer(tokenizer or ckpt)
+
+
+def prompt_text(model, text, has_image, history=()):
+    """The rendered generation prompt: the chat so far + a new user turn, ending at the assistant's
+    prefix, in the model's own template (the image goes with the first user turn)."""
+    turns = list(history) + [{"from": "human", "value": (data.IMAGE_TAG + "\n" + text) if has_image and
+                              not history else text}]
+    return data.render_conversation(turns, model.cfg.template, has_image=has_image)
+
+
+def prompt_ids(model, tok, text, has_image, history=()):
+    """Token ids of prompt_text(...), image positions holding config.image_token_id."""
+    return data.tokenize_prompt(prompt_text(model, text, has_image, history), tok, model.cfg.image_token_id,
+                                model.cfg.vision.num_patches)
+
+
+def stop_ids(tok):
+    return [tok.eos_id]
+
+
+def add_args(p, device_default="auto"):
+    """The --device / --dtype / --template flags both scripts take."""
+    p.add_argument("--device", default=device_default, help="auto (GPU if any), cuda, cuda:1, cpu, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights' dtype: auto = bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--template", choices=data.TEMPLATES, default=None,
+                   help="chat template (default: the one the checkpoint was trained with)")
+
+
+if __name__ == "__main__":
+    sys.exit("inference.py is a library: run sample.py or eval.py")

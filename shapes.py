@@ -1,0 +1,454 @@
+"""
+The shapes world: a synthetic LLaVA-format dataset small enough for a tiny model on a laptop, and
+everything the demo does with it beside the paper's four stages. train.py knows nothing of it: a
+config names this module in its one `hook` field, and train.py calls the three hook functions below.
+
+Read top to bottom:
+  1. the world       1-4 coloured shapes on a 3x3 grid; captions (stage I), several questions per
+                     image (stages II, IV), held-out short-answer and POPE sets, its own tokenizer:
+                     python shapes.py --out data/shapes
+  2. the hook        the settings a config gives (`hook = dict(module="shapes", dir=..., ...)`) and
+                     prepare_data / prepare_model / after_run, which train.py calls
+  3. stage 0         a supervised pretraining of the vision tower on what each cell holds: the toy's
+                     stand-in for CLIP's own pretraining (the paper's stages never train the tower)
+  4. the report      the held-out sets answered and scored, as the demo prints them
+
+The demo (configs/shapes.py) runs stage 0 and then stages I-IV exactly as the paper's runs do
+(docs/method.md §Stages); docs/experiments.md has what it scored and how it got there.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+import eval as evaluate
+import train
+from data import IMAGE_TAG, SYSTEM_VICUNA, process_image, train_sentencepiece
+
+# -----------------------------------------------------------------------------
+# 1. The world: 1-4 coloured shapes on a 3x3 grid, in LLaVA's formats
+
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 90, 230),
+          "yellow": (240, 210, 40), "purple": (150, 60, 190), "orange": (250, 140, 30)}
+BACKGROUNDS = {"white": (245, 245, 245), "black": (20, 20, 20), "gray": (128, 128, 128)}
+SHAPE_WEIGHTS = (0.35, 0.3, 0.2, 0.15)  # skewed on purpose, so POPE's "popular" negatives mean something
+COLOR_WEIGHTS = (0.25, 0.2, 0.18, 0.15, 0.12, 0.1)
+CELLS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+WHERE = {"top": "at the top", "bottom": "at the bottom", "left": "on the left", "right": "on the right",
+         "center": "in the center"}  # how a cell reads in a sentence; the rest are "at the <cell>"
+SHORT = "Answer the question using a single word or phrase."  # LLaVA's, docs/evaluation.md §Prompts
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "star": "stars"}
+NUMBERS = ("zero", "one", "two", "three", "four")
+
+
+def where(cell):
+    return WHERE.get(cell, "at the " + cell)
+
+
+def article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def there_are(n, noun, plural):
+    return f"There is one {noun}" if n == 1 else f"There are {NUMBERS[n]} {plural}"
+
+
+def sample_scene(rng):
+    """A scene: background and 1-4 objects (color, shape, size, cell), each in its own grid cell."""
+    n = rng.randint(1, 4)
+    objects = [(rng.choices(list(COLORS), COLOR_WEIGHTS)[0], rng.choices(SHAPES, SHAPE_WEIGHTS)[0],
+                rng.choice(("small", "large")), cell) for cell in sorted(rng.sample(range(9), n))]
+    return {"background": rng.choice(list(BACKGROUNDS)), "objects": objects,
+            "jitter": [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in objects]}
+
+
+def scene_of(seed, i):
+    """Image i of the world made with `seed` (each scene has its own generator, so any one can be redrawn)."""
+    return sample_scene(random.Random(f"{seed}/scene/{i}"))
+
+
+def cell_labels(scene):
+    """What each of the 9 cells holds (0: empty, else 1 + 4 * colour + shape) and the background's index:
+    the targets of the demo's toy vision pretraining."""
+    cells = [0] * 9
+    for c, s, _, cell in scene["objects"]:
+        cells[cell] = 1 + 4 * list(COLORS).index(c) + SHAPES.index(s)
+    return cells, list(BACKGROUNDS).index(scene["background"])
+
+
+def draw_scene(scene, size, ss=4):
+    """Render a scene, drawn at ss x the size and box-downsampled (cheap anti-aliasing)."""
+    S = size * ss
+    im = Image.new("RGB", (S, S), BACKGROUNDS[scene["background"]])
+    d = ImageDraw.Draw(im)
+    for (color, shape, sz, cell), (jx, jy) in zip(scene["objects"], scene["jitter"]):
+        r = S / 6 * (0.75 if sz == "large" else 0.45)  # a cell is S/3 wide
+        cx = (cell % 3 + 0.5) * S / 3 + jx * (S / 6 - r) * 0.8
+        cy = (cell // 3 + 0.5) * S / 3 + jy * (S / 6 - r) * 0.8
+        fill = COLORS[color]
+        if shape == "circle":
+            d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+        elif shape == "square":
+            d.rectangle((cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r), fill=fill)
+        else:
+            k, radii = (3, (r,)) if shape == "triangle" else (5, (r, 0.45 * r))
+            pts = [(cx + radii[j % len(radii)] * math.sin(math.pi * j / (k * len(radii) / 2)),
+                    cy - radii[j % len(radii)] * math.cos(math.pi * j / (k * len(radii) / 2)))
+                   for j in range(k * len(radii))]
+            d.polygon(pts, fill=fill)
+    return im.reduce(ss)
+
+
+def _draw_and_save(job):
+    scene, size, path = job
+    draw_scene(scene, size).save(path, optimize=False, compress_level=1)
+
+
+def caption(scene):
+    parts = [f"{article(sz)} {c} {s} {where(CELLS[cell])}" for c, s, sz, cell in scene["objects"]]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{text}, on a {scene['background']} background."
+
+
+def questions(scene, rng, popular):
+    """All (question, short answer, long answer) pairs about a scene; the caller samples a few."""
+    objs = scene["objects"]
+    present = {(c, s) for c, s, _, _ in objs}
+    count = Counter(s for _, s, _, _ in objs)
+    n = len(objs)
+    # counts are words (a choice of this world kept so that older worlds stay comparable; digit answers,
+    # with their leading bare "▁" piece, are supervised as LLaVA does: docs/data.md)
+    qa = [("How many shapes are in the image?", NUMBERS[n].capitalize(), there_are(n, "shape", "shapes") + " in the image."),
+          ("What color is the background?", scene["background"].capitalize(),
+           f"The background is {scene['background']}."),
+          ("Describe the image.", None, caption(scene).capitalize())]
+    s = rng.choice(SHAPES)
+    qa.append((f"How many {PLURAL[s]} are there?", NUMBERS[count[s]].capitalize(),
+               there_are(count[s], s, PLURAL[s]) + "."))
+    for c, s, sz, cell in objs:
+        if count[s] == 1:
+            qa.append((f"What color is the {s}?", c.capitalize(), f"The {s} is {c}."))
+        if sum(1 for o in objs if o[:2] == (c, s)) == 1:
+            qa.append((f"Where is the {c} {s}?", CELLS[cell].capitalize(), f"The {c} {s} is {where(CELLS[cell])}."))
+        qa.append((f"What shape is {where(CELLS[cell])}?", s.capitalize(),
+                   f"There is {article(sz)} {c} {s} {where(CELLS[cell])}."))
+    for category in ("random", "popular", "adversarial"):
+        qa.append(pope_question(scene, rng, present, True, category, popular))
+        qa.append(pope_question(scene, rng, present, False, category, popular))
+    return qa
+
+
+def pope_question(scene, rng, present, positive, category, popular):
+    """POPE-style "Is there a X in the image?"; negatives: random, popular (most frequent objects
+    absent here), adversarial (shares a colour or a shape with an object that is present)."""
+    if positive:
+        c, s = rng.choice(sorted(present))
+    else:
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        if category == "popular":
+            absent = [o for o in popular if o not in present][:3]
+        elif category == "adversarial":
+            near = [o for o in absent if any(o[0] == p[0] or o[1] == p[1] for p in present)]
+            absent = near or absent
+        c, s = rng.choice(absent)
+    where_ = next((where(CELLS[cell]) for oc, osh, _, cell in scene["objects"] if (oc, osh) == (c, s)), "")
+    long = f"Yes, there is {article(c)} {s} {where_}." if positive else f"No, there is no {c} {s} in the image."
+    return (f"Is there {article(c)} {s} in the image?", "Yes" if positive else "No", long, category)
+
+
+def text_only_conversation(rng):
+    """A question needing no image: simple facts about the world's shapes, colours and numbers."""
+    sides = {"triangle": "three sides", "square": "four sides", "star": "five points", "circle": "no corners"}
+    mixes = {("red", "yellow"): "orange", ("blue", "yellow"): "green", ("red", "blue"): "purple"}
+    kind = rng.randrange(4)
+    if kind == 0:
+        s = rng.choice(SHAPES)
+        return f"What can you tell me about {article(s)}?", f"{article(s).capitalize()} has {sides[s]}."
+    if kind == 1:
+        (a, b), c = rng.choice(sorted(mixes.items()))
+        return f"What color do you get when you mix {a} and {b}?", f"Mixing {a} and {b} gives {c}."
+    if kind == 2:
+        a, b = rng.randint(0, 2), rng.randint(1, 2)
+        q = f"{NUMBERS[a]} plus {NUMBERS[b]}"
+        return f"What is {q}?", f"{q.capitalize()} is {NUMBERS[a + b]}."
+    w = rng.choice(list(COLORS) + list(SHAPES))
+    kind = "color" if w in COLORS else "shape"
+    return f"Is {w} a color?", ("Yes" if w in COLORS else "No") + f", {w} is a {kind}."
+
+
+WORLD_VERSION = 2  # bump when the generator changes what a seed produces: older worlds are rebuilt
+
+
+def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fraction=0.05,
+                      vocab_size=1024, text_only_fraction=0.05, workers=2, turns_per_image=5):
+    """Write the shapes world (LLaVA formats) to out_dir; deterministic from `seed`. Returns world.json's dict.
+
+    Files: images/NNNNNN.png; stage1_captions.json (plain template; its images are also stage III's,
+    as in the paper); instruct.json (stages II and IV); text_corpus.txt (text for a "stage 0"
+    decoder); tokenizer.model; eval_pope.jsonl and eval_short.jsonl on held-out images; world.json.
+    Image paths in every file are relative to out_dir.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    scenes = [scene_of(seed, i) for i in range(n_images)]
+    paths = [f"images/{i:06d}.png" for i in range(n_images)]
+    jobs = [(s, image_size, str(out / p)) for s, p in zip(scenes, paths)]
+    if workers > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn" if sys.platform == "darwin" else "fork").Pool(workers) as pool:
+            pool.map(_draw_and_save, jobs, chunksize=256)
+    else:
+        for job in jobs:
+            _draw_and_save(job)
+
+    n_eval = max(1, int(n_images * eval_fraction))
+    train, held_out = range(n_images - n_eval), range(n_images - n_eval, n_images)
+    freq = Counter((c, s) for i in train for c, s, _, _ in scenes[i]["objects"])
+    popular = [o for o, _ in freq.most_common()]
+
+    stage1, instruct, corpus = [], [], []
+    for i in train:
+        cap = caption(scenes[i])
+        stage1.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": [
+            {"from": "human", "value": rng.choice(("Describe the image briefly.", "Write a short caption."))
+             + "\n" + IMAGE_TAG}, {"from": "gpt", "value": cap}]})
+        qa = questions(scenes[i], rng, popular)
+        turns = []
+        # several questions per image: a from-scratch decoder learns to look up what a question
+        # names far faster from many answers about each picture than from one
+        for q, short, long, *_ in rng.sample(qa, min(len(qa), turns_per_image)):
+            use_short = short is not None and rng.random() < 0.5
+            turns += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
+                      {"from": "gpt", "value": short if use_short else long}]
+            corpus.append(f"{q} {long}")
+        turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
+        instruct.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": turns})
+        corpus.append(cap.capitalize())
+    for k in range(int(len(train) * text_only_fraction)):
+        q, a = text_only_conversation(rng)
+        instruct.append({"id": f"text-{k:06d}", "conversations": [{"from": "human", "value": q},
+                                                                   {"from": "gpt", "value": a}]})
+        corpus.append(f"{q} {a}")
+    rng.shuffle(instruct)
+
+    pope, short_eval = [], []
+    for i in held_out:
+        present = {(c, s) for c, s, _, _ in scenes[i]["objects"]}
+        for category in ("random", "popular", "adversarial"):
+            for positive in (True, False):
+                q, ans, _, _ = pope_question(scenes[i], rng, present, positive, category, popular)
+                pope.append({"question_id": len(pope), "image": paths[i], "text": f"{q}\n{SHORT}",
+                             "label": ans.lower(), "category": category})
+        for q, ans, *_ in rng.sample([x for x in questions(scenes[i], rng, popular)
+                                      if x[1] is not None and len(x) == 3], 2):
+            short_eval.append({"question_id": len(short_eval), "image": paths[i], "text": f"{q}\n{SHORT}",
+                               "answer": ans.lower()})  # compare case-insensitively
+
+    def dump(name, rows, lines=False):
+        with open(out / name, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows) if lines else json.dumps(rows, indent=0))
+
+    dump("stage1_captions.json", stage1)
+    dump("instruct.json", instruct)
+    dump("eval_pope.jsonl", pope, lines=True)
+    dump("eval_short.jsonl", short_eval, lines=True)
+    (out / "text_corpus.txt").write_text("\n".join(corpus) + "\n")
+    # the tokenizer sees the world's text and the chat templates' words, so both are cheap pieces
+    words = " ".join(list(COLORS) + list(SHAPES) + list(BACKGROUNDS) + list(NUMBERS) + ["yes", "no", "small", "large"])
+    template_text = [SYSTEM_VICUNA, "USER: ASSISTANT: [INST] [/INST]", SHORT, words, words.title()] * 200
+    train_sentencepiece(template_text + corpus, out / "tokenizer.model", vocab_size, user_defined_symbols=["\n"])
+    world = {"version": WORLD_VERSION, "seed": seed, "n_images": n_images, "turns_per_image": turns_per_image,
+             "image_size": image_size, "eval_fraction": eval_fraction,
+             "vocab_size": vocab_size, "text_only_fraction": text_only_fraction, "shapes": SHAPES,
+             "colors": list(COLORS), "backgrounds": list(BACKGROUNDS), "cells": CELLS, "image_folder": ".",
+             "counts": {"train_images": len(train), "eval_images": n_eval, "stage1": len(stage1),
+                        "instruct": len(instruct), "eval_pope": len(pope), "eval_short": len(short_eval),
+                        "corpus_lines": len(corpus)},
+             "stage3": "stage1_captions.json", "seconds": round(time.time() - t0, 1)}
+    (out / "world.json").write_text(json.dumps(world, indent=1))
+    return world
+
+
+def ensure_shapes_world(out_dir, **kwargs):
+    """Build the shapes world unless out_dir/world.json exists and is of this version (what the toy
+    configs call)."""
+    path = Path(out_dir) / "world.json"
+    if not path.exists() or json.loads(path.read_text()).get("version") != WORLD_VERSION:
+        make_shapes_world(out_dir, **kwargs)
+    return json.loads((Path(out_dir) / "world.json").read_text())
+
+
+# -----------------------------------------------------------------------------
+# 2. The hook: what train.py calls when a config says hook = dict(module="shapes", ...)
+
+
+@dataclass
+class ShapesConfig:
+    """The entries of TrainConfig.hook besides "module"; an unknown entry is an error."""
+    dir: str = "data/shapes"       # the world; built here first if it is missing or of an older version
+    images: int = 10000
+    image_size: int = 64
+    vision_epochs: float = 0.0     # stage 0 only: first teach the vision tower the world's cells (pretrain_vision)
+    vision_lr: float = 2e-3
+    report: bool = False           # after the last stage, answer and score the held-out sets (held_out_report)
+    report_limit: int = 0          # the first N questions of each set (0: all)
+
+
+def settings(cfg):
+    entries = {k: v for k, v in cfg.hook.items() if k != "module"}
+    names = {f.name for f in dataclasses.fields(ShapesConfig)}
+    for k in entries:
+        if k not in names:
+            raise ValueError(f"hook: unknown entry {k!r} for the shapes world (known: {', '.join(sorted(names))})")
+    return ShapesConfig(**entries)
+
+
+def prepare_data(cfg):
+    """Main process, at the start of every stage (train.py makes the others wait): the world on disk."""
+    toy = settings(cfg)
+    ensure_shapes_world(toy.dir, n_images=toy.images, image_size=toy.image_size)
+
+
+def prepare_model(cfg, model, d):
+    """Every process, once the stage's model is built and before anything is frozen or sharded (not
+    when the stage resumes from a checkpoint): stage 0's vision pretraining."""
+    if cfg.stage == 0 and settings(cfg).vision_epochs:
+        pretrain_vision(model, cfg, d)
+
+
+def after_run(cfg, final):
+    """Main process, after the last stage: the held-out report, written to out_dir/eval.json."""
+    toy = settings(cfg)
+    if toy.report:
+        held_out_report(final, toy.dir, limit=toy.report_limit, out_path=os.path.join(cfg.out_dir, "eval.json"))
+
+
+# -----------------------------------------------------------------------------
+# 3. Stage 0: the vision tower learns the cells
+
+
+def pretrain_vision(model, cfg, d):
+    """The demo's stand-in for CLIP's own pretraining (toy stage 0 only; the paper's stages never
+    train the vision tower). A from-scratch tower that learns only through the LM loss of a few
+    thousand answers does not learn to see small shapes, so here it first learns, with a linear probe
+    thrown away afterwards, what each cell of the world's 3x3 grid holds (empty, or one of 24 colour
+    and shape pairs), which cell it is, and the background colour. Training images only; every
+    process runs the same steps from the same seed, before any sharding. Returns the cell accuracy
+    over the last epoch's batches."""
+    toy = settings(cfg)
+    world = json.loads(open(os.path.join(toy.dir, "world.json")).read())
+    vc = model.cfg.vision
+    g = vc.image_size // vc.patch_size
+    if g % 3:
+        raise ValueError(f"vision pretraining pools the {g}x{g} patch grid into the world's 3x3 cells; "
+                         f"image_size / patch_size must be a multiple of 3")
+    n_train = world["counts"]["train_images"]
+    labels = [cell_labels(scene_of(world["seed"], i)) for i in range(n_train)]
+    cells = torch.tensor([c for c, _ in labels])
+    backgrounds = torch.tensor([b for _, b in labels])
+    pixels = torch.stack([process_image(Image.open(os.path.join(toy.dir, f"images/{i:06d}.png")),
+                                        vc.image_size) for i in range(n_train)])
+    torch.manual_seed(cfg.seed)
+    vision = model.vision
+    cell_head = torch.nn.Linear(vc.width, 1 + len(COLORS) * len(SHAPES))
+    bg_head = torch.nn.Linear(vc.width, len(BACKGROUNDS))
+    where_head = torch.nn.Linear(vc.width, 9)
+    params = [p for m in (vision, cell_head, bg_head, where_head) for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=toy.vision_lr, weight_decay=0.0, foreach=False)
+    batch = 64
+    per_epoch = n_train // batch
+    total = max(1, round(per_epoch * toy.vision_epochs))
+    vcfg = dataclasses.replace(cfg, warmup_ratio=0.05, lr=toy.vision_lr)
+    k = g // 3
+
+    def loss_and_hits(idx):
+        f = vision(pixels[idx])  # (B, g*g, width) -> mean over each cell's k x k patches
+        f = f.view(len(idx), 3, k, 3, k, vc.width).mean((2, 4)).reshape(len(idx), 9, vc.width)
+        logits = cell_head(f)
+        loss = (F.cross_entropy(logits.flatten(0, 1), cells[idx].flatten())
+                + F.cross_entropy(bg_head(f.mean(1)), backgrounds[idx])
+                + F.cross_entropy(where_head(f).flatten(0, 1), torch.arange(9).repeat(len(idx))))
+        return loss, (logits.argmax(-1) == cells[idx]).float().mean()
+
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc="stage 0: vision", dynamic_ncols=True,
+               disable=not d.main or (not sys.stderr.isatty() and not os.environ.get("NANOVT_PROGRESS")))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, hits = 0, []
+    while step < total:
+        perm = torch.randperm(n_train, generator=gen)
+        for j in range(per_epoch):
+            if step == total:
+                break
+            for group in opt.param_groups:
+                group["lr"] = train.lr_at(step, total, vcfg)
+            loss, acc = loss_and_hits(perm[j * batch:(j + 1) * batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            hits = (hits + [acc.item()])[-per_epoch:]
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", cells=f"{sum(hits) / len(hits):.3f}")
+    bar.close()
+    acc = sum(hits) / len(hits)
+    if d.main:
+        print(f"stage 0: vision pretrained on the shapes world's cells, {total} steps of {batch} images; "
+              f"cell accuracy over the last epoch's batches {acc:.3f}")
+    return acc
+
+
+# -----------------------------------------------------------------------------
+# 4. The held-out report, as the demo prints it
+
+
+def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, progress=True, model=None, tok=None):
+    """Answer and score the shapes world's eval_short.jsonl (vqa) and eval_pope.jsonl (pope)."""
+    if model is None:
+        model, tok = evaluate.load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
+    report = {}
+    for name, metric in (("short", "vqa"), ("pope", "pope")):
+        qs = evaluate.read_jsonl(os.path.join(shapes_dir, f"eval_{name}.jsonl"))
+        if limit:
+            qs = qs[:limit]
+        apath = os.path.join(os.path.dirname(out_path) if out_path else ckpt, f"answers_{name}.jsonl")
+        if os.path.exists(apath):
+            os.remove(apath)  # a fresh model: old answers are stale
+        ans = evaluate.answer_file(model, tok, qs, shapes_dir, apath, batch_size=batch_size, progress=progress)
+        report[name] = evaluate.METRICS[metric](ans, qs)
+    print("held-out shapes: short-answer accuracy {:.1%} ({} questions); POPE accuracy {:.1%}, F1 {:.3f}, "
+          "yes-ratio {:.2f} ({} questions)".format(report["short"]["accuracy"], report["short"]["n"],
+                                                   report["pope"]["accuracy"], report["pope"]["f1"],
+                                                   report["pope"]["yes_ratio"], report["pope"]["n"]))
+    if out_path:
+        with open(out_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="write the synthetic shapes world")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--n-images", type=int, default=10000)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    world = make_shapes_world(args.out, args.n_images, args.size, args.seed, workers=args.workers)
+    print(json.dumps(world["counts"]), f"in {world['seconds']} s")
