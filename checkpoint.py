@@ -172,12 +172,8 @@ class Lock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                stale = self._stale()
-                if stale is None:
-                    continue  # it vanished between the two calls: try again
-                if not stale:
-                    raise
-                continue
+                self._stale()
+                continue  # stale and removed, or gone in between (a live lock raised): try again
             with os.fdopen(fd, "w") as f:
                 json.dump(mine, f)
                 f.flush()
@@ -480,6 +476,19 @@ def fingerprint_diff(saved, now):
 # step checkpoints
 
 
+_ASYNC_GROUP = {}
+
+
+def _async_group():
+    """The background writer's collectives run in their own gloo group, apart from training's: one
+    per process group, made once (every rank calls this at the same point) and destroyed with it."""
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _ASYNC_GROUP:
+        _ASYNC_GROUP.clear()
+        _ASYNC_GROUP[key] = dist.new_group(backend="gloo")
+    return _ASYNC_GROUP[key]
+
+
 class Checkpointer:
     """Saves step checkpoints of one run into out_dir/step-N/ and prunes the run's older ones."""
 
@@ -487,24 +496,23 @@ class Checkpointer:
         self.out_dir, self.run_id, self.keep, self.async_save, self.lock = out_dir, run_id, keep, async_save, lock
         self.pending = None  # (future, step, tmp, meta) of a background save
         self.touched = time.monotonic()
-        self.pg = None
-        if async_save and _dist():
-            # the background writer's collectives get their own gloo group, apart from training's
-            self.pg = dist.new_group(backend="gloo")
+        self.pg = _async_group() if async_save and _dist() else None
 
     def save(self, step, model, optimizer, meta):
         """Write step-N (every rank its shard). Refuses (FloatingPointError) a non-finite state."""
         import torch.distributed.checkpoint as dcp
         self.wait()
+        tmp = os.path.join(self.out_dir, f"step-{step}.tmp")
+        if _rank() == 0:  # before the collectives below: no rank writes into it before this is done
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
+            os.makedirs(tmp, exist_ok=True)
         sd, _ = train_state(model, optimizer)
         if not finite(sd):
+            if _rank() == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise FloatingPointError(f"the model or optimizer state is not finite at step {step}; not saved. "
                                      f"The last good checkpoint is {latest(self.out_dir)}")
         sd.update({f"rng/{k}": v for k, v in _gather_rows(_rng_rows()).items()})
-        tmp = os.path.join(self.out_dir, f"step-{step}.tmp")
-        if _rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
-            os.makedirs(tmp)
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         meta = {**meta, "step": step, "run_id": self.run_id, "world": _world()}
         if self.async_save:
@@ -565,9 +573,6 @@ class Checkpointer:
 
     def close(self):
         self.wait()
-        if self.pg is not None:
-            dist.destroy_process_group(self.pg)
-            self.pg = None
 
 
 def _expected(sd):
