@@ -22,13 +22,13 @@ after the last of `stages`. `--hook.dir=x` sets one entry.
 import ast
 import contextlib
 import dataclasses
+import datetime
 import functools
 import importlib
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import losses
 import model as model_lib
@@ -92,8 +93,14 @@ class TrainConfig:
     # bookkeeping
     log_every: int = 10
     save_every: int = 500          # optimizer steps between checkpoints (0: only the final one)
-    keep_checkpoints: int = 2
-    resume: bool = False
+    keep_checkpoints: int = 2      # this run's newest step checkpoints kept (older ones of this run pruned)
+    async_save: bool = False       # write step checkpoints in the background while training goes on
+    final_dtype: str = "fp32"      # dtype of final/model.safetensors: fp32, bf16 or fp16
+    resume: bool = False           # continue from out_dir's newest complete step checkpoint
+    overwrite: bool = False        # start over in a non-empty out_dir (deletes its checkpoints and final/)
+    allow_resume_changes: bool = False  # --resume although stage, data, batch or schedule differ
+    max_skipped_steps: int = 3     # non-finite steps in a row skipped (no update) before the run stops
+    dist_timeout_min: float = 30.0  # process-group timeout (NCCL's default is 10 minutes)
     stages: list = field(default_factory=list)
     hook: dict = field(default_factory=dict)  # dict(module="shapes", ...): a side module's settings (see top)
 
@@ -220,7 +227,8 @@ def setup_distributed(cfg):
             os.environ.setdefault("MASTER_PORT", "29513")
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
 
 
@@ -425,62 +433,19 @@ def lr_at(step, total, cfg):
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def full_state(model, optimizer, fsdp):
-    """Plain (unwrapped, unsharded) model and optimizer state dicts, on the CPU, on every rank."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    return msd, osd
+def data_position(step, steps_per_epoch, cfg):
+    """Where the data stands after `step` optimizer steps, as plain ints (saved in checkpoints).
+    Each epoch is exactly steps_per_epoch steps; samples count over all processes, so a run
+    resumes on another number of processes at the same sample."""
+    return {"epoch": step // steps_per_epoch, "samples_in_epoch": (step % steps_per_epoch) * cfg.global_batch,
+            "samples_seen": step * cfg.global_batch}
 
 
-def save_checkpoint(path, model, optimizer, fsdp, d: Dist, meta):
-    """Write a complete checkpoint to `path` atomically: into path.tmp, then rename."""
-    msd, osd = full_state(model, optimizer, fsdp)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-           "cuda": torch.cuda.get_rng_state() if d.device.type == "cuda" else None}
-    rngs = [None] * d.world
-    if d.world > 1:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
-    if d.main:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        from safetensors.torch import save_file
-        save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump({"nanovt": model.cfg.to_dict()}, f, indent=2)
-        torch.save({"optimizer": osd, "rng": rngs, **meta}, os.path.join(tmp, "trainer.pt"))
-        if meta.get("tokenizer"):  # so that sample.py and eval.py find it beside the weights
-            shutil.copyfile(meta["tokenizer"], os.path.join(tmp, "tokenizer.model"))
-        if os.environ.get("NANOVT_CRASH_IN_SAVE") == str(meta["step"]):  # tests: die mid-write
-            os._exit(3)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    if d.world > 1:
-        dist.barrier()
-
-
-def latest_checkpoint(out_dir):
-    """The newest complete step checkpoint (step-*/ with trainer.pt), or None."""
-    if not os.path.isdir(out_dir):
-        return None
-    steps = sorted((int(n.split("-")[1]), n) for n in os.listdir(out_dir)
-                   if n.startswith("step-") and not n.endswith(".tmp")
-                   and os.path.exists(os.path.join(out_dir, n, "trainer.pt")))
-    return os.path.join(out_dir, steps[-1][1]) if steps else None
-
-
-def prune_checkpoints(out_dir, keep):
-    steps = sorted(int(n.split("-")[1]) for n in os.listdir(out_dir) if n.startswith("step-") and
-                   not n.endswith(".tmp"))
-    for s in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(os.path.join(out_dir, f"step-{s}"), ignore_errors=True)
+def run_fingerprint(cfg, model, dataset, total):
+    """What makes a run this run: --resume refuses a checkpoint whose fingerprint differs
+    (checkpoint.fingerprint_diff names the fields)."""
+    return {"model": model.cfg.to_dict(), "stage": cfg.stage, "freeze": list(cfg.freeze), "data_path": cfg.data_path,
+            "samples": len(dataset), "global_batch": cfg.global_batch, "total_steps": total, "seed": cfg.seed}
 
 
 # Dense (no 2:4 sparsity) tensor-core peaks per device, in TFLOP/s: (bf16 with float32 accumulation,
@@ -534,6 +499,21 @@ def peak_flops(device, dtype="bf16"):
 
 
 def train_stage(cfg: TrainConfig, d: Dist):
+    """Train one stage into cfg.out_dir, which this run owns (checkpoint.claim_out_dir) until it returns."""
+    final = os.path.join(cfg.out_dir, "final")
+    if cfg.resume and checkpoint.is_final(final):
+        if d.main:
+            print(f"stage {cfg.stage}: {final} exists, skipping")
+        return final
+    lock, run_id = checkpoint.claim_out_dir(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+    try:
+        return _train_stage(cfg, d, lock, run_id)
+    finally:
+        if lock:
+            lock.release()
+
+
+def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -543,10 +523,6 @@ def train_stage(cfg: TrainConfig, d: Dist):
     if d.world > 1:
         dist.barrier()
     final = os.path.join(cfg.out_dir, "final")
-    if os.path.exists(os.path.join(final, "config.json")):
-        if d.main:
-            print(f"stage {cfg.stage}: {final} exists, skipping (delete it to train again)")
-        return final
 
     tok, tok_file = find_tokenizer(cfg)
     sources = model_lib.ShardSources() if sharded_loading(cfg, d) else None
@@ -555,7 +531,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
         raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
                          f"{model.cfg.decoder.vocab_size}")
     objective = STAGES[cfg.stage]["objective"]
-    if hook and not (cfg.resume and latest_checkpoint(cfg.out_dir)):  # resumed: the checkpoint has it
+    if hook and not (cfg.resume and checkpoint.latest(cfg.out_dir)):  # resumed: the checkpoint has it
         hook.prepare_model(cfg, model, d)
     if objective == "mm" and not cfg.vm_loss:
         objective = "mm_lm"
@@ -584,14 +560,16 @@ def train_stage(cfg: TrainConfig, d: Dist):
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
 
-    step = 0
-    ckpt = latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    step, skipped, bad_in_row, data_pos = 0, 0, 0, None
+    fingerprint = run_fingerprint(cfg, model, dataset, total)
+    ckpt = None
+    if cfg.resume:
+        ckpt = checkpoint.resume(cfg.out_dir, model, optimizer, fingerprint, cfg.allow_resume_changes)
     if ckpt:
-        step = load_checkpoint(ckpt, model, optimizer, d)
-    elif d.main and os.path.isdir(cfg.out_dir) and latest_checkpoint(cfg.out_dir):
-        print(f"note: {cfg.out_dir} holds checkpoints; starting over (pass --resume to continue)")
+        step, data_pos, skipped = ckpt[1]["step"], ckpt[1]["data"], ckpt[1].get("skipped", 0)
+        run_id = ckpt[1].get("run_id", run_id)  # the same run goes on: its checkpoints stay its own
+    ckptr = checkpoint.Checkpointer(cfg.out_dir, run_id, cfg.keep_checkpoints, cfg.async_save, lock)
     if d.main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
         print(f"stage {cfg.stage} ({objective}): {len(dataset)} samples, {total} steps of {cfg.global_batch} "
@@ -620,8 +598,10 @@ def train_stage(cfg: TrainConfig, d: Dist):
         # the number of positions in the whole step, over all micro-batches and ranks (SPEC §2)
         # each epoch is exactly steps_per_epoch steps, so a step number fixes the data position
         if it is None or step % steps_per_epoch == 0:
-            it = batches(dataset, cfg, d, tok, step // steps_per_epoch,
-                         (step % steps_per_epoch) * cfg.micro_batch * accum, model.cfg.image_token_id)
+            pos = data_pos or data_position(step, steps_per_epoch, cfg)  # a resumed run: the saved position
+            data_pos = None
+            it = batches(dataset, cfg, d, tok, pos["epoch"], pos["samples_in_epoch"] // d.world,
+                         model.cfg.image_token_id)
         micro = [next(it) for _ in range(accum)]
         for b in micro:  # skips made in DataLoader workers are counted here, in the main process
             dataset.note_skipped(b["skipped"])
@@ -639,7 +619,7 @@ def train_stage(cfg: TrainConfig, d: Dist):
         lr = lr_at(step, total, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        step_loss = torch.zeros(2, device=d.device)  # (lm, vm) of this step, read at log steps only
+        step_loss = torch.zeros(2, device=d.device)  # (lm, vm) of this step, stays on the device
         for b in micro:
             with amp():
                 out = model(_to(b["input_ids"], d.device), _to(b["pixel_values"], d.device),
@@ -651,29 +631,41 @@ def train_stage(cfg: TrainConfig, d: Dist):
             tokens_since += tokens * d.world
             flops_since += flops * d.world
         log_now = step + 1 == total or (step + 1) % cfg.log_every == 0
-        save_now = (cfg.save_every and (step + 1) % cfg.save_every == 0) or (cfg.stop_at and step + 1 == cfg.stop_at)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if log_now or save_now:  # the only host syncs of a step: reading the loss before logging or saving
-            if d.world > 1:
-                dist.all_reduce(step_loss)
-                step_loss /= d.world
-            log_lm, log_vm = step_loss.tolist()
-            if not math.isfinite(log_lm + log_vm):
-                raise FloatingPointError(f"stage {cfg.stage}: loss is {log_lm + log_vm} at step {step + 1} "
-                                         f"(lm {log_lm}, vm {log_vm}; checked every log_every={cfg.log_every} "
-                                         f"steps); stopping. The last checkpoint is {latest_checkpoint(cfg.out_dir)}")
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
+        # the step's one host sync (none per micro-batch): the losses and the gradient norm, reduced over
+        # the ranks, decide together whether the update is applied
+        check = torch.cat([step_loss, grad_norm.detach().float().reshape(1).to(step_loss.device)])
+        if d.world > 1:
+            dist.all_reduce(check)
+        log_lm, log_vm, norm_sum = (check / d.world).tolist()
+        grad_norm = float(grad_norm)
+        if math.isfinite(log_lm + log_vm + norm_sum):
+            optimizer.step()
+            bad_in_row = 0
+        else:  # never apply (or save) a non-finite update: skip it, or stop after too many in a row
+            skipped += 1
+            bad_in_row += 1
+            if bad_in_row > cfg.max_skipped_steps:
+                ckptr.wait()
+                raise FloatingPointError(f"stage {cfg.stage}: loss {log_lm + log_vm} (lm {log_lm}, vm {log_vm}), "
+                                         f"gradient norm {grad_norm} at step {step + 1}, {bad_in_row} "
+                                         f"non-finite step(s) in a row; stopping. The last good checkpoint is "
+                                         f"{checkpoint.latest(cfg.out_dir)}")
+            if d.main:
+                print(f"warning: step {step + 1}: loss {log_lm + log_vm}, gradient norm {grad_norm}; "
+                      f"skipped (no update), {skipped} so far")
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        ckptr.poll()
         if bar:
             bar.update(1)
         if log_now:
             dt = time.perf_counter() - t0
             tps = tokens_since / dt
             rec = dict(stage=cfg.stage, step=step, loss=log_lm + log_vm, lm=log_lm, vm=log_vm, lr=lr,
-                       grad_norm=float(grad_norm), tokens_per_s=round(tps, 1),
+                       grad_norm=grad_norm, skipped=skipped, tokens_per_s=round(tps, 1),
                        mfu=round(flops_since / dt / (peak * d.world), 4) if peak else None,
                        peak_mem_gb=round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
                        if d.device.type == "cuda" else None)
@@ -688,18 +680,20 @@ def train_stage(cfg: TrainConfig, d: Dist):
             t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
         stop = cfg.stop_at and step == cfg.stop_at and step < total
         if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stop:
-            save_checkpoint(os.path.join(cfg.out_dir, f"step-{step}"), model, optimizer, fsdp, d,
-                            {"step": step, "config": dataclasses.asdict(cfg), "tokenizer": tok_file,
-                             "data_position": data_position(step, steps_per_epoch, cfg, d)})
-            if d.main:
-                prune_checkpoints(cfg.out_dir, cfg.keep_checkpoints)
+            ckptr.save(step, model, optimizer, {"total": total, "data": data_position(step, steps_per_epoch, cfg),
+                                                "skipped": skipped, "fingerprint": fingerprint, "stage": cfg.stage,
+                                                "config": dataclasses.asdict(cfg)})
         if stop:
+            ckptr.close()
             if d.main:
                 print(f"stage {cfg.stage}: stopped at step {step} as asked (stop_at); continue with --resume")
             return None
     if bar:
         bar.close()
-    save_checkpoint(final, model, optimizer, fsdp, d, {"step": step, "config": dataclasses.asdict(cfg), "tokenizer": tok_file})
+    ckptr.close()
+    checkpoint.save_final(final, model, plain.cfg.to_dict(), tok_file, cfg.final_dtype,
+                          {"run_id": run_id, "stage": cfg.stage, "step": step, "skipped": skipped},
+                          timeout_s=60 * cfg.dist_timeout_min)
     report = data_report(dataset, d)
     if d.main:
         print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {report}")
@@ -719,34 +713,6 @@ def real_tokens_and_flops(attention_mask, flops_per_token):
     what tokens/s and MFU count, so that padding never reads as throughput."""
     lengths = attention_mask.sum(1).tolist()
     return sum(lengths), sum(flops_per_token(n) * n for n in lengths)
-
-
-def data_position(step, steps_per_epoch, cfg, d: Dist):
-    """Where the data stands after `step` optimizer steps, as plain ints a checkpoint can carry:
-    the epoch, and the samples of it this rank has consumed (the sampler's `skip` on resume)."""
-    per_rank = cfg.global_batch // d.world
-    return {"epoch": step // steps_per_epoch, "samples": (step % steps_per_epoch) * per_rank}
-
-
-def load_checkpoint(path, model, optimizer, d: Dist):
-    """Restore model, optimizer and RNG from a step checkpoint; returns its step."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
-    msd = load_file(os.path.join(path, "model.safetensors"))
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, msd, options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
-    rng = state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    if rng.get("cuda") is not None and d.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"])
-    if d.main:
-        print(f"resumed from {path} (step {state['step']})")
-    return state["step"]
 
 
 # ----------------------------------------------------------------------------------------------

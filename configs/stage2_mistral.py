@@ -13,3 +13,4 @@ micro_batch = 16
 lr = 2e-5
 max_len = 2048
 save_every = 500
+final_dtype = "bf16"        # final/ in bf16 (the released weights' precision); training state stays fp32

@@ -14,3 +14,4 @@ micro_batch = 32
 lr = 1e-3
 max_len = 2048
 save_every = 500
+final_dtype = "bf16"        # final/ in bf16 (the released weights' precision); training state stays fp32

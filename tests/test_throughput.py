@@ -240,12 +240,14 @@ def test_loader_with_workers_gives_the_same_batches_and_resume_position(shapes):
     # resume after 3 optimizer steps of 8 samples: the position is two plain ints, and the loader
     # (with workers or not) continues exactly where the uninterrupted one was
     cfg = train.TrainConfig(global_batch=8, micro_batch=2)
-    pos = train.data_position(3, len(ds) // 8, cfg, d)
-    assert pos == {"epoch": 0, "samples": 24}
+    pos = train.data_position(3, len(ds) // 8, cfg)
+    assert pos == {"epoch": 0, "samples_in_epoch": 24, "samples_seen": 24}
     for w in (0, 2):
-        resumed = run(w, pos["epoch"], pos["samples"])
+        resumed = run(w, pos["epoch"], pos["samples_in_epoch"] // d.world)
         assert [b["ids"] for b in resumed] == [b["ids"] for b in plain[12:]]
-    assert train.data_position(len(ds) // 8 + 1, len(ds) // 8, cfg, d) == {"epoch": 1, "samples": 8}
+    steps = len(ds) // 8
+    assert train.data_position(steps + 1, steps, cfg) == {"epoch": 1, "samples_in_epoch": 8,
+                                                          "samples_seen": 8 * (steps + 1)}
 
 
 def test_throughput_bench_quick_writes_its_table(tmp_path):
