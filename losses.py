@@ -1,6 +1,6 @@
 """The training losses of VT-LMM (paper Eqs. 4, 6, 7, 9).
 
-Index convention (SPEC §2). Positions t = 0..T-1. z_t = logits[:, t] comes from the MM
+Index convention (docs/method.md §Index convention). Positions t = 0..T-1. z_t = logits[:, t] comes from the MM
 head and predicts position t+1; Q_t = softmax(z_t). So
 
     LM  (Eq. 4)  t runs over {t : labels[:, t+1] != -100}, term CE(z_t, labels[:, t+1])

@@ -12,7 +12,7 @@ losses.py uses as the training target at image positions (Eq. 6) or fits (Eq. 9)
 
 Contents: configs (with the released 7B shapes by name) → CLIP vision tower → adapter →
 LLaMA/Mistral decoder with a KV cache → VTLMM (forward, pseudo image features, nearest
-tokens, generate) → loading (every layout of SPEC §5) and saving / export to llava-hf.
+tokens, generate) → loading (every layout of docs/weights.md) and saving / export to llava-hf.
 """
 
 import contextlib
@@ -452,7 +452,7 @@ class VTLMM(nn.Module):
 
         logits=False skips the MM head; visual_logits=True applies the VM head to the N image
         positions (never to text positions). With `objective` the training loss is computed here,
-        inside forward, so that FSDP has the heads' weights gathered (losses.py, SPEC §2):
+        inside forward, so that FSDP has the heads' weights gathered (losses.py, docs/method.md §Index convention):
           "lm"     Eq. 4 (stages I, II)          "mm"  Eq. 7 = Eq. 4 + Eq. 6 (stage IV)
           "vm_fit" Eq. 9 (stage III)             "mm_lm" stage IV's data with the VM term off
         The heads never produce logits for all positions at once there (chunked, fused). `rows`
@@ -957,7 +957,7 @@ def vision_config_from_hf(c, where, select_layer=-2, defaults="clip_vision_model
 def _template_for(dec: DecoderConfig, c=None):
     """The chat template a checkpoint was trained with: the VW-LMM authors' Mistral model
     (vwMistralForCausalLM) uses their own "mistral" style (vw_mistral), other Mistral decoders
-    LLaVA's mistral_instruct, LLaMA / Vicuna decoders vicuna_v1 (docs/llava_data.md)."""
+    LLaVA's mistral_instruct, LLaMA / Vicuna decoders vicuna_v1 (docs/data.md §Templates, docs/weights.md §VW-LMM)."""
     if any(str(a).startswith("vwMistral") for a in (c or {}).get("architectures") or []):
         return "vw_mistral"
     return "mistral_instruct" if dec.kind == "mistral" else "vicuna_v1"

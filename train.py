@@ -1,5 +1,5 @@
 """
-Train nanoVT: the four stages of VT-LMM (SPEC §3), one code path from one CPU process to
+Train nanoVT: the four stages of VT-LMM (docs/method.md §Stages), one code path from one CPU process to
 `torchrun --nproc_per_node=8` (FSDP2 + bf16).
 
     python train.py configs/tiny.py                      # seconds on a CPU
@@ -69,7 +69,7 @@ class TrainConfig:
     strict_data: bool = False
     num_workers: int = -1          # DataLoader worker processes per rank; -1: 4 on GPUs, 0 on CPUs
     prefetch_factor: int = 4       # batches each worker prepares ahead (with num_workers > 0)
-    # optimisation (SPEC §3: AdamW, no weight decay, cosine with 3% warm-up)
+    # optimisation (docs/method.md §Training settings: AdamW, no weight decay, cosine with 3% warm-up)
     global_batch: int = 128
     micro_batch: int = 4           # per device; accumulation = global / (micro * world)
     lr: float = 2e-5
@@ -105,7 +105,7 @@ class TrainConfig:
     hook: dict = field(default_factory=dict)  # dict(module="shapes", ...): a side module's settings (see top)
 
 
-# What each stage trains and with which loss (SPEC §3). The vision tower is never trained,
+# What each stage trains and with which loss (docs/method.md §Stages). The vision tower is never trained,
 # except in the toy stage 0, which stands in for CLIP's and Vicuna's own pretraining.
 STAGES = {
     0: dict(train=("vision", "adapter", "decoder", "mm_head"), objective="lm"),
@@ -302,14 +302,14 @@ def load_hook(cfg):
 
 
 def make_optimizer(params, cfg, device):
-    """AdamW (SPEC §3) with its fast paths: one fused kernel per step on GPUs, multi-tensor (foreach)
+    """AdamW (docs/method.md §Training settings) with its fast paths: one fused kernel per step on GPUs, multi-tensor (foreach)
     on CPUs; both give the plain per-tensor update up to rounding (tests/test_throughput.py)."""
     fast = dict(fused=True) if device.type == "cuda" else dict(foreach=True)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **fast)
 
 
 def set_trainable(model, stage, freeze=()):
-    """requires_grad on exactly the stage's modules (SPEC §3), less `freeze`; returns the trainable names."""
+    """requires_grad on exactly the stage's modules (docs/method.md §Stages), less `freeze`; returns the trainable names."""
     train = [m for m in STAGES[stage]["train"] if m not in freeze]
     for name, p in model.named_parameters():
         p.requires_grad_(name.split(".")[0] in train)
@@ -595,7 +595,7 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
         torch.cuda.reset_peak_memory_stats(d.device)
     while step < total:
         # one optimizer step: gather its micro-batches first, so the loss can be normalised by
-        # the number of positions in the whole step, over all micro-batches and ranks (SPEC §2)
+        # the number of positions in the whole step, over all micro-batches and ranks (docs/method.md §Normalisation)
         # each epoch is exactly steps_per_epoch steps, so a step number fixes the data position
         if it is None or step % steps_per_epoch == 0:
             pos = data_pos or data_position(step, steps_per_epoch, cfg)  # a resumed run: the saved position
