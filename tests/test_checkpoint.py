@@ -18,29 +18,17 @@ from safetensors.torch import load_file
 
 import checkpoint
 import data
-import shapes
 import train
 from model import VTLMM
+from tiny_ckpt import run_py, tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
-    return d
-
-
 def args(world, out, *extra):
-    return [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={world}/tokenizer.model",
-            f"--data_path={world}/instruct.json", f"--out_dir={out}", "--log_every=1", *extra]
-
-
-def run_py(argv):
-    return train.run(train.load_config(argv))
+    return tiny_args(world, out, "--log_every=1", *extra)
 
 
 def weights(path):

@@ -14,6 +14,7 @@ import data
 import shapes
 import train
 from data import IGNORE_INDEX, IMAGE_TOKEN_ID
+from tiny_ckpt import tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -87,16 +88,6 @@ def test_shapes_world_10k_is_fast(tmp_path):
 
 # ---------------------------------------------------------------------------- stage 0 and the hook
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
-    return d
-
-
-def tiny_args(world, out, *extra):
-    return [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={world}/tokenizer.model",
-            f"--data_path={world}/instruct.json", f"--out_dir={out}", *extra]
 
 
 def test_vision_pretraining_learns_the_cells(world):

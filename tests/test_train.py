@@ -10,27 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
-import shapes
 import train
+from tiny_ckpt import run_py, tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("shapes")
-    shapes.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
-    return d
-
-
-def args(world, out, *extra):
-    return [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={world}/tokenizer.model",
-            f"--data_path={world}/instruct.json", f"--out_dir={out}", *extra]
-
-
-def run_py(argv):
-    cfg = train.load_config(argv)
-    return train.run(cfg)
+args = tiny_args
 
 
 def weights(path):

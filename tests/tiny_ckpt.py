@@ -15,6 +15,16 @@ def make_world(path, n_images=120):
     return str(path)
 
 
+def tiny_args(world, out, *extra):
+    """train.py arguments: configs/tiny.py on `world` (the conftest fixture), writing to `out`, toy hook off."""
+    return [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={world}/tokenizer.model",
+            f"--data_path={world}/instruct.json", f"--out_dir={out}", *extra]
+
+
+def run_py(argv):
+    return train.run(train.load_config(argv))
+
+
 def make_checkpoint(world, out):
     """configs/tiny.py's model with fresh weights, saved as a checkpoint directory with its tokenizer."""
     cfg = train.load_config([os.path.join(ROOT, "configs/tiny.py"), f"--tokenizer={world}/tokenizer.model"])
