@@ -731,21 +731,21 @@ class LlavaDataset(_SkippingDataset):
         self.tokenizer, self.template, self.image_size = tokenizer, template, image_size
         self.num_patches, self.image_token_id = num_patches, image_token_id
         self.max_len, self.max_pixels = max_len, max_pixels
+        # cache_dir: keep what the read found there (data.ReadCache), or take it from there; with
+        # write_cache=False a missing cache is read here but not written (another process writes it)
         self.from_cache = False
-        if cache_dir is None:
-            return self._read(json_path)
-        cache = ReadCache(cache_dir, self._cache_key(json_path))
-        if cache.load(self):
-            log.info("%s: read from the cache %s (%s)", json_path, cache.stem, self.report())
+        cache = ReadCache(cache_dir, self._cache_key(json_path)) if cache_dir is not None else None
+        if cache and cache.load(self):
+            log.info("%s: taken from the read cache %s (%s)", json_path, cache.folder / cache.stem, self.report())
             return
-        if not write_cache:
-            log.warning("%s: no valid read cache in %s (another process should have written it); reading "
-                        "the file here", json_path, cache_dir)
-            return self._read(json_path)
+        if cache and not write_cache:
+            log.warning("%s: no valid read cache in %s (the node's first process writes it); reading the file here",
+                        json_path, cache_dir)
         self._read(json_path)
-        cache.save(self)
-        if not cache.load(self):  # serve from the files, as the other processes do
-            raise RuntimeError(f"{cache_dir}: the read cache just written does not load")
+        if cache and write_cache:
+            cache.save(self)
+            if not cache.load(self):  # serve from the files, as the other processes do
+                raise RuntimeError(f"{cache_dir}: the read cache just written does not load")
 
     def _cache_key(self, json_path):
         """What the read-time result depends on: the file (path, size, mtime), the image folder
