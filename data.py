@@ -815,7 +815,9 @@ class ReadCache:
                            written last, so its presence means the others are complete
     Every file is written atomically. A key that differs (another file, size or mtime, another
     image folder, num_patches or strict) is a miss: the file is read again and the cache
-    rewritten. Plain binary, .npy and JSON only: nothing here is unpickled.
+    rewritten. Plain binary, .npy and JSON only: nothing here is unpickled. Image files added
+    after the cache was written are not seen (delete the folder to scan again); removed ones are
+    still caught when their item is loaded, and skipped as usual.
     """
 
     version = 1

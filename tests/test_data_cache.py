@@ -152,7 +152,7 @@ def test_two_processes_parse_once(source, tok_path, tmp_path):
     write the cache; rank 1 waits and maps it. Both get the samples that parsing gives."""
     results = tmp_path / "results"
     results.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29571",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
            os.path.join(ROOT, "tests", "cache_worker.py"), str(source), str(source.parent), str(tok_path),
            str(tmp_path / "run"), str(results)]
     t = time.perf_counter()
