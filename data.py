@@ -35,11 +35,14 @@ crashes at step 40,000 (strict: raise), and the skip reaches the main process wi
 
 import array
 import codecs
+import hashlib
 import json
+import mmap
 import os
 import logging
 import math
 import re
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -538,16 +541,71 @@ def missing_summary(paths, total):
             + ", ".join(f"{folder} {n}" for folder, n in sorted(by_folder.items(), key=lambda x: (-x[1], x[0]))))
 
 
+def write_atomic(path, write):
+    """Write a file whole or not at all: `write(f)` into a temporary file beside it (named by host
+    and pid, so writers on a shared disk never collide), fsync, rename over `path`, fsync the folder."""
+    path = str(path)
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SampleIndex:
     """Samples kept compactly: each one's JSON in one bytes buffer, found by an offsets array and
     decoded when asked for. Parsed dicts cost several times the file's size per rank (3.4x for
     mix665k-like samples: bench/data_memory.py), and DataLoader workers copy them page by page as
     reference counts change (copy-on-write); one buffer and one array do neither. Indexing and iteration give fresh dicts, so callers cannot change it."""
 
+    _paths = None  # (blob file, offsets .npy) when memory-mapped from a read cache
+
     def __init__(self, samples):
         chunks = [json.dumps(s, ensure_ascii=False, separators=(",", ":")).encode("utf-8") for s in samples]
         self._offsets = np.cumsum([0] + [len(c) for c in chunks], dtype=np.int64)
         self._blob = b"".join(chunks)
+
+    @classmethod
+    def mapped(cls, blob_path, offsets_path):
+        """A SampleIndex over files written by save(): both memory-mapped read-only, so processes
+        that map the same files share one copy in the page cache."""
+        self = cls.__new__(cls)
+        self._paths = (str(blob_path), str(offsets_path))
+        self._map()
+        return self
+
+    def _map(self):
+        blob_path, offsets_path = self._paths
+        self._offsets = np.load(offsets_path, mmap_mode="r", allow_pickle=False)
+        with open(blob_path, "rb") as f:  # the map stays valid after the file is closed
+            size = os.fstat(f.fileno()).st_size
+            self._blob = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        if self._offsets.ndim != 1 or len(self._offsets) < 1 or self._offsets[-1] != size:
+            raise ValueError(f"{blob_path}: {size} bytes, but {offsets_path} ends at "
+                             f"{self._offsets[-1] if len(self._offsets) else None}")
+
+    def save(self, blob_path, offsets_path):
+        """Write the buffer and the offsets (a .npy of int64), each atomically."""
+        write_atomic(blob_path, lambda f: f.write(self._blob))
+        write_atomic(offsets_path, lambda f: np.save(f, np.asarray(self._offsets, np.int64), allow_pickle=False))
+
+    def __getstate__(self):  # DataLoader workers started by spawn/forkserver map the files again
+        return {"_paths": self._paths} if self._paths else self.__dict__
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._paths:
+            self._map()
 
     def __len__(self):
         return len(self._offsets) - 1
@@ -665,13 +723,43 @@ class LlavaDataset(_SkippingDataset):
     """
 
     def __init__(self, json_path, image_folder, tokenizer, template, image_size, num_patches,
-                 image_token_id=IMAGE_TOKEN_ID, max_len=2048, strict=False, max_pixels=MAX_PIXELS):
+                 image_token_id=IMAGE_TOKEN_ID, max_len=2048, strict=False, max_pixels=MAX_PIXELS,
+                 cache_dir=None, write_cache=True):
         assert template in TEMPLATES, f"unknown template {template!r}"
         self._init_skips(strict)
         self.image_folder = image_folder if image_folder is not None else Path(json_path).parent
         self.tokenizer, self.template, self.image_size = tokenizer, template, image_size
         self.num_patches, self.image_token_id = num_patches, image_token_id
         self.max_len, self.max_pixels = max_len, max_pixels
+        # cache_dir: keep what the read found there (data.ReadCache), or take it from there; with
+        # write_cache=False a missing cache is read here but not written (another process writes it)
+        self.from_cache = False
+        cache = ReadCache(cache_dir, self._cache_key(json_path)) if cache_dir is not None else None
+        if cache and cache.load(self):
+            log.info("%s: taken from the read cache %s (%s)", json_path, cache.folder / cache.stem, self.report())
+            return
+        if cache and not write_cache:
+            log.warning("%s: no valid read cache in %s (the node's first process writes it); reading the file here",
+                        json_path, cache_dir)
+        self._read(json_path)
+        if cache and write_cache:
+            cache.save(self)
+            if not cache.load(self):  # serve from the files, as the other processes do
+                raise RuntimeError(f"{cache_dir}: the read cache just written does not load")
+
+    def _cache_key(self, json_path):
+        """What the read-time result depends on: the file (path, size, mtime), the image folder
+        (scanned for missing files), num_patches (lengths) and strict. Not the template, the
+        tokenizer or max_len: they only act when an item is loaded."""
+        st = os.stat(json_path)
+        return {"version": ReadCache.version, "kind": "llava", "source": str(Path(json_path).resolve()),
+                "size": st.st_size, "mtime_ns": st.st_mtime_ns, "image_folder": str(Path(self.image_folder).resolve()),
+                "num_patches": self.num_patches, "strict": self.strict}
+
+    def _read(self, json_path):
+        """Read, repair and check the file, scan the image paths; keep the usable samples."""
+        log.info("%s: reading and checking the JSON", json_path)
+        num_patches = self.num_patches
         data = read_json(json_path)
         if not isinstance(data, list):
             raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(data).__name__}")
@@ -713,6 +801,72 @@ class LlavaDataset(_SkippingDataset):
             raise ValueError(f"too long: no answer left within max_len={self.max_len}")
         return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "id": str(sample.get("id", j)),
                 "pixel_values": self._pixels(sample["image"]) if has_image else None}
+
+
+class ReadCache:
+    """What LlavaDataset's init found in a file, kept so that one process per node reads the JSON
+    and the others map the result (train.py's build_dataset): in `folder`, files named by a hash
+    of the key (LlavaDataset._cache_key):
+      <stem>.blob          the usable samples' JSON, one buffer (SampleIndex)
+      <stem>.offsets.npy   int64, where each sample starts in the buffer (and the end)
+      <stem>.lengths.npy   int32, the modality lengths (negative: text only)
+      <stem>.json          the key, counts, and the read-time report (skips by reason, each
+                           skipped sample's position, id and reason, repairs, missing images);
+                           written last, so its presence means the others are complete
+    Every file is written atomically. A key that differs (another file, size or mtime, another
+    image folder, num_patches or strict) is a miss: the file is read again and the cache
+    rewritten. Plain binary, .npy and JSON only: nothing here is unpickled. Image files added
+    after the cache was written are not seen (delete the folder to scan again); removed ones are
+    still caught when their item is loaded, and skipped as usual.
+    """
+
+    version = 1
+
+    def __init__(self, folder, key):
+        self.folder, self.key = Path(folder), key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.stem = f"{key['kind']}-{digest}"
+
+    def _path(self, suffix):
+        return self.folder / f"{self.stem}{suffix}"
+
+    def save(self, ds):
+        """Write the dataset's read-time result; other caches in the folder (stale keys) are removed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        ds.samples.save(self._path(".blob"), self._path(".offsets.npy"))
+        write_atomic(self._path(".lengths.npy"),
+                     lambda f: np.save(f, np.asarray(ds.modality_lengths, np.int32), allow_pickle=False))
+        read_skips = [[key[1], sid, reason] for key, (sid, reason) in ds._counted.items() if key[0] == "read"]
+        meta = {"key": self.key, "samples": len(ds.samples), "skipped": dict(ds.skipped),
+                "read_skips": read_skips, "repaired": dict(ds.repaired), "missing": ds.missing}
+        write_atomic(self._path(".json"), lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
+        for other in self.folder.iterdir():  # stale caches of this kind: another key
+            if other.name.startswith(f"{self.key['kind']}-") and not other.name.startswith(self.stem):
+                other.unlink(missing_ok=True)
+
+    def load(self, ds):
+        """Fill the dataset's read-time state from the cache; False if there is none for this key
+        (or it is inconsistent: then it is rebuilt)."""
+        try:
+            meta = json.loads(self._path(".json").read_text(encoding="utf-8"))
+            if meta.get("key") != self.key:
+                return False
+            samples = SampleIndex.mapped(self._path(".blob"), self._path(".offsets.npy"))
+            lengths = np.load(self._path(".lengths.npy"), allow_pickle=False)
+        except (OSError, ValueError) as e:
+            if not isinstance(e, FileNotFoundError):
+                log.warning("%s: read cache %s unusable (%s); reading the file again", self.folder, self.stem, e)
+            return False
+        if len(samples) != meta["samples"] or lengths.shape != (meta["samples"],) or lengths.dtype != np.int32:
+            log.warning("%s: read cache %s is inconsistent; reading the file again", self.folder, self.stem)
+            return False
+        ds.samples = samples
+        ds.modality_lengths = array.array("i", lengths.tobytes())
+        ds.lengths = array.array("i", [abs(n) for n in ds.modality_lengths])
+        ds.skipped, ds.repaired, ds.missing = Counter(meta["skipped"]), Counter(meta["repaired"]), meta["missing"]
+        ds._counted = {("read", k): (sid, reason) for k, sid, reason in meta["read_skips"]}
+        ds.from_cache = True
+        return True
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")

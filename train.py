@@ -374,8 +374,23 @@ def build_dataset(cfg, model, tok):
     if cfg.stage == 3:
         return data.ImageOnlyDataset(cfg.data_path, tok, mc.vision.image_size, mc.vision.num_patches,
                                      mc.image_token_id, image_folder=folder, strict=cfg.strict_data)
-    return data.LlavaDataset(cfg.data_path, folder, tok, stage_template(cfg, model), mc.vision.image_size,
-                             mc.vision.num_patches, mc.image_token_id, max_len=cfg.max_len, strict=cfg.strict_data)
+    template, cache_dir = stage_template(cfg, model), os.path.join(cfg.out_dir, "data_cache")
+    return once_per_node(lambda first: data.LlavaDataset(
+        cfg.data_path, folder, tok, template, mc.vision.image_size, mc.vision.num_patches, mc.image_token_id,
+        max_len=cfg.max_len, strict=cfg.strict_data, cache_dir=cache_dir, write_cache=first))
+
+
+def once_per_node(make):
+    """make(first) on every process, the node's first (LOCAL_RANK 0) before the others: it reads the
+    JSON and writes the read cache (data.ReadCache) into out_dir/data_cache; the rest wait at a
+    barrier, then map those files (their samples are the page cache, shared), so a node parses the
+    file once, not once per GPU. out_dir holds the cache because this run owns it (one writer, never
+    another run's half-written files) and it is writable, which the data's folder need not be."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    result = make(True) if first else None
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+    return result if first else make(False)
 
 
 def data_report(dataset, d: Dist):
