@@ -277,11 +277,15 @@ def reinit_modules(model, cfg: TrainConfig):
                     model_lib.assign_full(mod.bias, torch.zeros(mod.bias.shape, dtype=mod.bias.dtype))
 
 
+def uses_fsdp(cfg: TrainConfig, d):
+    """FSDP2 shards the model: fsdp=on, or auto with more than one process."""
+    return cfg.fsdp == "on" or (cfg.fsdp == "auto" and d.world > 1)
+
+
 def sharded_loading(cfg: TrainConfig, d):
     """Read weights shard by shard (each rank only its rows) when FSDP shards the model and there are
     weights to read; a hook's prepare_model (the toy vision pretraining) needs the whole model first."""
-    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and d.world > 1)
-    return use_fsdp and bool(cfg.init_from or cfg.clip_path or cfg.llm_path) and not cfg.hook
+    return uses_fsdp(cfg, d) and bool(cfg.init_from or cfg.clip_path or cfg.llm_path) and not cfg.hook
 
 
 def load_sharded(model, sources, cfg: TrainConfig, d):
@@ -323,8 +327,7 @@ def parallelize(model, cfg, d: Dist):
     if cfg.compile:
         for block in model.decoder.blocks:
             block.compile()
-    use_fsdp = cfg.fsdp == "on" or (cfg.fsdp == "auto" and d.world > 1)
-    if not use_fsdp:
+    if not uses_fsdp(cfg, d):
         if d.world > 1:
             raise ValueError("several processes need fsdp=on (it is what synchronises their gradients)")
         return model.to(d.device), False
@@ -510,7 +513,7 @@ def peak_flops(device, dtype="bf16"):
 
 
 # ----------------------------------------------------------------------------------------------
-# one stage
+# one stage: setup, one optimizer step, logging, checkpoints
 
 
 def train_stage(cfg: TrainConfig, d: Dist):
@@ -529,6 +532,72 @@ def train_stage(cfg: TrainConfig, d: Dist):
 
 
 def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
+    """The training loop: each pass gathers one optimizer step's micro-batches, takes the step, logs it
+    and saves a checkpoint when one is due."""
+    s = setup_stage(cfg, d, lock, run_id)
+    progress = Progress(s)
+    it = None
+    while s.step < s.total:
+        # one optimizer step: gather its micro-batches first, so the loss can be normalised by
+        # the number of positions in the whole step, over all micro-batches and ranks (docs/method.md §Normalisation)
+        # each epoch is exactly steps_per_epoch steps, so a step number fixes the data position
+        if it is None or s.step % s.steps_per_epoch == 0:
+            pos = s.data_pos or data_position(s.step, s.steps_per_epoch, cfg)  # a resumed run: the saved position
+            s.data_pos = None
+            it = batches(s.dataset, cfg, d, s.tok, pos["epoch"], pos["samples_in_epoch"] // d.world,
+                         s.plain.cfg.image_token_id)
+        micro = [next(it) for _ in range(s.accum)]
+        lr = lr_at(s.step, s.total, cfg)
+        log_lm, log_vm, grad_norm = optimizer_step(s, micro, lr, progress)
+        s.step += 1
+        s.ckptr.poll()
+        progress.log_step(s, lr, log_lm, log_vm, grad_norm)
+        stop = cfg.stop_at and s.step == cfg.stop_at and s.step < s.total
+        if (cfg.save_every and s.step % cfg.save_every == 0 and s.step < s.total) or stop:
+            save_step(s)
+        if stop:
+            s.ckptr.close()
+            if d.main:
+                print(f"stage {cfg.stage}: stopped at step {s.step} as asked (stop_at); continue with --resume")
+            return None
+    progress.close()
+    return finish_stage(s)
+
+
+@dataclass
+class Stage:
+    """What one stage trains with (built by setup_stage), and where it stands."""
+    cfg: TrainConfig
+    d: Dist
+    tok: object
+    tok_file: str
+    plain: VTLMM                    # the model before wrapping: its config, FLOP and parameter counts
+    model: torch.nn.Module          # as trained: blocks maybe compiled, maybe sharded by FSDP2
+    objective: str
+    dataset: object
+    params: list                    # the trained parameters (the optimizer's and the gradient clip's)
+    optimizer: torch.optim.Optimizer
+    accum: int                      # micro-batches per optimizer step on each process
+    steps_per_epoch: int
+    total: int                      # optimizer steps of the stage
+    fingerprint: dict
+    run_id: str
+    ckptr: Optional[checkpoint.Checkpointer] = None
+    amp: object = contextlib.nullcontext  # each forward's context: autocast to bf16 without FSDP
+    step: int = 0                   # optimizer steps taken
+    skipped: int = 0                # non-finite steps skipped (no update), in all ...
+    bad_in_row: int = 0             # ... and in a row, now
+    data_pos: Optional[dict] = None  # a resumed run's saved data position, until its first batch
+
+    def flops_per_token(self, T):
+        # 6N FLOPs per token when the decoder's weights train; 4N when only gradients pass through it
+        # (stage I trains the adapter below it); 2N when it runs forward only (stage III)
+        return {1: 4 / 6, 3: 2 / 6}.get(self.cfg.stage, 1.0) * self.plain.flops_per_token(T)
+
+
+def setup_stage(cfg: TrainConfig, d: Dist, lock, run_id) -> Stage:
+    """Seeds, the hook's data, tokenizer, model, dataset, the model parallelised, the optimizer, the
+    schedule's length, and a resumed run's state (checkpoint.resume)."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -537,7 +606,6 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
         hook.prepare_data(cfg)
     if d.world > 1:
         dist.barrier()
-    final = os.path.join(cfg.out_dir, "final")
 
     tok, tok_file = find_tokenizer(cfg)
     sources = model_lib.ShardSources() if sharded_loading(cfg, d) else None
@@ -552,169 +620,190 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
         objective = "mm_lm"
     trainable = set_trainable(model, cfg.stage, cfg.freeze)
     dataset = build_dataset(cfg, model, tok)
-    # 6N FLOPs per token when the decoder's weights train; 4N when only gradients pass through it
-    # (stage I trains the adapter below it); 2N when it runs forward only (stage III)
-    factor = {1: 4 / 6, 3: 2 / 6}.get(cfg.stage, 1.0)
     plain = model  # bound before wrapping: parameter counts stay unsharded
-    flops_per_token = lambda T: factor * plain.flops_per_token(T)
     n_trainable = sum(model.get_parameter(n).numel() for n in trainable)
     model, fsdp = parallelize(model, cfg, d)
     if sources is not None:
         load_sharded(model, sources, cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg, d.device)
+    accum, steps_per_epoch, total = schedule_length(cfg, d, len(dataset))
+    s = Stage(cfg, d, tok, tok_file, plain, model, objective, dataset, params, optimizer, accum,
+              steps_per_epoch, total, run_fingerprint(cfg, model, dataset, total), run_id)
 
-    per_step = cfg.micro_batch * d.world
-    if cfg.global_batch % per_step:
-        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x processes = {per_step}")
-    accum = cfg.global_batch // per_step
-    steps_per_epoch = len(dataset) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data_path}: {len(dataset)} samples, fewer than one global batch ({cfg.global_batch})")
-    total = math.ceil(steps_per_epoch * cfg.epochs)
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
-
-    step, skipped, bad_in_row, data_pos = 0, 0, 0, None
-    fingerprint = run_fingerprint(cfg, model, dataset, total)
     ckpt = None
     if cfg.resume:
-        ckpt = checkpoint.resume(cfg.out_dir, model, optimizer, fingerprint, cfg.allow_resume_changes)
+        ckpt = checkpoint.resume(cfg.out_dir, model, optimizer, s.fingerprint, cfg.allow_resume_changes)
     if ckpt:
-        step, data_pos, skipped = ckpt[1]["step"], ckpt[1]["data"], ckpt[1].get("skipped", 0)
-        run_id = ckpt[1].get("run_id", run_id)  # the same run goes on: its checkpoints stay its own
-    ckptr = checkpoint.Checkpointer(cfg.out_dir, run_id, cfg.keep_checkpoints, cfg.async_save, lock)
+        s.step, s.data_pos, s.skipped = ckpt[1]["step"], ckpt[1]["data"], ckpt[1].get("skipped", 0)
+        s.run_id = ckpt[1].get("run_id", run_id)  # the same run goes on: its checkpoints stay its own
+    s.ckptr = checkpoint.Checkpointer(cfg.out_dir, s.run_id, cfg.keep_checkpoints, cfg.async_save, lock)
     if d.main:
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
         print(f"stage {cfg.stage} ({objective}): {len(dataset)} samples, {total} steps of {cfg.global_batch} "
               f"({cfg.micro_batch} x {d.world} processes x {accum} accumulation), trains {len(trainable)} "
               f"tensors / {n_trainable:,} parameters"
-              + (f", resumed at step {step}" if ckpt else "")
+              + (f", resumed at step {s.step}" if ckpt else "")
               + (f"; data as read: {dataset.report()}" if dataset.skipped or dataset.repaired else ""))
+    if resolve_dtype(cfg, d) == "bf16" and not fsdp:
+        s.amp = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)
+    return s
 
-    use_autocast = resolve_dtype(cfg, d) == "bf16" and not fsdp
-    amp = (lambda: torch.autocast(d.device.type, dtype=torch.bfloat16)) if use_autocast else contextlib.nullcontext
-    peak = cfg.peak_flops or peak_flops(d.device, resolve_dtype(cfg, d))  # one device; None: unknown GPU
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    bar = None
-    if d.main:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc=f"stage {cfg.stage}", dynamic_ncols=True,
-                   disable=not sys.stderr.isatty() and not os.environ.get("NANOVT_PROGRESS"))
 
-    model.train()
-    it = None
-    t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
-    if d.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(d.device)
-    while step < total:
-        # one optimizer step: gather its micro-batches first, so the loss can be normalised by
-        # the number of positions in the whole step, over all micro-batches and ranks (docs/method.md §Normalisation)
-        # each epoch is exactly steps_per_epoch steps, so a step number fixes the data position
-        if it is None or step % steps_per_epoch == 0:
-            pos = data_pos or data_position(step, steps_per_epoch, cfg)  # a resumed run: the saved position
-            data_pos = None
-            it = batches(dataset, cfg, d, tok, pos["epoch"], pos["samples_in_epoch"] // d.world,
-                         model.cfg.image_token_id)
-        micro = [next(it) for _ in range(accum)]
-        for b in micro:  # skips made in DataLoader workers are counted here, in the main process
-            dataset.note_skipped(b["skipped"])
-        # the counts come from the CPU batches (losses.Rows, built by the loader): the device never
-        # has to report them back, and the host can run ahead of it
-        counts = torch.tensor([[b["rows"].lm.numel(), b["rows"].vm.numel()] for b in micro],
-                              dtype=torch.float64).sum(0)
-        if d.world > 1:  # stays on the device: the loss divides by it there
-            counts = counts.to(d.device)
-            dist.all_reduce(counts)
-            # FSDP averages gradients over ranks: scale by world so the result is sum / count
-            lm_count, vm_count = (counts / d.world).float()
-        else:
-            lm_count, vm_count = counts.tolist()
-        lr = lr_at(step, total, cfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        step_loss = torch.zeros(2, device=d.device)  # (lm, vm) of this step, stays on the device
-        for b in micro:
-            with amp():
-                out = model(_to(b["input_ids"], d.device), _to(b["pixel_values"], d.device),
-                            labels=_to(b["labels"], d.device), objective=objective, lm_count=lm_count,
-                            vm_count=vm_count, chunk_size=cfg.loss_chunk or None, rows=b["rows"].to(d.device))
-            out.loss.backward()
-            step_loss += torch.stack([out.lm_loss.detach(), out.vm_loss.detach()]).float()
-            tokens, flops = real_tokens_and_flops(b["attention_mask"], flops_per_token)
-            tokens_since += tokens * d.world
-            flops_since += flops * d.world
-        log_now = step + 1 == total or (step + 1) % cfg.log_every == 0
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        # the step's one host sync (none per micro-batch): the losses and the gradient norm, reduced over
-        # the ranks, decide together whether the update is applied
-        check = torch.cat([step_loss, grad_norm.detach().float().reshape(1).to(step_loss.device)])
-        if d.world > 1:
-            dist.all_reduce(check)
-        log_lm, log_vm, norm_sum = (check / d.world).tolist()
-        grad_norm = float(grad_norm)
-        if math.isfinite(log_lm + log_vm + norm_sum):
-            optimizer.step()
-            bad_in_row = 0
-        else:  # never apply (or save) a non-finite update: skip it, or stop after too many in a row
-            skipped += 1
-            bad_in_row += 1
-            if bad_in_row > cfg.max_skipped_steps:
-                ckptr.wait()
-                raise FloatingPointError(f"stage {cfg.stage}: loss {log_lm + log_vm} (lm {log_lm}, vm {log_vm}), "
-                                         f"gradient norm {grad_norm} at step {step + 1}, {bad_in_row} "
-                                         f"non-finite step(s) in a row; stopping. The last good checkpoint is "
-                                         f"{checkpoint.latest(cfg.out_dir)}")
-            if d.main:
-                print(f"warning: step {step + 1}: loss {log_lm + log_vm}, gradient norm {grad_norm}; "
-                      f"skipped (no update), {skipped} so far")
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        ckptr.poll()
+def schedule_length(cfg: TrainConfig, d: Dist, n_samples):
+    """(micro-batches per step on each process, steps per epoch, total steps) for n_samples samples."""
+    per_step = cfg.micro_batch * d.world
+    if cfg.global_batch % per_step:
+        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x processes = {per_step}")
+    steps_per_epoch = n_samples // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"{cfg.data_path}: {n_samples} samples, fewer than one global batch ({cfg.global_batch})")
+    total = math.ceil(steps_per_epoch * cfg.epochs)
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return cfg.global_batch // per_step, steps_per_epoch, total
+
+
+def optimizer_step(s: Stage, micro, lr, progress):
+    """One optimizer step on this process's micro-batches: forward and backward of each (the loss
+    divided by the step's position counts over all ranks), the gradient clipped, then the update, or
+    none when the step is not finite. Returns the step's (lm, vm) losses and its gradient norm."""
+    cfg, d = s.cfg, s.d
+    for b in micro:  # skips made in DataLoader workers are counted here, in the main process
+        s.dataset.note_skipped(b["skipped"])
+    # the counts come from the CPU batches (losses.Rows, built by the loader): the device never
+    # has to report them back, and the host can run ahead of it
+    counts = torch.tensor([[b["rows"].lm.numel(), b["rows"].vm.numel()] for b in micro],
+                          dtype=torch.float64).sum(0)
+    if d.world > 1:  # stays on the device: the loss divides by it there
+        counts = counts.to(d.device)
+        dist.all_reduce(counts)
+        # FSDP averages gradients over ranks: scale by world so the result is sum / count
+        lm_count, vm_count = (counts / d.world).float()
+    else:
+        lm_count, vm_count = counts.tolist()
+    for g in s.optimizer.param_groups:
+        g["lr"] = lr
+    step_loss = torch.zeros(2, device=d.device)  # (lm, vm) of this step, stays on the device
+    for b in micro:
+        with s.amp():
+            out = s.model(_to(b["input_ids"], d.device), _to(b["pixel_values"], d.device),
+                          labels=_to(b["labels"], d.device), objective=s.objective, lm_count=lm_count,
+                          vm_count=vm_count, chunk_size=cfg.loss_chunk or None, rows=b["rows"].to(d.device))
+        out.loss.backward()
+        step_loss += torch.stack([out.lm_loss.detach(), out.vm_loss.detach()]).float()
+        progress.count(*real_tokens_and_flops(b["attention_mask"], s.flops_per_token))
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    # the step's one host sync (none per micro-batch): the losses and the gradient norm, reduced over
+    # the ranks, decide together whether the update is applied
+    check = torch.cat([step_loss, grad_norm.detach().float().reshape(1).to(step_loss.device)])
+    if d.world > 1:
+        dist.all_reduce(check)
+    log_lm, log_vm, norm_sum = (check / d.world).tolist()
+    grad_norm = float(grad_norm)
+    if math.isfinite(log_lm + log_vm + norm_sum):
+        s.optimizer.step()
+        s.bad_in_row = 0
+    else:
+        skip_step(s, log_lm, log_vm, grad_norm)
+    s.optimizer.zero_grad(set_to_none=True)
+    return log_lm, log_vm, grad_norm
+
+
+def skip_step(s: Stage, log_lm, log_vm, grad_norm):
+    """Never apply (or save) a non-finite update: skip it, or stop after too many in a row."""
+    s.skipped += 1
+    s.bad_in_row += 1
+    if s.bad_in_row > s.cfg.max_skipped_steps:
+        s.ckptr.wait()
+        raise FloatingPointError(f"stage {s.cfg.stage}: loss {log_lm + log_vm} (lm {log_lm}, vm {log_vm}), "
+                                 f"gradient norm {grad_norm} at step {s.step + 1}, {s.bad_in_row} "
+                                 f"non-finite step(s) in a row; stopping. The last good checkpoint is "
+                                 f"{checkpoint.latest(s.cfg.out_dir)}")
+    if s.d.main:
+        print(f"warning: step {s.step + 1}: loss {log_lm + log_vm}, gradient norm {grad_norm}; "
+              f"skipped (no update), {s.skipped} so far")
+
+
+class Progress:
+    """The progress bar, metrics.jsonl and the printed line every log_every steps, with tokens/s and MFU
+    over the steps since the last record."""
+
+    def __init__(self, s: Stage):
+        cfg, d = s.cfg, s.d
+        self.peak = cfg.peak_flops or peak_flops(d.device, resolve_dtype(cfg, d))  # one device; None: unknown GPU
+        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+        self.bar = None
+        if d.main:
+            from tqdm import tqdm
+            self.bar = tqdm(total=s.total, initial=s.step, desc=f"stage {cfg.stage}", dynamic_ncols=True,
+                            disable=not sys.stderr.isatty() and not os.environ.get("NANOVT_PROGRESS"))
+        s.model.train()
+        self.t0, self.tokens_since, self.flops_since = time.perf_counter(), 0, 0.0
+        if d.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(d.device)
+        self.world = d.world
+
+    def count(self, tokens, flops):
+        """One micro-batch's real tokens and FLOPs on this process (as much on each process, by estimate)."""
+        self.tokens_since += tokens * self.world
+        self.flops_since += flops * self.world
+
+    def log_step(self, s: Stage, lr, log_lm, log_vm, grad_norm):
+        """After optimizer step s.step: the bar moves; every log_every steps and at the end, a record."""
+        cfg, d, step, bar = s.cfg, s.d, s.step, self.bar
         if bar:
             bar.update(1)
-        if log_now:
-            dt = time.perf_counter() - t0
-            tps = tokens_since / dt
-            rec = dict(stage=cfg.stage, step=step, loss=log_lm + log_vm, lm=log_lm, vm=log_vm, lr=lr,
-                       grad_norm=grad_norm, skipped=skipped, tokens_per_s=round(tps, 1),
-                       mfu=round(flops_since / dt / (peak * d.world), 4) if peak else None,
-                       peak_mem_gb=round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
-                       if d.device.type == "cuda" else None)
-            if d.main:
-                bar.set_postfix(loss=f"{log_lm + log_vm:.4f}", lr=f"{lr:.2e}")
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                msg = (f"step {step}/{total} loss {rec['loss']:.4f} (lm {log_lm:.4f} vm {log_vm:.4f}) "
-                       f"lr {lr:.2e} grad {rec['grad_norm']:.3f} {tps:,.0f} tok/s"
-                       + (f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""))
-                (bar.write if bar and not bar.disable else print)(msg)
-            t0, tokens_since, flops_since = time.perf_counter(), 0, 0.0
-        stop = cfg.stop_at and step == cfg.stop_at and step < total
-        if (cfg.save_every and step % cfg.save_every == 0 and step < total) or stop:
-            ckptr.save(step, model, optimizer, {"total": total, "data": data_position(step, steps_per_epoch, cfg),
-                                                "skipped": skipped, "fingerprint": fingerprint, "stage": cfg.stage,
-                                                "config": dataclasses.asdict(cfg)})
-        if stop:
-            ckptr.close()
-            if d.main:
-                print(f"stage {cfg.stage}: stopped at step {step} as asked (stop_at); continue with --resume")
-            return None
-    if bar:
-        bar.close()
-    ckptr.close()
-    checkpoint.save_final(final, model, plain.cfg.to_dict(), tok_file, cfg.final_dtype,
-                          {"run_id": run_id, "stage": cfg.stage, "step": step, "skipped": skipped},
+        if not (step == s.total or step % cfg.log_every == 0):
+            return
+        dt = time.perf_counter() - self.t0
+        tps = self.tokens_since / dt
+        peak = self.peak
+        rec = dict(stage=cfg.stage, step=step, loss=log_lm + log_vm, lm=log_lm, vm=log_vm, lr=lr,
+                   grad_norm=grad_norm, skipped=s.skipped, tokens_per_s=round(tps, 1),
+                   mfu=round(self.flops_since / dt / (peak * d.world), 4) if peak else None,
+                   peak_mem_gb=round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
+                   if d.device.type == "cuda" else None)
+        if d.main:
+            bar.set_postfix(loss=f"{log_lm + log_vm:.4f}", lr=f"{lr:.2e}")
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            msg = (f"step {step}/{s.total} loss {rec['loss']:.4f} (lm {log_lm:.4f} vm {log_vm:.4f}) "
+                   f"lr {lr:.2e} grad {rec['grad_norm']:.3f} {tps:,.0f} tok/s"
+                   + (f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""))
+            (bar.write if bar and not bar.disable else print)(msg)
+        self.t0, self.tokens_since, self.flops_since = time.perf_counter(), 0, 0.0
+
+    def close(self):
+        if self.bar:
+            self.bar.close()
+
+
+def save_step(s: Stage):
+    """A step checkpoint: model, optimizer, and what a resumed run checks and starts from."""
+    cfg = s.cfg
+    s.ckptr.save(s.step, s.model, s.optimizer, {
+        "total": s.total, "data": data_position(s.step, s.steps_per_epoch, cfg), "skipped": s.skipped,
+        "fingerprint": s.fingerprint, "stage": cfg.stage, "config": dataclasses.asdict(cfg)})
+
+
+def finish_stage(s: Stage):
+    """The last step taken: the final model (checkpoint.save_final) and the data report."""
+    cfg, d = s.cfg, s.d
+    final = os.path.join(cfg.out_dir, "final")
+    s.ckptr.close()
+    checkpoint.save_final(final, s.model, s.plain.cfg.to_dict(), s.tok_file, cfg.final_dtype,
+                          {"run_id": s.run_id, "stage": cfg.stage, "step": s.step, "skipped": s.skipped},
                           timeout_s=60 * cfg.dist_timeout_min)
-    report = data_report(dataset, d)
+    report = data_report(s.dataset, d)
     if d.main:
-        print(f"stage {cfg.stage}: done, {step} steps -> {final}; data: {report}")
+        print(f"stage {cfg.stage}: done, {s.step} steps -> {final}; data: {report}")
         with open(os.path.join(cfg.out_dir, "data_report.json"), "w") as f:
-            json.dump({"report": report, "skipped": dict(dataset.skipped), "repaired": dict(dataset.repaired),
-                       "missing": dataset.missing}, f, indent=1)
+            json.dump({"report": report, "skipped": dict(s.dataset.skipped), "repaired": dict(s.dataset.repaired),
+                       "missing": s.dataset.missing}, f, indent=1)
     return final
 
 
