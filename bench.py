@@ -68,6 +68,15 @@ SIZES = {
 }
 
 
+
+def write_report(out_path, lines):
+    """Write a results table (a list of markdown lines) to out_path and say where."""
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"\nwrote {out_path}")
+
+
 def bench_config(size):
     """transformers LlavaConfig for one of SIZES (LLaMA decoder, CLIP tower, llava-hf conventions)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
@@ -582,10 +591,7 @@ def throughput_main(quick, out_path, log_lines):
         "",
         *[f"- {line}" for line in lines],
     ]
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        f.write("\n".join(doc) + "\n")
-    print(f"\nwrote {out_path}")
+    write_report(out_path, doc)
     return dict(rows=rows, load=load)
 
 
@@ -707,10 +713,7 @@ def main(argv=None):
         "",
         *[f"- {line}" for line in lines],
     ]
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        f.write("\n".join(doc) + "\n")
-    print(f"\nwrote {out_path}")
+    write_report(out_path, doc)
     return dict(rows=rows, logits_diff=logits_diff, greedy_match=match, loss=loss_checks, **train_checks)
 
 
