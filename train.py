@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib
 import json
 import math
@@ -222,13 +223,12 @@ def setup_distributed(cfg):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if (world > 1 or cfg.fsdp == "on") and not dist.is_initialized():
-        if world == 1:  # FSDP on one process (tests): a process group of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29513")
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group("nccl" if dev_type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=cfg.dist_timeout_min))
+        backend = "nccl" if dev_type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)
+        if world == 1:  # FSDP on one process (tests): a process group of one, in memory, no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            dist.init_process_group(backend, timeout=timeout)
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
 
 
@@ -881,27 +881,43 @@ def print_memory_budgets():
 
 
 def run(cfg: TrainConfig):
+    """Train the config's stage, or its list of stages one after the other (each starting from the
+    previous one's final model). Returns the last final/ directory, or None when stopped early."""
     d = setup_distributed(cfg)
-    try:
-        if not cfg.stages:
-            return train_stage(cfg, d)
-        prev = None
-        base = dataclasses.replace(cfg, stages=[])
-        for k, over in enumerate(cfg.stages):
-            over = dict(over)
-            if prev and "init_from" not in over:
-                over["init_from"] = prev
-            scfg = dataclasses.replace(base, **over)
-            prev = train_stage(scfg, d)
-            if prev is None:  # stopped early (stop_at): the next stages wait for --resume
-                return None
-        hook = load_hook(cfg)
-        if hook and d.main:
-            hook.after_run(cfg, prev)
-        return prev
-    finally:
-        if d.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    final = run_stages(cfg, d)
+    # Only after success: on an error this process exits and torchrun stops the others (a rank that
+    # tears down its process group while the others still wait in a collective can hang them).
+    if d.world > 1 and dist.is_initialized():
+        shutdown_distributed()
+    return final
+
+
+def run_stages(cfg: TrainConfig, d: Dist):
+    if not cfg.stages:
+        return train_stage(cfg, d)
+    prev = None
+    base = dataclasses.replace(cfg, stages=[])
+    for over in cfg.stages:
+        over = dict(over)
+        if prev and "init_from" not in over:
+            over["init_from"] = prev
+        prev = train_stage(dataclasses.replace(base, **over), d)
+        if prev is None:  # stopped early (stop_at): the next stages wait for --resume
+            return None
+    hook = load_hook(cfg)
+    if hook and d.main:
+        hook.after_run(cfg, prev)
+    return prev
+
+
+def shutdown_distributed():
+    """The end of a multi-process run: free the stages' sharded modules and optimizers (they hold the
+    process group) while the interpreter is still whole, wait until every rank is done, then destroy
+    the process group. Tearing down gloo with work or references still alive at interpreter exit can
+    abort a process that has finished its work."""
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import checkpoint
 import data
 import train
 from model import VTLMM
-from tiny_ckpt import run_py, tiny_args
+from tiny_ckpt import run_py, tiny_args, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
@@ -44,14 +44,6 @@ def losses_of(out):
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-def torchrun(argv, port, script="train.py"):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           os.path.join(ROOT, script), *argv]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=ENV)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
 RUN = ["--max_steps=4", "--save_every=2"]
 
 
@@ -71,14 +63,13 @@ def test_fsdp_two_processes_resume_exactly(world, tmp_path, mode):
     """2-process FSDP2: stopping after step 2 and resuming gives bit-equal weights and losses."""
     extra = ["--dtype=fp32"] if mode == "fp32" else ["--dtype=bf16", "--activation_checkpointing=true",
                                                       "--async_save=true"]
-    port = 29610 if mode == "fp32" else 29620
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    torchrun(args(world, a, *RUN, "--micro_batch=2", *extra), port)
-    torchrun(args(world, b, *RUN, "--micro_batch=2", "--stop_at=2", *extra), port + 1)
+    torchrun("train.py", *args(world, a, *RUN, "--micro_batch=2", *extra))
+    torchrun("train.py", *args(world, b, *RUN, "--micro_batch=2", "--stop_at=2", *extra))
     assert not os.path.exists(os.path.join(b, "final"))
     assert sorted(f for f in os.listdir(os.path.join(b, "step-2")) if f.endswith(".distcp")) == \
         ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard
-    torchrun(args(world, b, *RUN, "--micro_batch=2", "--resume", *extra), port + 2)
+    torchrun("train.py", *args(world, b, *RUN, "--micro_batch=2", "--resume", *extra))
     assert same(weights(os.path.join(a, "final")), weights(os.path.join(b, "final")))
     assert losses_of(a) == losses_of(b)
 
@@ -100,7 +91,7 @@ def test_checkpoint_moves_between_one_and_two_processes(tmp_path):
     checkpoint.Checkpointer(src, "one").save(1, model, opt, {"fingerprint": ckpt_worker.FINGERPRINT, "data": {}})
     want_model = {k: v.clone() for k, v in model.state_dict().items()}
     want_opt = {id_: {k: v.clone() for k, v in st.items()} for id_, st in enumerate(opt.state.values())}
-    torchrun([src, dst], 29630, script="tests/ckpt_worker.py")
+    torchrun("tests/ckpt_worker.py", src, dst)
     assert same(weights(os.path.join(dst, "final")), want_model)
     torch.manual_seed(99)  # another RNG state: resume must restore the saved one
     model2, opt2, _ = ckpt_worker.tiny(seed=123, fsdp="off")

@@ -5,8 +5,6 @@ source, image folder or option is a miss and the cache is rebuilt."""
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -14,6 +12,7 @@ import pytest
 from PIL import Image
 
 import data
+from tiny_ckpt import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -152,13 +151,9 @@ def test_two_processes_parse_once(source, tok_path, tmp_path):
     write the cache; rank 1 waits and maps it. Both get the samples that parsing gives."""
     results = tmp_path / "results"
     results.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",  # a free port
-           os.path.join(ROOT, "tests", "cache_worker.py"), str(source), str(source.parent), str(tok_path),
-           str(tmp_path / "run"), str(results)]
     t = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("tests/cache_worker.py", str(source), str(source.parent), str(tok_path), str(tmp_path / "run"),
+             str(results))
     assert (results / "reads.txt").read_text().split() == ["0"], time.perf_counter() - t  # one parse, by rank 0
     got = [json.loads((results / f"rank{k}.json").read_text()) for k in range(2)]
     tok = data.load_tokenizer(tok_path)

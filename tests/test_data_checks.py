@@ -6,8 +6,6 @@ import codecs
 import json
 import logging
 import os
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
@@ -15,6 +13,7 @@ from PIL import Image
 import data
 import shapes
 import train
+from tiny_ckpt import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,10 +172,7 @@ def test_exact_counts_in_a_run_with_workers(bad_run_data, tmp_path, workers):
 def test_exact_counts_with_two_processes_and_resume(bad_run_data, tmp_path):
     world, path, want = bad_run_data
     out = str(tmp_path / "two")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
-           os.path.join(ROOT, "train.py"), *run_args(world, path, out, "--num_workers=2")]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("train.py", *run_args(world, path, out, "--num_workers=2"))
     assert report(out) == want  # each rank loaded half the samples; the report holds both halves
     # a run stopped mid-epoch resumes past the missing folder to the end
     out = str(tmp_path / "resumed")

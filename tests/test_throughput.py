@@ -8,6 +8,7 @@ from torch.utils._pytree import tree_flatten
 
 import losses
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+from tiny_ckpt import torchrun
 
 IMG = 250
 
@@ -168,18 +169,12 @@ def test_sharded_loading_is_bit_equal_to_full_loading(tmp_path):
     that each read only their rows give bit-equal weights, and the same logits, as a full load."""
     import json
     import os
-    import subprocess
-    import sys
 
     from hf_tiny import save_new_layout, tiny_llava
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ckpt = save_new_layout(tiny_llava(vocab=251).to(torch.bfloat16), str(tmp_path / "ckpt"), max_shard_size="100KB")
     assert any(f.endswith(".index.json") for f in os.listdir(ckpt))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561",
-           os.path.join(root, "tests", "sharded_load_worker.py"), ckpt, str(tmp_path)]
-    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("tests/sharded_load_worker.py", ckpt, str(tmp_path), env={"PYTHONPATH": root})
     ranks = [json.load(open(tmp_path / f"rank{i}.json")) for i in range(2)]
     for res in ranks:
         assert res["on_meta"] and res["n_params"] > 50

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import train
-from tiny_ckpt import run_py, tiny_args
+from tiny_ckpt import run_py, tiny_args, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,10 +115,7 @@ def test_fsdp_two_processes_match_one(world, start, tmp_path, stage):
     if stage in (1, 3):
         common += ["--template=plain", f"--data_path={world}/stage1_captions.json"]
     one = run_py(args(world, str(tmp_path / "one"), *common))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={29530 + stage}",
-           os.path.join(ROOT, "train.py"), *args(world, str(tmp_path / "two"), *common)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
+    torchrun("train.py", *args(world, str(tmp_path / "two"), *common))
     m1, m2 = metrics(str(tmp_path / "one")), metrics(str(tmp_path / "two"))
     assert len(m1) == len(m2) == 2
     for a, b in zip(m1, m2):

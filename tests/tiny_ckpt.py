@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import data
 import shapes
@@ -33,3 +35,15 @@ def make_checkpoint(world, out):
     model.save_pretrained(str(out))
     shutil.copyfile(cfg.tokenizer, os.path.join(out, "tokenizer.model"))
     return str(out)
+
+
+def torchrun(script, *argv, env=None):
+    """`torchrun --standalone --nproc_per_node=2 script argv` from the repository root: a free port each
+    time (no clash between test runs side by side), one BLAS thread per process, and faulthandler on, so
+    that a process that aborts prints every thread's Python stack. Returns the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, script), *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
