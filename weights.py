@@ -118,7 +118,7 @@ def nanovt_names(cfg: VTLMMConfig):
 LAYOUTS = {  # the layouts the print command knows, each for a whole config
     "llava-hf": llava_hf_names,
     "llava-hf-old": llava_hf_old_names,
-    "llava": llava_names,  # original LLaVA-1.5 and VW-LMM
+    "llava": llava_names,  # original LLaVA-1.5 and VW-LMM (printed as VW-LMM releases it: no tower, a VM head)
     "clip": lambda cfg: clip_names(cfg.vision),
     "llm": lambda cfg: llm_names(cfg.decoder),
     "nanovt": nanovt_names,
