@@ -265,8 +265,8 @@ def check_names(names, files: WeightFiles):
 
 def fill(model, files: WeightFiles, names, dtype):
     """Copy each tensor `names` lists from `files` into the nanoVT parameter it names, in `dtype` (the
-    model is on the meta device: nothing else is allocated). Checks the names (check_names) and every
-    shape first. Returns the set of nanoVT names filled."""
+    model is on the meta device: nothing else is allocated). The names are checked first (check_names),
+    each shape before its tensor is copied. Returns the set of nanoVT names filled."""
     check_names(names, files)
     params = dict(model.named_parameters())
     for key, name in names.items():
@@ -453,7 +453,8 @@ def _llava_hf_config(c, cpath):
     dec = decoder_config_from_hf(c.get("text_config") or {}, cpath)
     vis = vision_config_from_hf(c.get("vision_config") or {}, cpath, layer, defaults="llava_vision")
     extras = c.get("nanovt_extras", {})  # written by export_llava_hf
-    return VTLMMConfig(vision=vis, decoder=dec, image_token_id=c.get("image_token_index", c.get("image_token_id", 32000)),
+    image_token = c.get("image_token_index", c.get("image_token_id", 32000))
+    return VTLMMConfig(vision=vis, decoder=dec, image_token_id=image_token,
                        template=extras.get("template", _template_for(dec)),
                        pseudo_image_features=extras.get("pseudo_image_features", False))
 
@@ -497,7 +498,8 @@ def read_checkpoint(path, vision_path=None, overrides=None):
         return cfg, [(WeightFiles(path), nanovt_names(cfg))], "nanovt"
     files = WeightFiles(path)
     keys = files.where
-    if c.get("text_config") is not None or any(k.startswith(("model.language_model.", "language_model.")) for k in keys):
+    llava_hf = any(k.startswith(("model.language_model.", "language_model.")) for k in keys)
+    if c.get("text_config") is not None or llava_hf:
         cfg = replace(_llava_hf_config(c, cpath), **overrides)
         if any(k.startswith("model.language_model.") for k in keys):
             parts = [(files, llava_hf_names(cfg, tower_prefix(keys, "model.vision_tower.")))]
