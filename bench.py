@@ -523,8 +523,8 @@ def load_rank(mode, ckpt, out):
     import json
     import resource
 
-    import model as model_lib
     import train
+    import weights
     cfg = train.TrainConfig(init_from=ckpt, fsdp="on", activation_checkpointing=False, dtype="fp32")
     d = train.setup_distributed(cfg)
     import safetensors.torch  # noqa: F401  (imports are part of the baseline, not of the load)
@@ -535,7 +535,7 @@ def load_rank(mode, ckpt, out):
     if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > base + (64 << 20):
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the import peak was higher: be fair
     if mode == "sharded":
-        sources = model_lib.ShardSources()
+        sources = weights.ShardSources()
         m = train.build_model(cfg, sources=sources)
         m, _ = train.parallelize(m, cfg, d)
         train.load_sharded(m, sources, cfg, d)

@@ -12,14 +12,12 @@ losses.py uses as the training target at image positions (Eq. 6) or fits (Eq. 9)
 
 Contents: configs (with the released 7B shapes by name) → CLIP vision tower → adapter →
 LLaMA/Mistral decoder with a KV cache → VTLMM (forward, pseudo image features, nearest
-tokens, generate) → loading (every layout of docs/weights.md) and saving / export to llava-hf.
+tokens, generate) → saving; loading and export to llava-hf are in weights.py (docs/weights.md).
 """
 
-import contextlib
 import json
 import os
-import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 import torch
@@ -347,6 +345,58 @@ class Decoder(nn.Module):
 # VT-LMM
 
 
+# ----------------------------------------------------------------------------------------------
+# Fresh weights: the one initialisation, for a new model, the modules a checkpoint does not hold
+# (weights.py) and the modules a training stage re-initialises (train.py's `reinit`)
+
+
+@torch.no_grad()
+def init_weights(module, std=0.02, names=None):
+    """Norm weights 1, biases 0, every other weight (Linear, Conv2d, Embedding, CLIP's class and position
+    embeddings) drawn from N(0, std^2); `names` limits it to those parameters of `module`.
+
+    Each tensor is drawn whole from torch's CPU generator in the parameter's dtype, and a sharded (FSDP
+    DTensor) or non-CPU parameter keeps its rows of it, so a model gets the same values whatever its
+    device or sharding. Layers' weights are drawn in parameter order, then the free parameters (the
+    class and position embeddings): the order nanoVT has always used, so seeded runs keep their values."""
+    def owner(name):
+        return module.get_submodule(name.rpartition(".")[0])
+
+    params = [(n, p) for n, p in module.named_parameters() if names is None or n in names]
+    params.sort(key=lambda np: any(True for _ in owner(np[0]).children()))  # free parameters last (stable)
+    for name, p in params:
+        in_place = p.device.type == "cpu" and not hasattr(p, "to_local")
+        t = p.data if in_place else torch.empty(p.shape, dtype=p.dtype)
+        if name.endswith("bias"):
+            nn.init.zeros_(t)
+        elif isinstance(owner(name), (nn.LayerNorm, RMSNorm)):
+            nn.init.ones_(t)
+        else:
+            nn.init.normal_(t, std=std)
+        if not in_place:
+            assign_full(p, t)
+
+
+def local_rows(p):
+    """(local tensor, first row) of a parameter: its shard when FSDP2 sharded it (dim 0, torch.chunk
+    sizes over the mesh), else the whole tensor."""
+    if not hasattr(p, "to_local"):
+        return p.data, 0
+    local = p.to_local()
+    rank, world = p.device_mesh.get_local_rank(), p.device_mesh.size()
+    rows = -(-p.shape[0] // world)  # ceil
+    start = min(rank * rows, p.shape[0])
+    assert local.shape[0] == min(p.shape[0], start + rows) - start, (p.shape, local.shape, rank)
+    return local, start
+
+
+@torch.no_grad()
+def assign_full(p, full):
+    """Copy this rank's rows of a full tensor into a (possibly sharded) parameter."""
+    local, start = local_rows(p)
+    local.copy_(full[start:start + local.shape[0]])
+
+
 @dataclass
 class VTLMMOutput:
     logits: Optional[torch.Tensor] = None         # (B, T, C) from the MM head, or None when not asked for
@@ -374,20 +424,9 @@ class VTLMM(nn.Module):
 
     # -- construction ---------------------------------------------------------------------------
 
-    @torch.no_grad()
     def init_weights(self, std=0.02):
-        """Fresh random weights (only used for modules that no checkpoint provides)."""
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.vision.class_embedding, std=std)
-        nn.init.normal_(self.vision.pos_embed, std=std)
+        """Fresh random weights for the whole model (init_weights below: the one rule)."""
+        init_weights(self, std)
 
     def set_checkpointing(self, on=True):
         """Per-block activation checkpointing of the decoder (train.py switches it on)."""
@@ -560,15 +599,18 @@ class VTLMM(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", vision_path=None, **overrides):
         """Load a nanoVT checkpoint, a llava-hf directory (old or new layout), an original LLaVA /
         VW-LMM directory (CLIP tower from `vision_path` or config's mm_vision_tower), each a single
-        file or a sharded index. Strict: every parameter filled, every key consumed, every shape
-        checked. The model is built on the meta device and filled in `dtype`, no random copy first.
+        file or a sharded index, through weights.py's name maps. Strict: every parameter filled, every
+        key consumed, every shape checked. The model is built on the meta device and filled in
+        `dtype`, no random copy first.
         """
-        return load_pretrained(cls, path, dtype, device, vision_path, overrides)
+        import weights
+        return weights.load_pretrained(cls, path, dtype, device, vision_path, overrides)
 
     @classmethod
     def from_clip_and_llm(cls, clip_path, llm_path, dtype=torch.float32, device="cpu", **overrides):
         """Stage I start: CLIP weights + LLaMA/Mistral weights; adapter and VM head fresh."""
-        return load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides)
+        import weights
+        return weights.load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides)
 
     def save_pretrained(self, out_dir):
         """nanoVT checkpoint: config.json + model.safetensors (plain parameter names)."""
@@ -584,7 +626,8 @@ class VTLMM(nn.Module):
     def export_llava_hf(self, out_dir):
         """Write a directory that transformers' LlavaForConditionalGeneration loads (new layout),
         with the VM head beside it in vm_head.safetensors (which from_pretrained picks up)."""
-        export_llava_hf(self, out_dir)
+        import weights
+        weights.export_llava_hf(self, out_dir)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -603,492 +646,3 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Weight files: names. Each source layout maps onto nanoVT's names by the tables below.
-
-_CLIP_NAMES = [  # HF CLIPVisionTransformer suffix <-> nanoVT VisionEncoder suffix
-    ("embeddings.patch_embedding.weight", "patch_embed.weight"),
-    ("embeddings.class_embedding", "class_embedding"),
-    ("embeddings.position_embedding.weight", "pos_embed"),
-    ("pre_layrnorm.{w}", "pre_norm.{w}"),
-    ("post_layernorm.{w}", "post_norm.{w}"),
-    ("encoder.layers.{i}.layer_norm1.{w}", "blocks.{i}.norm1.{w}"),
-    ("encoder.layers.{i}.layer_norm2.{w}", "blocks.{i}.norm2.{w}"),
-    ("encoder.layers.{i}.self_attn.{qkv}_proj.{w}", "blocks.{i}.attn.{qkv}.{w}"),
-    ("encoder.layers.{i}.self_attn.out_proj.{w}", "blocks.{i}.attn.o.{w}"),
-    ("encoder.layers.{i}.mlp.{fc}.{w}", "blocks.{i}.{fc}.{w}"),
-]
-_LLM_NAMES = [  # HF LlamaModel / MistralModel suffix <-> nanoVT Decoder suffix
-    ("embed_tokens.weight", "embed.weight"),
-    ("norm.weight", "norm.weight"),
-    ("layers.{i}.input_layernorm.weight", "blocks.{i}.attn_norm.weight"),
-    ("layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
-    ("layers.{i}.self_attn.{qkvo}_proj.weight", "blocks.{i}.attn.{qkvo}.weight"),
-    ("layers.{i}.mlp.{glu}_proj.weight", "blocks.{i}.mlp.{glu}.weight"),
-]
-_ADAPTER_NAMES = [
-    ("linear_1.{w}", "fc1.{w}"), ("linear_2.{w}", "fc2.{w}"),  # llava-hf multi_modal_projector
-    ("0.{w}", "fc1.{w}"), ("2.{w}", "fc2.{w}"),                # original LLaVA mm_projector
-]
-_SLOTS = dict(i=r"\d+", w="weight|bias", qkv="q|k|v", qkvo="q|k|v|o", fc="fc1|fc2", glu="gate|up|down")
-
-
-def _match(template, name):
-    """Match `name` against a template like 'layers.{i}.mlp.{glu}_proj.weight'; dict of slots or None."""
-    pat = re.escape(template)
-    for slot, alt in _SLOTS.items():
-        pat = pat.replace(re.escape("{%s}" % slot), f"(?P<{slot}>{alt})")
-    m = re.fullmatch(pat, name)
-    return m.groupdict() if m else None
-
-
-# (source prefix, nanoVT prefix, suffix table) per layout; the first matching prefix wins.
-LAYOUTS = {
-    "llava-hf-new": [("model.vision_tower.vision_model.", "vision.", _CLIP_NAMES),
-                     ("model.vision_tower.", "vision.", _CLIP_NAMES),  # transformers 5 in memory
-                     ("model.multi_modal_projector.", "adapter.", _ADAPTER_NAMES),
-                     ("model.language_model.", "decoder.", _LLM_NAMES),
-                     ("lm_head.weight", "mm_head.weight", None)],
-    "llava-hf-old": [("vision_tower.vision_model.", "vision.", _CLIP_NAMES),
-                     ("vision_tower.", "vision.", _CLIP_NAMES),  # as transformers 5 saves it
-                     ("multi_modal_projector.", "adapter.", _ADAPTER_NAMES),
-                     ("language_model.model.", "decoder.", _LLM_NAMES),
-                     ("language_model.lm_head.weight", "mm_head.weight", None)],
-    "llava": [("model.vision_tower.vision_tower.vision_model.", "vision.", _CLIP_NAMES),
-              ("model.mm_projector.", "adapter.", _ADAPTER_NAMES),
-              ("model.", "decoder.", _LLM_NAMES),
-              ("lm_head.weight", "mm_head.weight", None),
-              ("vm_head.weight", "vm_head.weight", None)],
-    "clip": [("vision_model.", "vision.", _CLIP_NAMES),  # CLIPModel / CLIPVisionModel files as released
-             ("", "vision.", _CLIP_NAMES)],  # CLIPVisionModel as transformers 5 saves it
-    "llm": [("model.", "decoder.", _LLM_NAMES), ("lm_head.weight", "mm_head.weight", None)],
-    "vm_head": [("vm_head.weight", "vm_head.weight", None), ("weight", "vm_head.weight", None)],
-}
-# Keys some files carry that hold no parameter of this model (buffers, CLIP's text half).
-_IGNORED = re.compile(r"(.*rotary_emb\.inv_freq|.*position_ids|text_model\..*|text_projection\..*|"
-                      r"visual_projection\..*|logit_scale)$")
-
-
-def rename(key, layout, reverse=False):
-    """Source key -> nanoVT key (reverse: nanoVT key -> source key), or None if no rule fits."""
-    if layout == "nanovt":  # our own checkpoints use our own names
-        return key
-    for src, dst, table in LAYOUTS[layout]:
-        if reverse:
-            src, dst = dst, src
-        if table is None:
-            if key == src:
-                return dst
-        elif key.startswith(src):
-            for a, b in table:
-                a, b = (b, a) if reverse else (a, b)
-                slots = _match(a, key[len(src):])
-                if slots is not None:
-                    return dst + b.format(**slots)
-            return None
-    return None
-
-
-class WeightFiles:
-    """The tensors of a checkpoint directory or file: single safetensors, a sharded index, or .bin."""
-
-    def __init__(self, path, prefix="model"):
-        self.where = {}  # key -> file
-        if os.path.isfile(path):
-            files = [path]
-        else:
-            index = [f for f in os.listdir(path) if f.endswith(".safetensors.index.json")] or \
-                    [f for f in os.listdir(path) if f.endswith(".bin.index.json")]
-            if index:
-                ipath = os.path.join(path, sorted(index)[0])
-                with open(ipath) as f:
-                    wmap = json.load(f)["weight_map"]
-                for key, fname in wmap.items():
-                    self.where[key] = os.path.join(path, fname)
-                for fname in sorted(set(wmap.values())):
-                    if not os.path.exists(os.path.join(path, fname)):
-                        raise FileNotFoundError(f"{ipath} names shard {fname}, which is missing")
-                files = []
-            else:
-                files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                               if f.endswith(".safetensors") and f.startswith(prefix))
-                if not files:
-                    files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                                   if f.endswith(".bin") and f.startswith("pytorch_model"))
-                if not files:
-                    raise FileNotFoundError(f"no {prefix}*.safetensors, index or pytorch_model*.bin in {path}")
-        for fpath in files:
-            for key in self._keys(fpath):
-                self.where[key] = fpath
-        self._open = {}
-
-    @staticmethod
-    def _keys(fpath):
-        if fpath.endswith(".bin"):
-            return list(torch.load(fpath, map_location="cpu", weights_only=True, mmap=True).keys())
-        from safetensors import safe_open
-        try:
-            with safe_open(fpath, "pt") as f:
-                return list(f.keys())
-        except Exception as e:
-            raise ValueError(f"cannot read {fpath}: {e} (truncated or not a safetensors file?)") from e
-
-    def get(self, key):
-        fpath = self.where[key]
-        if _LAZY is not None:  # lazy_loading: the shape only, nothing read
-            if fpath.endswith(".bin"):
-                return torch.empty(torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)[key].shape,
-                                   device="meta")
-            from safetensors import safe_open
-            with safe_open(fpath, "pt") as f:
-                return torch.empty(f.get_slice(key).get_shape(), device="meta")
-        if fpath not in self._open:
-            if fpath.endswith(".bin"):
-                self._open[fpath] = torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)
-            else:
-                from safetensors import safe_open
-                self._open[fpath] = safe_open(fpath, "pt")
-        try:
-            h = self._open[fpath]
-            return h[key] if isinstance(h, dict) else h.get_tensor(key)
-        except Exception as e:
-            raise ValueError(f"cannot read tensor {key} from {fpath}: {e} (truncated file?)") from e
-
-    def read_rows(self, key, start, end):
-        """Rows start:end (dim 0) of a tensor, reading only those bytes from a safetensors file."""
-        fpath = self.where[key]
-        if fpath.endswith(".bin"):  # memory-mapped: only the rows touched are paged in
-            return torch.load(fpath, map_location="cpu", weights_only=True, mmap=True)[key][start:end]
-        from safetensors import safe_open
-        with safe_open(fpath, "pt") as f:
-            sl = f.get_slice(key)
-            return sl[start:end] if len(sl.get_shape()) else sl[:]
-
-
-def fill(model, files, layout, dtype):
-    """Copy every tensor of `files` into the matching parameter of `model` (on meta), strictly.
-
-    Returns the set of nanoVT names filled. Raises on an unknown key, a shape mismatch, or a
-    parameter filled twice.
-    """
-    params = dict(model.named_parameters())
-    filled = set()
-    for key in sorted(files.where):
-        name = rename(key, layout)
-        if name is None:
-            if _IGNORED.fullmatch(key):
-                continue
-            raise KeyError(f"unexpected key '{key}' in {files.where[key]} (layout {layout})")
-        if name not in params:
-            raise KeyError(f"key '{key}' in {files.where[key]} maps to '{name}', which this model has not "
-                           f"(a config mismatch: more layers than config.json says?)")
-        if name in filled:
-            raise KeyError(f"'{name}' is given twice (second time by '{key}' in {files.where[key]})")
-        t = files.get(key)
-        p = params[name]
-        if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"shape mismatch for '{key}' in {files.where[key]}: file {tuple(t.shape)}, "
-                             f"model '{name}' expects {tuple(p.shape)}")
-        _set_param(model, name, t.to(dtype))
-        filled.add(name)
-        if _LAZY is not None:
-            _LAZY.where[name] = (files, key)
-    return filled
-
-
-def _set_param(model, name, tensor):
-    mod_name, _, pname = name.rpartition(".")
-    mod = model.get_submodule(mod_name) if mod_name else model
-    setattr(mod, pname, nn.Parameter(tensor, requires_grad=getattr(mod, pname).requires_grad))
-
-
-def _finish(model, filled, dtype, device, where, fresh=("vm_head.",)):
-    """Check every parameter was filled; initialise the ones allowed to start fresh; move to device."""
-    missing = [n for n, p in model.named_parameters() if n not in filled and not n.startswith(fresh)]
-    if missing:
-        raise KeyError(f"{where}: missing {len(missing)} parameter(s), e.g. {missing[:5]}")
-    if _LAZY is not None:  # lazy_loading: fresh parameters are drawn later, by load_shards, from this RNG state
-        _LAZY.rng, _LAZY.dtype = torch.get_rng_state(), dtype
-        return model
-    for n, p in list(model.named_parameters()):
-        if n not in filled:  # a fresh module: random init as VTLMM.init_weights does
-            t = torch.empty(p.shape, dtype=dtype)
-            nn.init.zeros_(t) if n.endswith("bias") else nn.init.normal_(t, std=0.02)
-            _set_param(model, n, t)
-    return model.to(device)
-
-
-# -----------------------------------------------------------------------------
-# Sharded loading: each rank reads only its own rows of each tensor (never a whole model per rank)
-
-
-class ShardSources:
-    """What `lazy_loading` records: parameter name -> (WeightFiles, key), and the RNG state and dtype
-    that the fresh (not loaded) parameters are to be drawn with, as a full load would."""
-
-    def __init__(self):
-        self.where, self.rng, self.dtype = {}, None, torch.float32
-
-
-_LAZY: Optional[ShardSources] = None
-
-
-@contextlib.contextmanager
-def lazy_loading():
-    """Inside it, from_pretrained / from_clip_and_llm read no tensor: they check every key and shape as
-    usual and return the model on the meta device; the ShardSources this yields says where each
-    parameter lives. Shard the model (fully_shard), `to_empty` it, then `load_shards` fills it."""
-    global _LAZY
-    _LAZY = ShardSources()
-    try:
-        yield _LAZY
-    finally:
-        _LAZY = None
-
-
-def _local_rows(p):
-    """(local tensor, first row) of a parameter: its shard when FSDP2 sharded it (dim 0, torch.chunk
-    sizes over the mesh), else the whole tensor."""
-    if not hasattr(p, "to_local"):
-        return p.data, 0
-    local = p.to_local()
-    rank, world = p.device_mesh.get_local_rank(), p.device_mesh.size()
-    rows = -(-p.shape[0] // world)  # ceil
-    start = min(rank * rows, p.shape[0])
-    assert local.shape[0] == min(p.shape[0], start + rows) - start, (p.shape, local.shape, rank)
-    return local, start
-
-
-@torch.no_grad()
-def assign_full(p, full):
-    """Copy this rank's rows of a full tensor into a (possibly sharded) parameter."""
-    local, start = _local_rows(p)
-    local.copy_(full[start:start + local.shape[0]])
-
-
-@torch.no_grad()
-def load_shards(model, sources: ShardSources):
-    """Fill a model built under `lazy_loading`, sharded and materialised (to_empty): each rank reads the
-    rows of its shard of each tensor (safetensors slices), cast to the dtype on the way; fresh
-    parameters are drawn whole, one at a time, from the recorded RNG state (as `_finish` draws them),
-    so the result is bit-equal to a full load."""
-    if sources.rng is not None:
-        torch.set_rng_state(sources.rng)
-    for name, p in model.named_parameters():
-        local, start = _local_rows(p)
-        if name in sources.where:
-            files, key = sources.where[name]
-            local.copy_(files.read_rows(key, start, start + local.shape[0]) if p.dim() else files.get(key))
-        else:  # fresh: random init as _finish does (the whole tensor, so the RNG stream is the same)
-            t = torch.empty(p.shape, dtype=sources.dtype)
-            nn.init.zeros_(t) if name.endswith("bias") else nn.init.normal_(t, std=0.02)
-            local.copy_(t[start:start + local.shape[0]])
-            del t
-    return model
-
-
-def _read_json(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-# HF defaults for fields a config.json may leave out (transformers writes only non-defaults).
-_HF_DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                  num_attention_heads=32, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048,
-                  sliding_window=None),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                    num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-6, rope_theta=10000.0,
-                    max_position_embeddings=4096 * 32, sliding_window=4096),
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, image_size=224, patch_size=32, layer_norm_eps=1e-5),
-    "llava_vision": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                         image_size=336, patch_size=14, layer_norm_eps=1e-5),  # LlavaConfig's default tower
-}
-
-
-def _is_mistral(c):
-    """A Mistral decoder: model_type "mistral" / "llava_mistral", or (VW-LMM's release: model_type
-    "llava", a LlavaConfig subclassing MistralConfig) an architecture named Mistral."""
-    archs = c.get("architectures") or []
-    return "mistral" in str(c.get("model_type", "llama")) or any("mistral" in str(a).lower() for a in archs)
-
-
-def decoder_config_from_hf(c, where):
-    kind = "mistral" if _is_mistral(c) else "llama"
-    c = {**_HF_DEFAULTS[kind], **c}
-    act = c.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"{where}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
-    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
-    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"{where}: rope scaling {rope} is not supported")
-    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        raise ValueError(f"{where}: attention/MLP biases are not supported")
-    if c.get("tie_word_embeddings"):
-        raise ValueError(f"{where}: tied input/output embeddings are not supported")
-    heads = c["num_attention_heads"]
-    return DecoderConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], layers=c["num_hidden_layers"],
-                         heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
-                         hidden=c["intermediate_size"], eps=c["rms_norm_eps"], rope_theta=float(theta),
-                         sliding_window=c.get("sliding_window") if kind == "mistral" else None,
-                         max_seq_len=c["max_position_embeddings"], kind=kind,
-                         head_dim=c.get("head_dim") if c.get("head_dim") not in (None, c["hidden_size"] // heads)
-                         else None)
-
-
-def vision_config_from_hf(c, where, select_layer=-2, defaults="clip_vision_model"):
-    c = {**_HF_DEFAULTS[defaults], **c}
-    if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise ValueError(f"{where}: vision hidden_act {c['hidden_act']!r} is not supported (quick_gelu only)")
-    return VisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
-                        layers=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp=c["intermediate_size"],
-                        eps=c["layer_norm_eps"], select_layer=select_layer)
-
-
-def _template_for(dec: DecoderConfig, c=None):
-    """The chat template a checkpoint was trained with: the VW-LMM authors' Mistral model
-    (vwMistralForCausalLM) uses their own "mistral" style (vw_mistral), other Mistral decoders
-    LLaVA's mistral_instruct, LLaMA / Vicuna decoders vicuna_v1 (docs/data.md §Templates, docs/weights.md §VW-LMM)."""
-    if any(str(a).startswith("vwMistral") for a in (c or {}).get("architectures") or []):
-        return "vw_mistral"
-    return "mistral_instruct" if dec.kind == "mistral" else "vicuna_v1"
-
-
-def _is_pif(c, path):
-    """VW-LMM's pif checkpoint (pseudo image features, Eq. 8): architectures vwPifLlamaForCausalLM,
-    or a VW-LMM checkpoint (a vw* architecture) with "pif" in its directory's name, which is what
-    the authors' loader keys on."""
-    archs = [str(a) for a in c.get("architectures") or []]
-    name = os.path.basename(os.path.normpath(path))
-    return any(a.startswith("vwPif") for a in archs) or (any(a.startswith("vw") for a in archs) and "pif" in name)
-
-
-def _clip_config(path):
-    """Vision config from a CLIPModel or CLIPVisionModel directory's config.json."""
-    c = _read_json(os.path.join(path, "config.json"))
-    return vision_config_from_hf(c.get("vision_config", c), os.path.join(path, "config.json"))
-
-
-def load_pretrained(cls, path, dtype, device, vision_path, overrides):
-    cpath = os.path.join(path, "config.json")
-    c = _read_json(cpath)
-    if "nanovt" in c:  # our own checkpoint
-        cfg = replace(VTLMMConfig.from_dict(c["nanovt"]), **overrides)
-        with torch.device("meta"):
-            model = cls(cfg)
-        filled = fill(model, WeightFiles(path), "nanovt", dtype)
-        return _finish(model, filled, dtype, device, path, fresh=())
-
-    files = WeightFiles(path)
-    if c.get("text_config") is not None or any(k.startswith(("model.language_model.", "language_model."))
-                                               for k in files.where):
-        # llava-hf: both layouts carry text_config / vision_config
-        if c.get("vision_feature_select_strategy", "default") != "default":
-            raise ValueError(f"{cpath}: vision_feature_select_strategy must be 'default' (class token dropped)")
-        layer = c.get("vision_feature_layer", -2)
-        if not isinstance(layer, int):
-            raise ValueError(f"{cpath}: vision_feature_layer {layer} (several layers) is not supported")
-        dec = decoder_config_from_hf(c.get("text_config") or {}, cpath)
-        vis = vision_config_from_hf(c.get("vision_config") or {}, cpath, layer, defaults="llava_vision")
-        image_token = c.get("image_token_index", c.get("image_token_id", 32000))
-        layout = "llava-hf-new" if any(k.startswith("model.language_model.") for k in files.where) else "llava-hf-old"
-        extras = c.get("nanovt_extras", {})  # written by export_llava_hf
-        cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=image_token,
-                          template=extras.get("template", _template_for(dec)),
-                          pseudo_image_features=extras.get("pseudo_image_features", False))
-        vision_files = None
-    else:
-        # original LLaVA / VW-LMM: LLaMA or Mistral fields at the top, the tower maybe elsewhere
-        dec = decoder_config_from_hf(c, cpath)
-        layer = c.get("mm_vision_select_layer", -2)
-        if c.get("mm_vision_select_feature", "patch") != "patch":
-            raise ValueError(f"{cpath}: mm_vision_select_feature must be 'patch'")
-        if c.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-            raise ValueError(f"{cpath}: mm_projector_type {c.get('mm_projector_type')!r} is not supported")
-        layout = "llava"
-        vision_files = None
-        if not any(k.startswith("model.vision_tower.") for k in files.where):
-            vpath = vision_path or c.get("mm_vision_tower")
-            if not vpath or not os.path.isdir(vpath):
-                raise FileNotFoundError(
-                    f"{path} holds no vision tower and its config names {c.get('mm_vision_tower')!r}; "
-                    f"download that CLIP model and pass vision_path=DIR")
-            vis = replace(_clip_config(vpath), select_layer=layer)
-            vision_files = WeightFiles(vpath)
-        else:
-            vis = vision_config_from_hf(c.get("vision_config") or {}, cpath, layer, defaults="llava_vision")
-        cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=c.get("image_token_index", IMAGE_TOKEN_ID),
-                          template=_template_for(dec, c), pseudo_image_features=_is_pif(c, path))
-    cfg = replace(cfg, **overrides)
-    with torch.device("meta"):
-        model = cls(cfg)
-    filled = fill(model, files, layout, dtype)
-    if vision_files is not None:
-        filled |= fill(model, vision_files, "clip", dtype)
-    vm_path = os.path.join(path, "vm_head.safetensors")
-    if os.path.exists(vm_path) and "vm_head.weight" not in filled:
-        filled |= fill(model, WeightFiles(vm_path), "vm_head", dtype)
-    if "vm_head.weight" not in filled:
-        print(f"note: {path} has no VM head; it starts from random weights (train it in stage III)")
-    return _finish(model, filled, dtype, device, path)
-
-
-def load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides):
-    dec = decoder_config_from_hf(_read_json(os.path.join(llm_path, "config.json")), llm_path)
-    cfg = replace(VTLMMConfig(vision=_clip_config(clip_path), decoder=dec, template=_template_for(dec)), **overrides)
-    with torch.device("meta"):
-        model = cls(cfg)
-    filled = fill(model, WeightFiles(clip_path), "clip", dtype)
-    filled |= fill(model, WeightFiles(llm_path), "llm", dtype)
-    return _finish(model, filled, dtype, device, f"{clip_path} + {llm_path}", fresh=("vm_head.", "adapter."))
-
-
-def export_llava_hf(model: VTLMM, out_dir):
-    from safetensors.torch import save_file
-    cfg = model.cfg
-    dec, vis = cfg.decoder, cfg.vision
-    os.makedirs(out_dir, exist_ok=True)
-    sd = {}
-    for name, p in model.named_parameters():
-        if name == "vm_head.weight":
-            continue
-        sd[rename(name, "llava-hf-new", reverse=True)] = p.detach().cpu().contiguous()
-    vocab, image_token = dec.vocab_size, cfg.image_token_id
-    if not 0 <= image_token < vocab:
-        # transformers looks the placeholder up in the embedding: give it one extra (zero) row.
-        # Its logit column is then 0; compare logits over the first `vocab` columns.
-        image_token, vocab = vocab, vocab + 1
-        for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-            sd[k] = torch.cat([sd[k], sd[k].new_zeros(1, sd[k].shape[1])])
-    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    save_file({"vm_head.weight": model.vm_head.weight.detach().cpu().contiguous()},
-              os.path.join(out_dir, "vm_head.safetensors"), metadata={"format": "pt"})
-    text = dict(model_type=dec.kind, vocab_size=vocab, hidden_size=dec.dim, intermediate_size=dec.hidden,
-                num_hidden_layers=dec.layers, num_attention_heads=dec.heads, num_key_value_heads=dec.kv_heads,
-                head_dim=dec.hd, rms_norm_eps=dec.eps, rope_theta=dec.rope_theta,
-                max_position_embeddings=dec.max_seq_len, hidden_act="silu", tie_word_embeddings=False,
-                attention_bias=False, mlp_bias=False)
-    if dec.kind == "mistral":
-        text["sliding_window"] = dec.sliding_window
-    config = dict(
-        architectures=["LlavaForConditionalGeneration"], model_type="llava",
-        image_token_index=image_token, image_seq_length=vis.num_patches, projector_hidden_act="gelu",
-        multimodal_projector_bias=True, vision_feature_layer=vis.select_layer,
-        vision_feature_select_strategy="default", tie_word_embeddings=False, text_config=text,
-        vision_config=dict(model_type="clip_vision_model", hidden_size=vis.width, intermediate_size=vis.mlp,
-                           num_hidden_layers=vis.layers, num_attention_heads=vis.heads, image_size=vis.image_size,
-                           patch_size=vis.patch_size, layer_norm_eps=vis.eps, hidden_act="quick_gelu",
-                           num_channels=3),
-        nanovt_extras=dict(template=cfg.template, pseudo_image_features=cfg.pseudo_image_features),
-    )
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)

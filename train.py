@@ -43,6 +43,7 @@ import checkpoint
 import data
 import losses
 import model as model_lib
+import weights
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
 
 
@@ -235,10 +236,10 @@ def setup_distributed(cfg):
 def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
     """The model in float32 on the CPU, from released weights, a checkpoint, or fresh (a fresh
     decoder takes the tokenizer's vocabulary size unless the config gives one). With `sources` (a
-    model.ShardSources) the weights are not read: the model stays on the meta device, `sources` says
+    weights.ShardSources) the weights are not read: the model stays on the meta device, `sources` says
     where each tensor lives, and `load_sharded` fills the model after `parallelize` (sharded loading)."""
     over = {} if cfg.pseudo_image_features is None else {"pseudo_image_features": cfg.pseudo_image_features}
-    lazy = contextlib.nullcontext(None) if sources is None else model_lib.lazy_loading()
+    lazy = contextlib.nullcontext(None) if sources is None else weights.lazy_loading()
     with lazy as found:
         if cfg.init_from:
             model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
@@ -257,24 +258,18 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
         else:
             raise ValueError("set one of init_from, clip_path + llm_path, or model")
     if sources is not None:
-        sources.where, sources.rng, sources.dtype = found.where, found.rng, found.dtype
+        sources.where, sources.rng = found.where, found.rng
         return model  # reinit happens in load_sharded, after the weights
     reinit_modules(model, cfg)
     return model
 
 
-@torch.no_grad()
 def reinit_modules(model, cfg: TrainConfig):
-    """Re-initialise the Linear layers of cfg.reinit (sharded or not: each full tensor is drawn, then
-    each rank keeps its rows, so that sharded and full loading give the same weights)."""
+    """Re-initialise the modules of cfg.reinit with model.init_weights (sharded or not: each full tensor is
+    drawn, then each rank keeps its rows, so that sharded and full loading give the same weights)."""
     for name in cfg.reinit:
         torch.manual_seed(cfg.seed + 1)
-        for mod in getattr(model, name).modules():
-            if isinstance(mod, torch.nn.Linear):
-                w = torch.empty(mod.weight.shape, dtype=mod.weight.dtype)
-                model_lib.assign_full(mod.weight, torch.nn.init.normal_(w, std=0.02))
-                if mod.bias is not None:
-                    model_lib.assign_full(mod.bias, torch.zeros(mod.bias.shape, dtype=mod.bias.dtype))
+        model_lib.init_weights(getattr(model, name))
 
 
 def uses_fsdp(cfg: TrainConfig, d):
@@ -291,7 +286,7 @@ def sharded_loading(cfg: TrainConfig, d):
 def load_sharded(model, sources, cfg: TrainConfig, d):
     """After parallelize: give the meta shards memory on the device, read each rank's rows, re-init."""
     model.to_empty(device=d.device)
-    model_lib.load_shards(model, sources)
+    weights.load_shards(model, sources)
     reinit_modules(model, cfg)
     return model
 
@@ -608,7 +603,7 @@ def setup_stage(cfg: TrainConfig, d: Dist, lock, run_id) -> Stage:
         dist.barrier()
 
     tok, tok_file = find_tokenizer(cfg)
-    sources = model_lib.ShardSources() if sharded_loading(cfg, d) else None
+    sources = weights.ShardSources() if sharded_loading(cfg, d) else None
     model = build_model(cfg, tok, sources=sources)  # sharded loading: on meta until after parallelize
     if tok.vocab_size > model.cfg.decoder.vocab_size:
         raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "

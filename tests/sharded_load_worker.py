@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-import model as model_lib
 import train
+import weights
 
 
 def main(path, out_dir):
@@ -18,7 +18,7 @@ def main(path, out_dir):
     torch.manual_seed(5)
     full = train.build_model(cfg)  # the reference: every rank reads everything
     torch.manual_seed(5)
-    sources = model_lib.ShardSources()
+    sources = weights.ShardSources()
     sharded = train.build_model(cfg, sources=sources)
     on_meta = all(p.is_meta for p in sharded.parameters())
     sharded, _ = train.parallelize(sharded, cfg, d)
