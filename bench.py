@@ -377,6 +377,7 @@ def _jpeg_dataset(folder, n, image_size):
     from PIL import Image
 
     import data
+    from tokenizer import load_tokenizer, train_sentencepiece
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
@@ -388,8 +389,8 @@ def _jpeg_dataset(folder, n, image_size):
     with open(os.path.join(folder, "data.json"), "w") as f:
         json.dump(rows, f)
     tok_path = os.path.join(folder, "tok.model")
-    data.train_sentencepiece(["What is in the picture? Noise."] * 50, tok_path, vocab_size=300)  # byte fallback: 256 + a few
-    tok = data.load_tokenizer(tok_path)
+    train_sentencepiece(["What is in the picture? Noise."] * 50, tok_path, vocab_size=300)  # byte fallback: 256 + a few
+    tok = load_tokenizer(tok_path)
     patches = (image_size // 14) ** 2
     return data.LlavaDataset(os.path.join(folder, "data.json"), folder, tok, "vicuna_v1", image_size, patches,
                              -200, max_len=4096), tok

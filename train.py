@@ -39,10 +39,12 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import conversation
 import data
 import losses
 import model as model_lib
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -356,8 +358,8 @@ def resolve_dtype(cfg, d):
 
 def stage_template(cfg, model):
     if cfg.template:
-        if cfg.template not in data.TEMPLATES:
-            raise ValueError(f"template {cfg.template!r} is unknown; choose from {data.TEMPLATES}")
+        if cfg.template not in conversation.TEMPLATES:
+            raise ValueError(f"template {cfg.template!r} is unknown; choose from {conversation.TEMPLATES}")
         return cfg.template
     return "plain" if cfg.stage in (0, 1) else model.cfg.template
 
@@ -367,7 +369,7 @@ def find_tokenizer(cfg):
         if p and not os.path.isfile(p):
             p = os.path.join(p, "tokenizer.model")
         if p and os.path.isfile(p):
-            return data.load_tokenizer(p), p
+            return load_tokenizer(p), p
     raise FileNotFoundError("no tokenizer: set tokenizer=PATH (a tokenizer.model or its directory)")
 
 

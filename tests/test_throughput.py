@@ -220,7 +220,8 @@ def shapes(tmp_path_factory):
 def test_loader_with_workers_gives_the_same_batches_and_resume_position(shapes):
     import data
     import train
-    tok = data.load_tokenizer(str(shapes / "tokenizer.model"))
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(str(shapes / "tokenizer.model"))
     ds = data.LlavaDataset(str(shapes / "instruct.json"), None, tok, "vicuna_v1", 32, 16, IMG, max_len=256)
     d = train.Dist()
 
