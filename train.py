@@ -7,7 +7,8 @@ Train nanoVT: the four stages of VT-LMM (docs/method.md §Stages), one code path
     torchrun --nproc_per_node=8 train.py configs/stage4_mistral.py --micro_batch=8
     python train.py configs/tiny.py --resume             # continue from the last checkpoint
 
-A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them.
+A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them
+(configurator.py). What a run logs, metrics.jsonl with tokens/s and MFU: metrics.py.
 A config that sets `stages` (a list of dicts of overrides) runs them in order, each starting
 from the final checkpoint of the one before.
 
@@ -407,7 +408,7 @@ def run_fingerprint(cfg, model, dataset, total):
 
 
 # ----------------------------------------------------------------------------------------------
-# one stage: setup, one optimizer step, logging, checkpoints
+# one stage: the loop, setup, one optimizer step, checkpoints
 
 
 def train_stage(cfg: TrainConfig, d: Dist):
