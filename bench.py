@@ -377,6 +377,7 @@ def _jpeg_dataset(folder, n, image_size):
     from PIL import Image
 
     import data
+    from tokenizer import load_tokenizer, train_sentencepiece
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(0)
     rows = []
@@ -388,8 +389,8 @@ def _jpeg_dataset(folder, n, image_size):
     with open(os.path.join(folder, "data.json"), "w") as f:
         json.dump(rows, f)
     tok_path = os.path.join(folder, "tok.model")
-    data.train_sentencepiece(["What is in the picture? Noise."] * 50, tok_path, vocab_size=300)  # byte fallback: 256 + a few
-    tok = data.load_tokenizer(tok_path)
+    train_sentencepiece(["What is in the picture? Noise."] * 50, tok_path, vocab_size=300)  # byte fallback: 256 + a few
+    tok = load_tokenizer(tok_path)
     patches = (image_size // 14) ** 2
     return data.LlavaDataset(os.path.join(folder, "data.json"), folder, tok, "vicuna_v1", image_size, patches,
                              -200, max_len=4096), tok
@@ -613,6 +614,48 @@ def fmt(x):
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
 
 
+def comparison_doc(args, rows, lines, size, device, device_name, dtype, elapsed, load_before):
+    """The results file of the side-by-side run: its setting, the table (printed too) and the checks it
+    ran first (`lines`)."""
+    import transformers
+    s = SIZES[size]
+    head = ["| measurement | nanoVT | transformers | nanoVT / transformers | target |", "|---|---|---|---|---|"]
+    table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" if "MFU" not in name else
+                    f"| {name} | {a:.1%} | {b:.1%} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
+    print("\n" + "\n".join(table))
+    cmd = "python bench.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
+        (f" --threads {args.threads}" if args.threads else "")
+    doc = [
+        f"# nanoVT vs transformers: speed and memory ({device.type})",
+        "",
+        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
+        f"- device: {device_name}, {torch.get_num_threads()} threads, {str(dtype).replace('torch.', '')}; "
+        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes compete "
+        f"when it exceeds the thread count: both sides are timed interleaved, but the numbers get noisy)",
+        f"- config `{size}`: decoder dim {s['dim']}, {s['layers']} layers, {s['heads']} heads "
+        f"({s['kv_heads']} kv), hidden {s['hidden']}, vocab {s['vocab']}; CLIP {s['image']} px / patch "
+        f"{s['patch']}, width {s['v_width']}, {s['v_layers']} layers",
+        "",
+        *table,
+        "",
+        "Ratios are nanoVT / transformers: above 1 is faster for tokens/s, below 1 is smaller for memory.",
+        "nanoVT's training step computes the stage IV loss (LM + VM, Eq. 7); transformers' only the LM loss.",
+        "MFU: 6 × (non-embedding decoder + MM head weights) + attention FLOPs per token, against the "
+        "measured matmul peak.",
+        "Peak memory: bytes of tensor storage created during the step (activations, logits, gradients) and "
+        "alive at once; " + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else
+                             "on CPU tracked op by op with a TorchDispatchMode (bench.LiveBytes)."),
+        "",
+        "Checks run first:",
+        "",
+        *[f"- {line}" for line in lines],
+    ]
+    return doc
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny config, a smoke run in seconds")
@@ -649,7 +692,7 @@ def main(argv=None):
 
     load_before = os.getloadavg()[0]
     torch.manual_seed(0)
-    import transformers
+    import transformers  # noqa: F401  (imported before the clock starts: elapsed is the measurements)
     t0 = time.perf_counter()
     cfg, hf, nano = build_pair(size, dtype, device)
     n_dec = nano.num_params("decoder", non_embedding=True)
@@ -679,41 +722,8 @@ def main(argv=None):
     rows += dec_rows + loss_rows
     elapsed = time.perf_counter() - t0
 
-    head = ["| measurement | nanoVT | transformers | nanoVT / transformers | target |", "|---|---|---|---|---|"]
-    table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" if "MFU" not in name else
-                    f"| {name} | {a:.1%} | {b:.1%} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
-    print("\n" + "\n".join(table))
-    cmd = "python bench.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
-        (f" --threads {args.threads}" if args.threads else "")
-    doc = [
-        f"# nanoVT vs transformers: speed and memory ({device.type})",
-        "",
-        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
-        f"- device: {device_name}, {torch.get_num_threads()} threads, {str(dtype).replace('torch.', '')}; "
-        f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after (other processes compete "
-        f"when it exceeds the thread count: both sides are timed interleaved, but the numbers get noisy)",
-        f"- config `{size}`: decoder dim {s['dim']}, {s['layers']} layers, {s['heads']} heads "
-        f"({s['kv_heads']} kv), hidden {s['hidden']}, vocab {s['vocab']}; CLIP {s['image']} px / patch "
-        f"{s['patch']}, width {s['v_width']}, {s['v_layers']} layers",
-        "",
-        *table,
-        "",
-        "Ratios are nanoVT / transformers: above 1 is faster for tokens/s, below 1 is smaller for memory.",
-        "nanoVT's training step computes the stage IV loss (LM + VM, Eq. 7); transformers' only the LM loss.",
-        "MFU: 6 × (non-embedding decoder + MM head weights) + attention FLOPs per token, against the "
-        "measured matmul peak.",
-        "Peak memory: bytes of tensor storage created during the step (activations, logits, gradients) and "
-        "alive at once; " + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else
-                             "on CPU tracked op by op with a TorchDispatchMode (bench.LiveBytes)."),
-        "",
-        "Checks run first:",
-        "",
-        *[f"- {line}" for line in lines],
-    ]
-    write_report(out_path, doc)
+    write_report(out_path, comparison_doc(args, rows, lines, size=size, device=device, device_name=device_name,
+                                          dtype=dtype, elapsed=elapsed, load_before=load_before))
     return dict(rows=rows, logits_diff=logits_diff, greedy_match=match, loss=loss_checks, **train_checks)
 
 

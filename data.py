@@ -1,14 +1,14 @@
 """
-Data for nanoVT: tokenizers, chat templates, images, LLaVA datasets.
+Data for nanoVT: LLaVA-1.5's images and datasets.
 
 Read top to bottom:
-  1. tokenizers     one small interface over sentencepiece and tiktoken (LLaMA-3) files
-  2. chat templates plain / vicuna_v1 / mistral_instruct / vw_mistral, tokenised once; the
-                    labels are LLaVA-1.5's (docs/data.md §Labels)
-  3. images         LLaVA-1.5's recipe: pad to square with the CLIP mean colour, CLIP resize,
+  1. images         LLaVA-1.5's recipe: pad to square with the CLIP mean colour, CLIP resize,
                     centre crop, normalise
-  4. datasets       LLaVA JSON conversations (stages I, II, IV), images only (stage III),
-                    collate, length-grouped sharded sampler
+  2. datasets       LLaVA JSON conversations (stages I, II, IV), images only (stage III),
+                    the read cache shared by a node's processes, collate, length-grouped sharded
+                    sampler
+A conversation becomes (input_ids, labels) in conversation.py (templates, LLaVA-1.5's labels);
+the tokenizers are in tokenizer.py.
 
 Bad input (LlavaDataset / ImageOnlyDataset). Default: skip the sample, log one warning with
 its id and reason, count it (`.skipped`, `.report()`); with strict=True raise instead. Found when
@@ -37,11 +37,10 @@ import array
 import codecs
 import hashlib
 import json
-import mmap
-import os
 import logging
 import math
-import re
+import mmap
+import os
 import socket
 from collections import Counter
 from pathlib import Path
@@ -50,384 +49,19 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conversation import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    TEMPLATES,
+    check_conversations,
+    repair_conversations,
+    tokenize_conversation,
+)
+
 log = logging.getLogger("nanovt.data")
 
-IGNORE_INDEX = -100      # label of positions that carry no loss (torch's cross_entropy default)
-IMAGE_TOKEN_ID = -200    # nanoVT's image placeholder: a sentinel outside every vocabulary
-IMAGE_TAG = "<image>"    # marks the image in LLaVA's JSON and in rendered prompts
-EOS_TAG = "</s>"         # end of an assistant turn in rendered prompts; always the tokenizer's eos id
-
 # -----------------------------------------------------------------------------
-# 1. Tokenizers: encode (no BOS/EOS), decode, bos_id / eos_id / pad_id, vocab_size, piece(i)
-
-
-class SentencePieceTokenizer:
-    """A sentencepiece `tokenizer.model` (LLaMA, Vicuna, Mistral, the shapes world)."""
-
-    def __init__(self, path, config=None):
-        import sentencepiece as spm
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        self._sp_bare = None  # the same model without the dummy prefix, made when first needed
-        self.vocab_size = self.sp.get_piece_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        # LLaMA has no pad piece; like LLaVA (pad_token = unk_token) we then pad with unk, id 0
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else max(self.sp.unk_id(), 0)
-        # tokenizer_config.json as the released model ships it (see tokenizer_config()); without one,
-        # plain sentencepiece: BOS first, a dummy-prefix space before every chunk of text (legacy)
-        config = tokenizer_config(path) if config is None else config
-        self.legacy = bool(config.get("legacy", True))
-        self.add_bos = bool(config.get("add_bos_token", True))
-        for name in ("bos", "eos", "pad"):
-            token = config.get(f"{name}_token")
-            token = token.get("content") if isinstance(token, dict) else token
-            if isinstance(token, str):
-                i = self.sp.piece_to_id(token)
-                if i == self.sp.unk_id() and token != self.sp.id_to_piece(i):
-                    raise ValueError(f"{Path(path).parent / 'tokenizer_config.json'}: {name}_token {token!r} "
-                                     f"is not a piece of {path}")
-                setattr(self, f"{name}_id", i)
-
-    def encode(self, text, dummy_prefix=True):
-        return self._model(dummy_prefix).encode(text)
-
-    def encode_with_offsets(self, text, dummy_prefix=True):
-        """[(id, char_start, char_end)] for one tokenisation of `text`. dummy_prefix=False: without
-        sentencepiece's leading "▁" (how transformers' LlamaTokenizer, legacy=False, tokenises text
-        that follows a special token)."""
-        try:
-            r = self._model(dummy_prefix).encode(text, out_type="offset_mapping")
-        except (ValueError, TypeError, RuntimeError) as e:
-            raise RuntimeError("this sentencepiece has no out_type='offset_mapping'; use >= 0.2.3") from e
-        return [(i, s, e) for i, (s, e) in zip(r["ids"], r["offsets"])]
-
-    def _model(self, dummy_prefix):
-        if dummy_prefix:
-            return self.sp
-        if self._sp_bare is None:
-            import sentencepiece as spm
-            # The model file is a protobuf ModelProto; a second normalizer_spec message (field 3)
-            # appended to it is merged into the first by the parser, so these 4 bytes set only
-            # NormalizerSpec.add_dummy_prefix (its field 3, a bool) to false.
-            proto = self.sp.serialized_model_proto() + bytes([0x1A, 0x02, 0x18, 0x00])
-            self._sp_bare = spm.SentencePieceProcessor(model_proto=proto)
-        return self._sp_bare
-
-    def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
-
-    def piece(self, i):
-        return self.sp.id_to_piece(int(i))  # e.g. "▁red": ▁ marks a word start
-
-
-# The LLaMA-3 pre-tokenizer: contractions, words, 1-3 digit numbers, punctuation runs, whitespace
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
-def llama3_special_tokens():
-    """LLaMA-3's 256 special tokens, in id order right after the BPE ranks (128000..128255)."""
-    names = ["<|begin_of_text|>", "<|end_of_text|>"] + [f"<|reserved_special_token_{i}|>" for i in range(4)]
-    names += ["<|start_header_id|>", "<|end_header_id|>", "<|reserved_special_token_4|>", "<|eot_id|>"]
-    names += [f"<|reserved_special_token_{i}|>" for i in range(5, 251)]
-    return names
-
-
-class TiktokenTokenizer:
-    """A LLaMA-3 style `tokenizer.model`: lines of "<base64 bytes> <rank>" for tiktoken.
-
-    Special tokens are LLaMA-3's, appended after the ranks: <|begin_of_text|> is BOS,
-    <|end_of_text|> is EOS (and pad: LLaMA-3 has no pad token).
-    """
-
-    def __init__(self, path):
-        import base64
-        import tiktoken
-        ranks = {}
-        for line in Path(path).read_bytes().splitlines():
-            if line.strip():
-                token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
-        specials = {name: len(ranks) + k for k, name in enumerate(llama3_special_tokens())}
-        self.enc = tiktoken.Encoding(Path(path).name, pat_str=LLAMA3_PATTERN,
-                                     mergeable_ranks=ranks, special_tokens=specials)
-        self.vocab_size = self.enc.n_vocab
-        self.bos_id, self.eos_id = specials["<|begin_of_text|>"], specials["<|end_of_text|>"]
-        self.pad_id = self.eos_id
-        self.legacy, self.add_bos = True, True  # byte-level BPE has no dummy prefix to drop
-
-    def encode(self, text, dummy_prefix=True):
-        return self.enc.encode(text, disallowed_special=())  # special-token text is plain text here
-
-    def encode_with_offsets(self, text, dummy_prefix=True):
-        ids = self.encode(text)
-        _, starts = self.enc.decode_with_offsets(ids)
-        return [(i, s, e) for i, s, e in zip(ids, starts, starts[1:] + [len(text)])]
-
-    def decode(self, ids):
-        return self.enc.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
-
-    def piece(self, i):
-        return self.enc.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
-
-
-def tokenizer_config(path):
-    """The tokenizer_config.json beside a tokenizer.model, as a dict ({} when there is none).
-
-    What nanoVT reads from it, as transformers' LlamaTokenizer does:
-      legacy          (default true) false: text right after a special token (</s>) is tokenised
-                      without sentencepiece's dummy-prefix space (Vicuna: "USER" one piece, not
-                      "▁US" "ER"; Mistral: "[" not "▁["). LLaVA-1.5 was trained with legacy
-                      behaviour: docs/data.md §Tokenizers.
-      add_bos_token   (default true) whether a prompt starts with BOS
-      bos_token / eos_token / pad_token   a piece of the model (a string or {"content": ...})
-    """
-    cpath = Path(path).parent / "tokenizer_config.json"
-    if not cpath.is_file():
-        return {}
-    try:
-        config = json.loads(cpath.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{cpath}: not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{cpath}: expected a JSON object")
-    return config
-
-
-def load_tokenizer(path, legacy=None):
-    """A tokenizer from `tokenizer.model` or a directory holding one; the kind is read from the content.
-
-    A tokenizer_config.json beside it is honoured (tokenizer_config()); `legacy` overrides its value."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "tokenizer.model"
-    with open(path, "rb") as f:
-        head = f.readline(4096)
-    if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):  # tiktoken rank files are text lines
-        return TiktokenTokenizer(path)
-    config = tokenizer_config(path)  # otherwise a sentencepiece ModelProto (binary)
-    return SentencePieceTokenizer(path, config if legacy is None else {**config, "legacy": legacy})
-
-
-def train_sentencepiece(texts, out_path, vocab_size=1024, user_defined_symbols=(), max_sentences=200_000):
-    """Train a small LLaMA-like BPE sentencepiece model on `texts`; returns its tokenizer.
-
-    ids: unk 0, bos 1, eos 2 (as LLaMA), pad 3. Deterministic: one thread, input in the given
-    order, no sampling beyond the first `max_sentences`. Frequent words become whole pieces
-    ("▁red") because BPE merges them first; `user_defined_symbols` are forced into the vocabulary.
-    """
-    import sentencepiece as spm
-    texts = [t for t in texts if t.strip()][:max_sentences]
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "wb") as f:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(texts), model_writer=f, vocab_size=vocab_size, model_type="bpe",
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3, byte_fallback=True, character_coverage=1.0,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,  # text in = text out, as LLaMA
-            user_defined_symbols=list(user_defined_symbols), hard_vocab_limit=False,
-            input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
-            max_sentence_length=1 << 16, minloglevel=2)
-    return SentencePieceTokenizer(out_path)
-
-
-# -----------------------------------------------------------------------------
-# 2. Chat templates (docs/data.md §Templates) and tokenisation with label masking (§Labels)
-
-SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("plain", "vicuna_v1", "mistral_instruct", "vw_mistral")
-
-
-def _move_image_tag_to_front(turns, has_image):
-    """LLaVA's rule: the human turn holding <image> becomes "<image>\\n" + the rest, stripped."""
-    turns = [dict(t) for t in turns]
-    tagged = [t for t in turns if IMAGE_TAG in t["value"]]
-    if has_image and not tagged:  # an image with no tag: it belongs to the first question
-        turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
-    elif not has_image and tagged:
-        raise ValueError("<image> tag but no image file")
-    for t in turns:
-        if IMAGE_TAG in t["value"]:
-            t["value"] = (IMAGE_TAG + "\n" + t["value"].replace(IMAGE_TAG, "").strip()).strip()
-    return turns
-
-
-def render_segments(conversations, template, has_image=None):
-    """The rendered prompt as [(text, supervised)] pieces; "".join(texts) is render_conversation().
-
-    If the conversation ends with a human turn, the prompt ends with the assistant's prefix
-    (the generation prompt used by sample.py and evaluation).
-    """
-    has_image = any(IMAGE_TAG in t["value"] for t in conversations) if has_image is None else has_image
-    turns = _move_image_tag_to_front(conversations, has_image)
-    if template == "plain":  # stage I: the human text is dropped, only the caption is learned
-        segs = [(IMAGE_TAG, False)] if has_image else []
-        return segs + ([(turns[1]["value"] + "\n", True)] if len(turns) > 1 else [])
-    segs = []
-    for k, t in enumerate(turns):
-        if template == "vicuna_v1":
-            if t["from"] == "human":
-                segs.append(((SYSTEM_VICUNA + " " if k == 0 else "") + "USER: " + t["value"] + " ASSISTANT: ", False))
-            else:
-                segs.append((t["value"] + EOS_TAG, True))
-        elif template == "mistral_instruct":
-            if t["from"] == "human":
-                segs.append(("[INST] " + t["value"] + " [/INST] ", False))
-            else:
-                segs.append((t["value"] + " " + EOS_TAG, True))
-        elif template == "vw_mistral":  # the VW-LMM authors' "mistral" style: no spaces around answers
-            if t["from"] == "human":
-                segs.append(("[INST] " + t["value"] + " [/INST]", False))
-            else:
-                segs.append((t["value"] + EOS_TAG, True))
-        else:
-            raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
-    if turns[-1]["from"] == "human":  # generation prompt: no trailing space after the prefix
-        segs[-1] = (segs[-1][0].rstrip(" "), False)
-    return segs
-
-
-def render_conversation(conversations, template, has_image=None):
-    """The prompt string of docs/data.md §Templates, with <image> and </s> as text."""
-    return "".join(text for text, _ in render_segments(conversations, template, has_image))
-
-
-_MARKERS = re.compile(re.escape(IMAGE_TAG) + "|" + re.escape(EOS_TAG))
-
-
-def _dummy_prefix(tokenizer, marker):
-    """Whether the text chunk after `marker` (None: the start) gets sentencepiece's dummy-prefix space.
-
-    At the start and after <image>: yes, as LLaVA's tokenizer_image_token, which tokenises every
-    chunk between images in its own call. After </s>: as the tokenizer is configured (legacy=True,
-    the default: yes, as the slow LLaMA tokenizer LLaVA-1.5 trained with; legacy=False: no)."""
-    return marker != EOS_TAG or getattr(tokenizer, "legacy", True)
-
-
-def _tokenize_text(text, tokenizer, image_token_id, num_patches):
-    """[(id, char_start, char_end)] for a rendered prompt: split only at <image> and </s>."""
-    out, pos, marker = [], 0, None
-    for m in list(_MARKERS.finditer(text)) + [None]:
-        end = m.start() if m else len(text)
-        if end > pos:  # each text chunk is tokenised once
-            out += [(i, pos + s, pos + e) for i, s, e in
-                    tokenizer.encode_with_offsets(text[pos:end], dummy_prefix=_dummy_prefix(tokenizer, marker))]
-        if m:
-            marker = m.group()
-            ids = [image_token_id] * num_patches if m.group() == IMAGE_TAG else [tokenizer.eos_id]
-            out += [(i, m.start(), m.end()) for i in ids]
-            pos = m.end()
-    return out
-
-
-def tokenize_prompt(text, tokenizer, image_token_id=IMAGE_TOKEN_ID, num_patches=576):
-    """BOS + the whole rendered prompt tokenised at once: the reference tokenize_conversation must equal."""
-    out, pos, marker = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else [], 0, None
-    for m in list(_MARKERS.finditer(text)) + [None]:
-        end = m.start() if m else len(text)
-        if end > pos:
-            out += tokenizer.encode(text[pos:end], dummy_prefix=_dummy_prefix(tokenizer, marker))
-        if m:
-            marker = m.group()
-            out += [image_token_id] * num_patches if m.group() == IMAGE_TAG else [tokenizer.eos_id]
-            pos = m.end()
-    return out
-
-
-def tokenize_conversation(conversations, tokenizer, template, image_token_id=IMAGE_TOKEN_ID,
-                          num_patches=576, has_image=None):
-    """(input_ids, labels) of one conversation: LLaVA-1.5's input_ids and supervised positions.
-
-    The rendered prompt is tokenised once; a token is supervised if it starts inside an assistant
-    answer or its </s>, or in the space that ends the user segment right before an answer
-    (below). So the ids are, by construction, those of the whole prompt, and LLaVA's
-    "tokenization mismatch" (per-round lengths, counted from separately tokenised rounds, that
-    disagree with the whole prompt; LLaVA then masks the whole sample) cannot happen: no length
-    is counted apart from the one tokenisation.
-    Labels are IGNORE_INDEX on BOS, system prompt, user turns and image positions.
-    """
-    segs = render_segments(conversations, template, has_image)
-    spans, pos = [], 0
-    for k, (text, supervised) in enumerate(segs):
-        start = pos
-        # Why the "▁" before some answers is supervised: LLaVA (preprocess_v1 / preprocess_llama_2)
-        # masks len(tokens("... ASSISTANT: ")) - 2 tokens of a round, BOS and the piece of that
-        # trailing space; everything after is supervised. When an answer starts with a character
-        # the tokenizer does not join to a preceding space (a digit, CJK, a newline, an emoji with
-        # the LLaMA-2 and Mistral tokenizers), the space stays a bare "▁" piece and LLaVA supervises
-        # it, so a model learns to start such answers. The space belongs to the answer's span here.
-        if supervised and k and not segs[k - 1][1] and segs[k - 1][0].endswith(" "):
-            start -= 1
-        if supervised:
-            spans.append((start, pos + len(text)))
-        pos += len(text)
-    # BOS as an id, plain included (as LLaVA), unless the tokenizer's config says add_bos_token: false
-    input_ids = [tokenizer.bos_id] if getattr(tokenizer, "add_bos", True) else []
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for i, s, e in _tokenize_text("".join(t for t, _ in segs), tokenizer, image_token_id, num_patches):
-        # a token that starts in the user segment stays with it, even if it runs into the answer
-        # ("](" with vw_mistral's "[/INST](b)"): LLaVA counts it in len(tokens(instruction))
-        hit = any(a <= s < b for a, b in spans)
-        input_ids.append(i)
-        labels.append(i if hit and i != image_token_id else IGNORE_INDEX)
-    return input_ids, labels
-
-
-REPAIRS = {"first": "dropped a first turn from gpt", "last": "dropped a last question without an answer"}
-
-
-def repair_conversations(sample):
-    """(sample, repairs): the sample with LLaVA's repairs made, and their names (REPAIRS values).
-
-    A first turn from gpt is dropped (LLaVA's preprocess does source[1:]). A last human turn
-    without an answer is dropped, so the answered turns before it are kept (LLaVA would mask the
-    whole sample). Anything else is left for check_conversations to judge. The input is not changed.
-    """
-    turns = sample.get("conversations") if isinstance(sample, dict) else None
-    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-        return sample, []
-    repairs = []
-    if turns and turns[0].get("from") == "gpt":
-        turns, repairs = turns[1:], repairs + [REPAIRS["first"]]
-    if len(turns) > 1 and turns[-1].get("from") == "human":
-        turns, repairs = turns[:-1], repairs + [REPAIRS["last"]]
-    return ({**sample, "conversations": turns} if repairs else sample), repairs
-
-
-def check_conversations(sample):
-    """Why a LLaVA JSON sample is unusable, or None if it is fine (cheap: text and field types only;
-    run repair_conversations first to get LLaVA's repairs)."""
-    if not isinstance(sample, dict):
-        return f"not a JSON object ({type(sample).__name__})"
-    image = sample.get("image")
-    if image is not None and not isinstance(image, str):
-        return f"image field is not a string ({type(image).__name__}; one image path per sample)"
-    turns = sample.get("conversations")
-    if turns is not None and not isinstance(turns, list):
-        return f"conversations is not a list ({type(turns).__name__})"
-    if not turns:
-        return "empty conversations"
-    if not all(isinstance(t, dict) and t.get("from") in ("human", "gpt") and isinstance(t.get("value"), str)
-               for t in turns):
-        return "malformed turn (needs from: human|gpt and a string value)"
-    if turns[0]["from"] != "human":
-        return "first turn is from the assistant"
-    if any(t["from"] != ("human", "gpt")[k % 2] for k, t in enumerate(turns)):
-        return "turns do not alternate human/gpt"
-    if turns[-1]["from"] != "gpt":
-        return "last turn has no answer"
-    n_tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
-    if n_tags > 1:
-        return f"{n_tags} <image> tags (one image per sample)"
-    if any(IMAGE_TAG in t["value"] for t in turns if t["from"] == "gpt"):
-        return "<image> in an assistant turn"
-    if n_tags and not sample.get("image"):
-        return "<image> tag but no image file"
-    return None
-
-
-# -----------------------------------------------------------------------------
-# 3. Images: LLaVA-1.5's recipe (docs/data.md §Images)
+# 1. Images: LLaVA-1.5's recipe (docs/data.md §Images)
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -481,7 +115,7 @@ def load_image(path, max_pixels=MAX_PIXELS):
 
 
 # -----------------------------------------------------------------------------
-# 4. Datasets, collate, sampler
+# 2. Datasets, collate, sampler
 
 
 def read_text_utf8(path):

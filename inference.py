@@ -15,8 +15,9 @@ import sys
 
 import torch
 
-import data
+import conversation
 from model import VTLMM
+from tokenizer import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,24 +52,25 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
     if pseudo_image_features:
         model.cfg.pseudo_image_features = True  # Eq. 8 at inference
     if template:
-        if template not in data.TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; choose one of {', '.join(data.TEMPLATES)}")
+        if template not in conversation.TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; "
+                             f"choose one of {', '.join(conversation.TEMPLATES)}")
         model.cfg.template = template  # every prompt is rendered in model.cfg.template
-    return model, data.load_tokenizer(tokenizer or ckpt)
+    return model, load_tokenizer(tokenizer or ckpt)
 
 
 def prompt_text(model, text, has_image, history=()):
     """The rendered generation prompt: the chat so far + a new user turn, ending at the assistant's
     prefix, in the model's own template (the image goes with the first user turn)."""
-    turns = list(history) + [{"from": "human", "value": (data.IMAGE_TAG + "\n" + text) if has_image and
+    turns = list(history) + [{"from": "human", "value": (conversation.IMAGE_TAG + "\n" + text) if has_image and
                               not history else text}]
-    return data.render_conversation(turns, model.cfg.template, has_image=has_image)
+    return conversation.render_conversation(turns, model.cfg.template, has_image=has_image)
 
 
 def prompt_ids(model, tok, text, has_image, history=()):
     """Token ids of prompt_text(...), image positions holding config.image_token_id."""
-    return data.tokenize_prompt(prompt_text(model, text, has_image, history), tok, model.cfg.image_token_id,
-                                model.cfg.vision.num_patches)
+    return conversation.tokenize_prompt(prompt_text(model, text, has_image, history), tok,
+                                        model.cfg.image_token_id, model.cfg.vision.num_patches)
 
 
 def stop_ids(tok):
@@ -80,7 +82,7 @@ def add_args(p, device_default="auto"):
     p.add_argument("--device", default=device_default, help="auto (GPU if any), cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights' dtype: auto = bf16 on a GPU, fp32 on a CPU")
-    p.add_argument("--template", choices=data.TEMPLATES, default=None,
+    p.add_argument("--template", choices=conversation.TEMPLATES, default=None,
                    help="chat template (default: the one the checkpoint was trained with)")
 
 

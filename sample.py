@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import conversation
 import data
 import inference
 from inference import prompt_ids, stop_ids
@@ -101,7 +102,7 @@ def chat(model, tok, pixel_values, read=input, **sampling):
             break
         sys.stdout.write("ASSISTANT: ")
         answer, _ = reply(model, tok, pixel_values, text, history, **sampling)
-        first = (data.IMAGE_TAG + "\n" + text) if pixel_values is not None and not history else text
+        first = (conversation.IMAGE_TAG + "\n" + text) if pixel_values is not None and not history else text
         history += [{"from": "human", "value": first}, {"from": "gpt", "value": answer}]
     return history
 

@@ -35,7 +35,9 @@ from PIL import Image, ImageDraw
 
 import eval as evaluate
 import train
-from data import IMAGE_TAG, SYSTEM_VICUNA, process_image, train_sentencepiece
+from conversation import IMAGE_TAG, SYSTEM_VICUNA
+from data import process_image
+from tokenizer import train_sentencepiece
 
 # -----------------------------------------------------------------------------
 # 1. The world: 1-4 coloured shapes on a 3x3 grid, in LLaVA's formats

@@ -7,7 +7,8 @@ Train nanoVT: the four stages of VT-LMM (docs/method.md §Stages), one code path
     torchrun --nproc_per_node=8 train.py configs/stage4_mistral.py --micro_batch=8
     python train.py configs/tiny.py --resume             # continue from the last checkpoint
 
-A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them.
+A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them
+(configurator.py). What a run logs, metrics.jsonl with tokens/s and MFU: metrics.py.
 A config that sets `stages` (a list of dicts of overrides) runs them in order, each starting
 from the final checkpoint of the one before.
 
@@ -19,7 +20,6 @@ anything is frozen or sharded, unless the stage resumes; after_run(cfg, final) o
 after the last of `stages`. `--hook.dir=x` sets one entry.
 """
 
-import ast
 import contextlib
 import dataclasses
 import datetime
@@ -31,7 +31,6 @@ import math
 import os
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -40,11 +39,15 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import configurator
+import conversation
 import data
 import losses
+import metrics
 import model as model_lib
 import weights
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+from tokenizer import load_tokenizer
 
 
 @dataclass
@@ -119,76 +122,14 @@ STAGES = {
 
 
 # ----------------------------------------------------------------------------------------------
-# config files and overrides
-
-
-def _coerce(name, value, default):
-    """Turn a command-line string into the type of the field's default."""
-    if isinstance(default, bool):
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--{name}: expected true/false, got {value!r}")
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        try:
-            return type(default)(value)
-        except ValueError:
-            raise ValueError(f"--{name}: expected {type(default).__name__}, got {value!r}") from None
-    if isinstance(default, str):
-        return value
-    try:  # tuples, lists, dicts, None
-        return ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        raise ValueError(f"--{name}: cannot parse {value!r} as a Python literal") from None
-
-
-def check_fields(d, where):
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    for k in d:
-        if k not in names:
-            raise ValueError(f"{where}: unknown config key {k!r}")
+# config files and overrides (configurator.py)
 
 
 def load_config(argv):
-    """argv: [CONFIG_FILE] [--key=value ...] -> TrainConfig."""
-    values, entries = {}, []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, val = arg[2:].partition("=")
-            key = key.replace("-", "_")
-            if "." in key:  # --hook.dir=x: one entry of a dict field, set after the files are read
-                entries.append((key, val))
-                continue
-            default = getattr(TrainConfig(), key, None)
-            check_fields([key], "command line")
-            values[key] = True if not eq and isinstance(default, bool) else _coerce(key, val, default)
-        else:
-            scope = {}
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), scope)  # a config file is plain Python
-            file_values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
-                           and not isinstance(v, type(sys))}
-            check_fields(file_values, arg)
-            values = {**file_values, **values}
-    for key, val in entries:
-        name, sub = key.split(".", 1)
-        check_fields([name], "command line")
-        fields = values.get(name, getattr(TrainConfig(), name))
-        if not isinstance(fields, dict):
-            raise ValueError(f"--{key}: {name} is not a dict")
-        fields = dict(fields)
-        if sub in fields:  # the type of the entry the config gives
-            fields[sub] = _coerce(key, val, fields[sub])
-        else:  # a new entry: a Python literal, else the string itself
-            try:
-                fields[sub] = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                fields[sub] = val
-        values[name] = fields
-    cfg = TrainConfig(**values)
+    """argv: [CONFIG_FILE] [--key=value ...] -> TrainConfig, each stage's overrides and the stage checked."""
+    cfg = configurator.parse(TrainConfig, argv)
     for s in cfg.stages:
-        check_fields(s, "stages")
+        configurator.check_fields(TrainConfig, s, "stages")
     if cfg.stage not in STAGES:
         raise ValueError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
     return cfg
@@ -351,8 +292,8 @@ def resolve_dtype(cfg, d):
 
 def stage_template(cfg, model):
     if cfg.template:
-        if cfg.template not in data.TEMPLATES:
-            raise ValueError(f"template {cfg.template!r} is unknown; choose from {data.TEMPLATES}")
+        if cfg.template not in conversation.TEMPLATES:
+            raise ValueError(f"template {cfg.template!r} is unknown; choose from {conversation.TEMPLATES}")
         return cfg.template
     return "plain" if cfg.stage in (0, 1) else model.cfg.template
 
@@ -362,7 +303,7 @@ def find_tokenizer(cfg):
         if p and not os.path.isfile(p):
             p = os.path.join(p, "tokenizer.model")
         if p and os.path.isfile(p):
-            return data.load_tokenizer(p), p
+            return load_tokenizer(p), p
     raise FileNotFoundError("no tokenizer: set tokenizer=PATH (a tokenizer.model or its directory)")
 
 
@@ -434,7 +375,7 @@ def collate_with_rows(samples, pad_id, image_token_id):
 
 
 # ----------------------------------------------------------------------------------------------
-# schedule, checkpoints, logging
+# schedule and checkpoints (the logging: metrics.py)
 
 
 def lr_at(step, total, cfg):
@@ -461,54 +402,8 @@ def run_fingerprint(cfg, model, dataset, total):
             "samples": len(dataset), "global_batch": cfg.global_batch, "total_steps": total, "seed": cfg.seed}
 
 
-# Dense (no 2:4 sparsity) tensor-core peaks per device, in TFLOP/s: (bf16 with float32 accumulation,
-# TF32). NVIDIA's sheets print the sparse figure; dense is half of it. Sources: the H100 datasheet
-# (SXM bf16 1,979 / TF32 989 sparse; PCIe 1,513 / 756), the H100 NVL and H200 NVL figures (1,671 /
-# 835 sparse, NVIDIA's H100 and H200 pages), the H200 datasheet (as H100 SXM), the A100 datasheet
-# (312 / 156 dense, 40 and 80 GB, SXM and PCIe), the L40S datasheet (362.05 / 183), the L40 datasheet
-# (181.05 / 90.5), the L4 datasheet (121 / 60), the A10 datasheet (125 / 62.5), and the Ada
-# whitepaper's RTX 4090 column (165.2 / 82.6, bf16 with FP32 accumulate). Matched on the name CUDA
-# reports, most specific first; anything else needs --peak_flops.
-PEAK_TFLOPS = [
-    (r"H100.*NVL", 835, 418), (r"H100.*PCIe", 756, 378), (r"H100", 989, 495),
-    (r"H200.*NVL", 835, 418), (r"H200", 989, 495),
-    (r"A100", 312, 156), (r"L40S", 362, 183), (r"L40\b", 181, 90.5), (r"\bL4\b", 121, 60),
-    (r"\bA10\b", 125, 62.5), (r"RTX 4090", 165, 82.6),
-]
-
-
-def gpu_peak_flops(name, dtype="bf16"):
-    """Dense peak FLOP/s of a GPU by the exact name torch.cuda.get_device_name reports (None if unknown):
-    bf16 tensor cores, or TF32 for float32 runs (TF32 is allowed for float32 matmuls)."""
-    import re
-    for pattern, bf16, tf32 in PEAK_TFLOPS:
-        if re.search(pattern, name, re.IGNORECASE):
-            return (bf16 if dtype == "bf16" else tf32) * 1e12
-    return None
-
-
-def peak_flops(device, dtype="bf16"):
-    """Peak FLOP/s of one device, for MFU: the table for GPUs (None if the name is not in it), a quick
-    measurement of a float32 matmul on CPUs."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name, dtype)
-        if peak is None:
-            print(f"note: no peak FLOP/s known for {name!r}; MFU is not reported (set --peak_flops=FLOPS)")
-        return peak
-    n = 2048  # big enough for the BLAS to reach its speed (1024 measured up to 2x low, MFU over 100%)
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=c)  # into one buffer: no fresh pages to fault in
-    best = float("inf")
-    for _ in range(5):  # the best of a few: other processes on the machine only ever slow it down
-        t = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best  # float32 on the CPU
-
-
 # ----------------------------------------------------------------------------------------------
-# one stage: setup, one optimizer step, logging, checkpoints
+# one stage: the loop, setup, one optimizer step, checkpoints
 
 
 def train_stage(cfg: TrainConfig, d: Dist):
@@ -530,7 +425,7 @@ def _train_stage(cfg: TrainConfig, d: Dist, lock, run_id):
     """The training loop: each pass gathers one optimizer step's micro-batches, takes the step, logs it
     and saves a checkpoint when one is due."""
     s = setup_stage(cfg, d, lock, run_id)
-    progress = Progress(s)
+    progress = metrics.Progress(s, resolve_dtype(cfg, d))
     it = None
     while s.step < s.total:
         # one optimizer step: gather its micro-batches first, so the loss can be normalised by
@@ -723,60 +618,6 @@ def skip_step(s: Stage, log_lm, log_vm, grad_norm):
               f"skipped (no update), {s.skipped} so far")
 
 
-class Progress:
-    """The progress bar, metrics.jsonl and the printed line every log_every steps, with tokens/s and MFU
-    over the steps since the last record."""
-
-    def __init__(self, s: Stage):
-        cfg, d = s.cfg, s.d
-        self.peak = cfg.peak_flops or peak_flops(d.device, resolve_dtype(cfg, d))  # one device; None: unknown GPU
-        self.metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-        self.bar = None
-        if d.main:
-            from tqdm import tqdm
-            self.bar = tqdm(total=s.total, initial=s.step, desc=f"stage {cfg.stage}", dynamic_ncols=True,
-                            disable=not sys.stderr.isatty() and not os.environ.get("NANOVT_PROGRESS"))
-        s.model.train()
-        self.t0, self.tokens_since, self.flops_since = time.perf_counter(), 0, 0.0
-        if d.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(d.device)
-        self.world = d.world
-
-    def count(self, tokens, flops):
-        """One micro-batch's real tokens and FLOPs on this process (as much on each process, by estimate)."""
-        self.tokens_since += tokens * self.world
-        self.flops_since += flops * self.world
-
-    def log_step(self, s: Stage, lr, log_lm, log_vm, grad_norm):
-        """After optimizer step s.step: the bar moves; every log_every steps and at the end, a record."""
-        cfg, d, step, bar = s.cfg, s.d, s.step, self.bar
-        if bar:
-            bar.update(1)
-        if not (step == s.total or step % cfg.log_every == 0):
-            return
-        dt = time.perf_counter() - self.t0
-        tps = self.tokens_since / dt
-        peak = self.peak
-        rec = dict(stage=cfg.stage, step=step, loss=log_lm + log_vm, lm=log_lm, vm=log_vm, lr=lr,
-                   grad_norm=grad_norm, skipped=s.skipped, tokens_per_s=round(tps, 1),
-                   mfu=round(self.flops_since / dt / (peak * d.world), 4) if peak else None,
-                   peak_mem_gb=round(torch.cuda.max_memory_allocated(d.device) / 2**30, 2)
-                   if d.device.type == "cuda" else None)
-        if d.main:
-            bar.set_postfix(loss=f"{log_lm + log_vm:.4f}", lr=f"{lr:.2e}")
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            msg = (f"step {step}/{s.total} loss {rec['loss']:.4f} (lm {log_lm:.4f} vm {log_vm:.4f}) "
-                   f"lr {lr:.2e} grad {rec['grad_norm']:.3f} {tps:,.0f} tok/s"
-                   + (f" mfu {100 * rec['mfu']:.1f}%" if rec["mfu"] is not None else ""))
-            (bar.write if bar and not bar.disable else print)(msg)
-        self.t0, self.tokens_since, self.flops_since = time.perf_counter(), 0, 0.0
-
-    def close(self):
-        if self.bar:
-            self.bar.close()
-
-
 def save_step(s: Stage):
     """A step checkpoint: model, optimizer, and what a resumed run checks and starts from."""
     cfg = s.cfg
@@ -812,67 +653,6 @@ def real_tokens_and_flops(attention_mask, flops_per_token):
     what tokens/s and MFU count, so that padding never reads as throughput."""
     lengths = attention_mask.sum(1).tolist()
     return sum(lengths), sum(flops_per_token(n) * n for n in lengths)
-
-
-# ----------------------------------------------------------------------------------------------
-# memory budget of the 7B configs (README), from parameter counts
-
-
-def memory_budget(mcfg: VTLMMConfig, stage, world=8, micro_batch=16, seq_len=2048):
-    """Estimated GiB per GPU of one stage under FSDP2 full sharding with bf16 compute:
-    fp32 sharded weights, fp32 gradients and AdamW moments of the trained modules (sharded),
-    bf16 copies of two gathered blocks (one in use, one prefetched), and activations with
-    per-block checkpointing (every block's bf16 input, plus one block recomputed at a time)."""
-    with torch.device("meta"):
-        m = VTLMM(mcfg)
-    counts = {name: sum(p.numel() for p in mod.parameters()) for name, mod in m.named_children()}
-    trained = sum(counts[n] for n in STAGES[stage]["train"])
-    d, dec = mcfg.decoder.dim, mcfg.decoder
-    block = counts["decoder"] // max(dec.layers, 1)
-    gib = 2 ** 30
-    tokens = micro_batch * seq_len
-    parts = {
-        "weights": 4 * sum(counts.values()) / world,
-        "grads+adam": (4 + 8) * trained / world,
-        "gathered": 2 * 2 * max(block, counts["mm_head"]),
-        # checkpointed block inputs (bf16) and one block's recompute: q,k,v,o, norms, MLP (3 x hidden)
-        "activations": 0 if stage == 3 else 2 * tokens * (dec.layers * d + 8 * d + 3 * dec.hidden),
-        "loss": loss_buffers(mcfg, stage, tokens),
-    }
-    if stage == 3:  # no backward through the decoder: activations of one block, no grads kept
-        parts["activations"] = 2 * tokens * (8 * d + 3 * dec.hidden)
-    return {k: v / gib for k, v in parts.items()} | {"total": sum(parts.values()) / gib}
-
-
-def loss_buffers(mcfg: VTLMMConfig, stage, tokens):
-    """Bytes the chunked loss holds at its peak under the bf16 policy (losses.py), for `tokens` positions:
-    per chunk of rows, the bf16 logits of a matmul, their float32 copy and the bf16 gradient (plus the
-    target's P' / Q and its logits for Eqs. 6 and 9); the trained head's float32 gradient, a bf16 share of
-    one chunk and its bf16 copy; and the gathered rows (bf16) with their gradients (float32 + bf16 copy)."""
-    C, d = mcfg.decoder.vocab_size, mcfg.decoder.dim
-    chunk = losses._default_chunk(C) * C
-    head = C * d
-    if stage == 3:  # Eq. 9: both heads' logits per chunk; W_VM trains; rows of the decoder and X_image, no grads
-        return 18 * chunk + 8 * head + 2 * 2 * tokens * d
-    per_chunk = 8 * chunk + (10 * chunk if stage == 4 else 0)  # Eq. 4 (+ Eq. 6 in stage IV)
-    head_grad = 8 * head if "mm_head" in STAGES[stage]["train"] else 0
-    return per_chunk + head_grad + 8 * tokens * d
-
-
-def print_memory_budgets():
-    """The README's memory table: python train.py memory"""
-    from model import PRESETS
-    print("| decoder | stage | trains | micro-batch (x 2048 tokens; III: x 577) | weights | grads+Adam | gathered | "
-          "activations | loss | total GiB/GPU (8 GPUs) |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in ("vicuna-7b-v1.5", "mistral-7b-instruct-v0.2"):
-        mcfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=PRESETS[name])
-        for stage, micro in ((1, 32), (2, 16), (3, 32), (4, 16)):
-            seq = 1 + mcfg.vision.num_patches if stage == 3 else 2048  # stage III: BOS + 576 patches
-            b = memory_budget(mcfg, stage, 8, micro, seq)
-            print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {', '.join(STAGES[stage]['train'])} | {micro} | "
-                  f"{b['weights']:.1f} | {b['grads+adam']:.1f} | {b['gathered']:.1f} | {b['activations']:.1f} | "
-                  f"{b['loss']:.1f} | {b['total']:.1f} |")
 
 
 def run(cfg: TrainConfig):
@@ -916,7 +696,4 @@ def shutdown_distributed():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["memory"]:
-        print_memory_budgets()
-    else:
-        run(load_config(sys.argv[1:]))
+    run(load_config(sys.argv[1:]))

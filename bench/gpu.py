@@ -107,8 +107,8 @@ def layers():
     flops = (6 * block_params + 12 * c.heads * c.hd * T) * B * T  # model FLOPs (recompute not counted)
     peak = float(os.environ.get("PEAK_FLOPS", 0)) or None
     if not peak:
-        import train
-        peak = train.gpu_peak_flops(torch.cuda.get_device_name(), "bf16")
+        import metrics
+        peak = metrics.gpu_peak_flops(torch.cuda.get_device_name(), "bf16")
     mfu = f", block MFU {flops / dt / peak:.1%}" if peak else ""
     print(f"- per decoder block (Vicuna-7B widths, {B} x {T}, fwd + bwd with recompute): {dt * 1e3:.1f} ms, "
           f"{dm:.2f} GiB{mfu}; x 32 blocks = {32 * dt:.2f} s per micro-batch")

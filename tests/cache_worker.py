@@ -11,6 +11,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import train  # noqa: E402
+from conversation import IMAGE_TOKEN_ID
+from tokenizer import load_tokenizer
 
 
 def main(json_path, image_folder, tokenizer, out_dir, result_dir):
@@ -27,8 +29,8 @@ def main(json_path, image_folder, tokenizer, out_dir, result_dir):
     cfg = train.TrainConfig(stage=2, out_dir=out_dir, data_path=json_path, image_folder=image_folder,
                             template="vicuna_v1", max_len=200)
     model = SimpleNamespace(cfg=SimpleNamespace(vision=SimpleNamespace(image_size=32, num_patches=4),
-                                                image_token_id=data.IMAGE_TOKEN_ID))
-    ds = train.build_dataset(cfg, model, data.load_tokenizer(tokenizer))
+                                                image_token_id=IMAGE_TOKEN_ID))
+    ds = train.build_dataset(cfg, model, load_tokenizer(tokenizer))
     got = {"samples": list(ds.samples), "modality_lengths": list(ds.modality_lengths), "lengths": list(ds.lengths),
            "report": ds.report(), "from_cache": ds.from_cache, "mapped": ds.samples._paths is not None,
            "item0": ds[0]["input_ids"].tolist()}

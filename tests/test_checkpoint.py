@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import checkpoint
-import data
 import train
 from model import VTLMM
+from tokenizer import load_tokenizer
 from tiny_ckpt import run_py, tiny_args, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,7 +287,7 @@ def test_nonfinite_gradient_is_skipped_never_saved(world, tmp_path, monkeypatch)
     w = {}
     for s in (1, 2):
         model = train.build_model(train.load_config(args(world, out, "--max_steps=4")),
-                                  data.load_tokenizer(f"{world}/tokenizer.model"))
+                                  load_tokenizer(f"{world}/tokenizer.model"))
         train.set_trainable(model, 2)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], foreach=False)
         shutil.rmtree(str(tmp_path / "only"), ignore_errors=True)

@@ -1,5 +1,5 @@
-"""data.py: templates and label masks, whole-prompt tokenisation, LLaVA's image recipe against
-transformers' CLIP processor, every bad input's documented outcome, sampler."""
+"""conversation.py, tokenizer.py and data.py: templates and label masks, whole-prompt tokenisation,
+LLaVA's image recipe against transformers' CLIP processor, every bad input's documented outcome, sampler."""
 
 import base64
 import io
@@ -14,9 +14,17 @@ import torch
 from PIL import Image
 
 import data
-from data import IGNORE_INDEX, IMAGE_TOKEN_ID
+from conversation import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    SYSTEM_VICUNA,
+    render_conversation,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from tokenizer import load_tokenizer, train_sentencepiece
 
-SYS = data.SYSTEM_VICUNA
+SYS = SYSTEM_VICUNA
 CONV = [  # multi-turn, <image> at the end of the first question (LLaVA moves it to the front)
     {"from": "human", "value": "What color is the circle?\n<image>"},
     {"from": "gpt", "value": "The circle is red."},
@@ -34,7 +42,7 @@ def sp_tok(tmp_path_factory):
     corpus = [SYS, "USER: ASSISTANT: [INST] [/INST]"] + [t["value"] for t in CONV] * 5 + [
         "a red circle at the top left and a blue square at the bottom right.",
         "Is there a green triangle in the image? Yes, there is.", "How many stars are there? Two."] * 20
-    return data.train_sentencepiece(corpus, tmp_path_factory.mktemp("sp") / "tokenizer.model", vocab_size=400)
+    return train_sentencepiece(corpus, tmp_path_factory.mktemp("sp") / "tokenizer.model", vocab_size=400)
 
 
 @pytest.fixture(scope="module")
@@ -43,23 +51,23 @@ def tt_tok(tmp_path_factory):
     ranks = [bytes([i]) for i in range(256)] + [b" t", b"he", b" the", b"ir", b" c", b" cir", b"cle", b" circle"]
     path = tmp_path_factory.mktemp("tt") / "tokenizer.model"
     path.write_bytes(b"".join(base64.b64encode(t) + b" %d\n" % r for r, t in enumerate(ranks)))
-    return data.load_tokenizer(path)
+    return load_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------- templates
 
 def test_render_templates_exact_strings():
     q1 = "<image>\nWhat color is the circle?"
-    assert data.render_conversation(CONV, "vicuna_v1") == (
+    assert render_conversation(CONV, "vicuna_v1") == (
         f"{SYS} USER: {q1} ASSISTANT: {ANSWERS[0]}</s>USER: How many shapes are there? ASSISTANT: {ANSWERS[1]}</s>"
         f"USER: Is there a blue star? ASSISTANT: No</s>")
-    assert data.render_conversation(CONV, "mistral_instruct") == (
+    assert render_conversation(CONV, "mistral_instruct") == (
         f"[INST] {q1} [/INST] {ANSWERS[0]} </s>[INST] How many shapes are there? [/INST] {ANSWERS[1]} </s>"
         f"[INST] Is there a blue star? [/INST] No </s>")
-    assert data.render_conversation(CONV[:2], "plain") == "<image>The circle is red.\n"
+    assert render_conversation(CONV[:2], "plain") == "<image>The circle is red.\n"
     # a conversation ending with a question renders the generation prompt
-    assert data.render_conversation(CONV[:1], "vicuna_v1").endswith(" ASSISTANT:")
-    assert data.render_conversation(CONV[:1], "mistral_instruct").endswith(" [/INST]")
+    assert render_conversation(CONV[:1], "vicuna_v1").endswith(" ASSISTANT:")
+    assert render_conversation(CONV[:1], "mistral_instruct").endswith(" [/INST]")
 
 
 def supervised_runs(ids, labels):
@@ -78,10 +86,10 @@ def supervised_runs(ids, labels):
 def test_ids_equal_whole_prompt_and_labels_mask(kind, template, sp_tok, tt_tok, request):
     tok = sp_tok if kind == "sentencepiece" else tt_tok
     conv = CONV[:2] if template == "plain" else CONV
-    ids, labels = data.tokenize_conversation(conv, tok, template, IMAGE_TOKEN_ID, num_patches=7)
-    prompt = data.render_conversation(conv, template)
+    ids, labels = tokenize_conversation(conv, tok, template, IMAGE_TOKEN_ID, num_patches=7)
+    prompt = render_conversation(conv, template)
     # the ids are those of the whole rendered prompt, tokenised at once (no per-turn mismatch)
-    assert ids == data.tokenize_prompt(prompt, tok, IMAGE_TOKEN_ID, 7)
+    assert ids == tokenize_prompt(prompt, tok, IMAGE_TOKEN_ID, 7)
     assert len(ids) == len(labels)
     assert ids[0] == tok.bos_id and labels[0] == IGNORE_INDEX
     assert ids.count(IMAGE_TOKEN_ID) == 7 and all(l == IGNORE_INDEX for i, l in zip(ids, labels) if i == IMAGE_TOKEN_ID)
@@ -100,12 +108,12 @@ def test_ids_equal_whole_prompt_and_labels_mask(kind, template, sp_tok, tt_tok, 
 
 def test_sentencepiece_ids_without_image(sp_tok):
     conv = [{"from": "human", "value": "Is there a blue star?"}, {"from": "gpt", "value": "No"}]
-    ids, labels = data.tokenize_conversation(conv, sp_tok, "vicuna_v1", has_image=False)
-    assert IMAGE_TOKEN_ID not in ids and ids == data.tokenize_prompt(data.render_conversation(conv, "vicuna_v1"), sp_tok)
+    ids, labels = tokenize_conversation(conv, sp_tok, "vicuna_v1", has_image=False)
+    assert IMAGE_TOKEN_ID not in ids and ids == tokenize_prompt(render_conversation(conv, "vicuna_v1"), sp_tok)
     with pytest.raises(ValueError, match="no image file"):
-        data.tokenize_conversation(CONV, sp_tok, "vicuna_v1", has_image=False)
+        tokenize_conversation(CONV, sp_tok, "vicuna_v1", has_image=False)
     # an image with no <image> tag: the tag is prepended to the first question
-    ids, _ = data.tokenize_conversation(conv, sp_tok, "vicuna_v1", num_patches=3, has_image=True)
+    ids, _ = tokenize_conversation(conv, sp_tok, "vicuna_v1", num_patches=3, has_image=True)
     assert ids.count(IMAGE_TOKEN_ID) == 3
 
 
@@ -122,8 +130,8 @@ def test_tokenizer_interface(sp_tok, tt_tok):
 
 def test_train_sentencepiece_deterministic_whole_words(tmp_path):
     texts = ["the red circle and the blue star", "yes no red blue circle star"] * 50
-    a = data.train_sentencepiece(texts, tmp_path / "a.model", vocab_size=340)
-    data.train_sentencepiece(texts, tmp_path / "b.model", vocab_size=340)
+    a = train_sentencepiece(texts, tmp_path / "a.model", vocab_size=340)
+    train_sentencepiece(texts, tmp_path / "b.model", vocab_size=340)
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
     assert all(len(a.encode(w)) == 1 for w in ["red", "circle", "yes", "star"])
 
@@ -271,11 +279,11 @@ def test_strict_fails_fast(bad_world, sp_tok):
 def test_truncation_never_cuts_an_image_block(bad_world, sp_tok):
     conv = _sample("x", a="word " * 30)["conversations"]
     (bad_world / "one.json").write_text(json.dumps([_sample("x", a="word " * 30)]))
-    n = len(data.tokenize_conversation(conv, sp_tok, "vicuna_v1", IMAGE_TOKEN_ID, 4, True)[0])
+    n = len(tokenize_conversation(conv, sp_tok, "vicuna_v1", IMAGE_TOKEN_ID, 4, True)[0])
     ds = data.LlavaDataset(bad_world / "one.json", None, sp_tok, "vicuna_v1", 32, 4, max_len=n - 5)
     item = ds[0]  # the tail of the answer is cut, the image block is whole
     assert len(item["input_ids"]) == n - 5 and (item["input_ids"] == IMAGE_TOKEN_ID).sum() == 4
-    first = data.tokenize_conversation(conv, sp_tok, "vicuna_v1", IMAGE_TOKEN_ID, 4, True)[0].index(IMAGE_TOKEN_ID)
+    first = tokenize_conversation(conv, sp_tok, "vicuna_v1", IMAGE_TOKEN_ID, 4, True)[0].index(IMAGE_TOKEN_ID)
     ds = data.LlavaDataset(bad_world / "one.json", None, sp_tok, "vicuna_v1", 32, 4, max_len=first + 2)
     with pytest.raises(RuntimeError, match="bad samples in a row"):  # nothing else left to serve
         ds[0]

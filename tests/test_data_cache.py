@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import data
+from tokenizer import load_tokenizer, train_sentencepiece
 from tiny_ckpt import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +26,7 @@ def conv(q="<image>\nWhat is it?", a="A red circle."):
 def tok_path(tmp_path_factory):
     corpus = ["What is it? A red circle. How many? Two.", "USER: ASSISTANT:"] * 20
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    data.train_sentencepiece(corpus, path, vocab_size=400)
+    train_sentencepiece(corpus, path, vocab_size=400)
     return path
 
 
@@ -66,7 +67,7 @@ def no_reads(monkeypatch):
 
 
 def test_from_cache_equals_parsing(source, tok_path, tmp_path, monkeypatch):
-    tok = data.load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     parsed = make(source, tok)  # the reference: no cache
     assert not parsed.from_cache and parsed.skipped and parsed.repaired and parsed.missing  # all kinds occur
     cache = tmp_path / "cache"
@@ -97,14 +98,14 @@ def test_from_cache_equals_parsing(source, tok_path, tmp_path, monkeypatch):
 
 
 def test_strict_still_raises_and_is_its_own_key(source, tok_path, tmp_path):
-    tok = data.load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     make(source, tok, cache_dir=tmp_path / "cache")  # a lenient cache exists
     with pytest.raises(ValueError, match="sample dup: image field is not a string"):
         make(source, tok, cache_dir=tmp_path / "cache", strict=True)
 
 
 def test_a_changed_source_rebuilds_the_cache(source, tok_path, tmp_path, monkeypatch, caplog):
-    tok = data.load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     cache = tmp_path / "cache"
     make(source, tok, cache_dir=cache)
     stems = {p.name.split(".")[0] for p in cache.iterdir()}
@@ -156,7 +157,7 @@ def test_two_processes_parse_once(source, tok_path, tmp_path):
              str(results))
     assert (results / "reads.txt").read_text().split() == ["0"], time.perf_counter() - t  # one parse, by rank 0
     got = [json.loads((results / f"rank{k}.json").read_text()) for k in range(2)]
-    tok = data.load_tokenizer(tok_path)
+    tok = load_tokenizer(tok_path)
     want = make(source, tok)
     for g in got:
         assert g["from_cache"] and g["mapped"]

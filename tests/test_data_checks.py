@@ -13,6 +13,8 @@ from PIL import Image
 import data
 import shapes
 import train
+from conversation import IMAGE_TOKEN_ID, REPAIRS, tokenize_conversation
+from tokenizer import train_sentencepiece
 from tiny_ckpt import torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,7 +27,7 @@ def conv(q="<image>\nWhat is it?", a="A circle."):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     corpus = ["What is it? A circle. How many? Two.", "USER: ASSISTANT:"] * 20
-    return data.train_sentencepiece(corpus, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)
+    return train_sentencepiece(corpus, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)
 
 
 def dataset(path, tok, **kw):
@@ -71,12 +73,12 @@ def test_llava_repairs_are_made_and_counted(tmp_path, tok):
     (tmp_path / "d.json").write_text(json.dumps(rows))
     ds = dataset(tmp_path / "d.json", tok)
     assert [s["id"] for s in ds.samples] == ["gpt-first", "unanswered"]
-    assert ds.repaired == {data.REPAIRS["first"]: 1, data.REPAIRS["last"]: 1}
+    assert ds.repaired == {REPAIRS["first"]: 1, REPAIRS["last"]: 1}
     assert ds.skipped == {"last turn has no answer": 1, "empty conversations": 1}
     assert "repaired 1 (dropped a first turn from gpt), 1 (dropped a last question without an answer)" in ds.report()
     for k in range(2):  # what is left is exactly the answered turn, rendered as LLaVA renders it
         assert ds.samples[k]["conversations"] == conv()
-        want = data.tokenize_conversation(conv(), tok, "vicuna_v1", data.IMAGE_TOKEN_ID, 4, True)
+        want = tokenize_conversation(conv(), tok, "vicuna_v1", IMAGE_TOKEN_ID, 4, True)
         assert ds[k]["input_ids"].tolist() == want[0] and ds[k]["labels"].tolist() == want[1]
     assert rows[0]["conversations"][0]["from"] == "gpt"  # the input is not changed
 
@@ -142,7 +144,7 @@ def bad_run_data(tmp_path_factory):
     want = {"skipped": {"missing image file": 70, "bad image": 3, "empty conversations": 1,
                         "image field is not a string (list; one image path per sample)": 1,
                         "image field is not a string (int; one image path per sample)": 1},
-            "repaired": {data.REPAIRS["first"]: 1, data.REPAIRS["last"]: 1},
+            "repaired": {REPAIRS["first"]: 1, REPAIRS["last"]: 1},
             "missing": "70 of 134 images missing, by folder: ocr_vqa/images 70"}
     return world, path, want
 

@@ -3,19 +3,21 @@
 import torch
 
 import data
-import shapes
 import losses
+import shapes
+from conversation import IMAGE_TOKEN_ID
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+from tokenizer import load_tokenizer
 
 
 def test_shapes_batch_through_model_and_losses(tmp_path):
     shapes.make_shapes_world(tmp_path, n_images=64, vocab_size=600, workers=1)
-    tok = data.load_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
     torch.manual_seed(0)
     model = VTLMM(VTLMMConfig(vision=VisionConfig(image_size=64, patch_size=8, width=32, layers=2, heads=2, mlp=64),
                               decoder=DecoderConfig(vocab_size=tok.vocab_size, dim=32, layers=2, heads=4, kv_heads=2,
                                                     hidden=64),
-                              image_token_id=data.IMAGE_TOKEN_ID))
+                              image_token_id=IMAGE_TOKEN_ID))
     num_patches = model.cfg.vision.num_patches  # 64 = (64 / 8)^2
     stages = {  # stage: (dataset, loss)
         "I": data.LlavaDataset(tmp_path / "stage1_captions.json", None, tok, "plain", 64, num_patches),
@@ -29,7 +31,7 @@ def test_shapes_batch_through_model_and_losses(tmp_path):
         batch = next(iter(loader))
         out = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
                     visual_logits=True)
-        image_mask = batch["input_ids"] == data.IMAGE_TOKEN_ID
+        image_mask = batch["input_ids"] == IMAGE_TOKEN_ID
         assert out.logits.shape == (*batch["input_ids"].shape, tok.vocab_size)
         assert torch.equal(out.image_mask, image_mask)
         if stage == "III":

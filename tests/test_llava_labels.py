@@ -5,13 +5,20 @@ transformers; and a tiny run that only learns to start a numeric answer with LLa
 import json
 import shutil
 
+import llava_ref
 import pytest
 import torch
 
 import data
-import llava_ref
-from data import IGNORE_INDEX, IMAGE_TOKEN_ID
-from model import DecoderConfig, VisionConfig, VTLMM, VTLMMConfig
+from conversation import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_ID,
+    render_conversation,
+    tokenize_conversation,
+    tokenize_prompt,
+)
+from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+from tokenizer import SentencePieceTokenizer, load_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +53,12 @@ CASES["multi-text"] = qa(("Count", "7"), ("Quote it", '"seven"'), ("New line?", 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_ids_and_labels_equal_llava_rule(tokenizer_files, tokenizer, template, case):
     path = tokenizer_files[tokenizer]
-    tok, ref = data.SentencePieceTokenizer(path, config={}), llava_ref.LegacyTokenizer(path)
+    tok, ref = SentencePieceTokenizer(path, config={}), llava_ref.LegacyTokenizer(path)
     turns = CASES[case]
     has_image = "text" not in case
     want_ids, want_labels, mismatch = llava_ref.llava_ids_labels(turns, ref, template, has_image)
     assert not mismatch  # the reference's own lengths agree, so its labels are LLaVA's
-    ids, labels = data.tokenize_conversation(turns, tok, template, IMAGE_TOKEN_ID, num_patches=1, has_image=has_image)
+    ids, labels = tokenize_conversation(turns, tok, template, IMAGE_TOKEN_ID, num_patches=1, has_image=has_image)
     assert ids == want_ids
     assert labels == [IGNORE_INDEX if l == llava_ref.IGNORE or i == IMAGE_TOKEN_ID else l
                       for i, l in zip(want_ids, want_labels)]
@@ -61,10 +68,10 @@ def test_ids_and_labels_equal_llava_rule(tokenizer_files, tokenizer, template, c
 @pytest.mark.parametrize("answer", sorted(ANSWERS))
 def test_plain_template_equals_llava_rule(tokenizer_files, tokenizer, answer):
     path = tokenizer_files[tokenizer]
-    tok, ref = data.SentencePieceTokenizer(path, config={}), llava_ref.LegacyTokenizer(path)
+    tok, ref = SentencePieceTokenizer(path, config={}), llava_ref.LegacyTokenizer(path)
     turns = qa(("Describe the image briefly.", ANSWERS[answer]))
     want_ids, want_labels, _ = llava_ref.llava_ids_labels(turns, ref, "plain", True)
-    ids, labels = data.tokenize_conversation(turns, tok, "plain", IMAGE_TOKEN_ID, num_patches=1, has_image=True)
+    ids, labels = tokenize_conversation(turns, tok, "plain", IMAGE_TOKEN_ID, num_patches=1, has_image=True)
     assert ids == want_ids and labels == [IGNORE_INDEX if l == llava_ref.IGNORE else l for l in want_labels]
 
 
@@ -72,8 +79,8 @@ def test_the_bare_space_piece_is_what_changed(tokenizer_files):
     """The cases above would fail with a rule that supervises only the answer's own characters:
     with both tokenizers a digit answer starts with a bare "▁" piece, and it is supervised."""
     for name, path in tokenizer_files.items():
-        tok = data.SentencePieceTokenizer(path, config={})
-        ids, labels = data.tokenize_conversation(qa(("How many?", "3")), tok, "vicuna_v1", IMAGE_TOKEN_ID, 1)
+        tok = SentencePieceTokenizer(path, config={})
+        ids, labels = tokenize_conversation(qa(("How many?", "3")), tok, "vicuna_v1", IMAGE_TOKEN_ID, 1)
         first = next(k for k, l in enumerate(labels) if l != IGNORE_INDEX)
         assert tok.piece(ids[first]) == "▁" and tok.piece(ids[first + 1]) == "3", name
         assert tok.piece(ids[first - 1]) == ":"
@@ -97,36 +104,36 @@ def test_legacy_false_changes_multi_turn_ids_as_transformers(tokenizer_files, to
     for legacy in (True, False):
         d = _with_config(tmp_path, tokenizer_files[tokenizer], legacy=legacy)
         hf = LlamaTokenizer.from_pretrained(str(d))
-        tok = data.load_tokenizer(d)
+        tok = load_tokenizer(d)
         assert tok.legacy is legacy
         for case in ("multi", "multi-text"):
             turns, has_image = CASES[case], case == "multi"
-            prompt = data.render_conversation(turns, template, has_image)
+            prompt = render_conversation(turns, template, has_image)
             hf_call = lambda s: hf(s).input_ids  # noqa: E731
             want = llava_ref.tokenizer_image_token(prompt, hf_call) if has_image else hf(prompt).input_ids
-            got, labels = data.tokenize_conversation(turns, tok, template, IMAGE_TOKEN_ID, 1, has_image)
+            got, labels = tokenize_conversation(turns, tok, template, IMAGE_TOKEN_ID, 1, has_image)
             assert got == [IMAGE_TOKEN_ID if i == llava_ref.IMAGE else i for i in want], (legacy, case)
-            assert data.tokenize_prompt(prompt, tok, IMAGE_TOKEN_ID, 1) == got
+            assert tokenize_prompt(prompt, tok, IMAGE_TOKEN_ID, 1) == got
             # the labels still hold every answer and its </s>
             runs = [tok.decode([i for i, l in zip(got, labels) if l != IGNORE_INDEX])]
             assert all(t["value"].strip() in runs[0] for t in turns if t["from"] == "gpt")
             ids[legacy, case] = got
     assert ids[True, "multi"] != ids[False, "multi"] and ids[True, "multi-text"] != ids[False, "multi-text"]
     # without a tokenizer_config.json: plain sentencepiece, the legacy ids
-    plain = data.SentencePieceTokenizer(tokenizer_files[tokenizer])
-    assert plain.legacy and data.tokenize_conversation(CASES["multi"], plain, template, IMAGE_TOKEN_ID, 1)[0] == \
+    plain = SentencePieceTokenizer(tokenizer_files[tokenizer])
+    assert plain.legacy and tokenize_conversation(CASES["multi"], plain, template, IMAGE_TOKEN_ID, 1)[0] == \
         ids[True, "multi"]
 
 
 def test_tokenizer_config_fields(tokenizer_files, tmp_path):
     d = _with_config(tmp_path, tokenizer_files["mistral"], add_bos_token=False, legacy=False)
-    tok = data.load_tokenizer(d)
-    ids, labels = data.tokenize_conversation(qa(("Q", "3")), tok, "mistral_instruct", IMAGE_TOKEN_ID, 1)
+    tok = load_tokenizer(d)
+    ids, labels = tokenize_conversation(qa(("Q", "3")), tok, "mistral_instruct", IMAGE_TOKEN_ID, 1)
     assert ids[0] != tok.bos_id and len(ids) == len(labels)
-    assert data.load_tokenizer(d, legacy=True).legacy is True  # an explicit choice overrides the file
+    assert load_tokenizer(d, legacy=True).legacy is True  # an explicit choice overrides the file
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<nope>"}}))
     with pytest.raises(ValueError, match="eos_token '<nope>' is not a piece"):
-        data.load_tokenizer(d)
+        load_tokenizer(d)
 
 
 # ---------------------------------------------------------------------------- a tiny run learns digits
@@ -145,7 +152,7 @@ def _train_and_answer(tok, old_rule, steps=120):
     model.init_weights()
     rows = []
     for q, a in DIGIT_QA:
-        ids, labels = data.tokenize_conversation(qa((q, a), image=False), tok, "vicuna_v1", IMAGE_TOKEN_ID, 1)
+        ids, labels = tokenize_conversation(qa((q, a), image=False), tok, "vicuna_v1", IMAGE_TOKEN_ID, 1)
         if old_rule:  # the earlier rule: only tokens overlapping the answer's characters
             labels = [IGNORE_INDEX if l != IGNORE_INDEX and tok.piece(i) == "▁" and labels[k - 1] == IGNORE_INDEX
                       else l for k, (i, l) in enumerate(zip(ids, labels))]
@@ -163,8 +170,8 @@ def _train_and_answer(tok, old_rule, steps=120):
     model.eval()
     right = 0
     for q, a in DIGIT_QA:  # greedy, from the generation prompt "... ASSISTANT:", as sample.py asks
-        prompt = data.render_conversation(qa((q, ""), image=False)[:1], "vicuna_v1")
-        ids = torch.tensor([data.tokenize_prompt(prompt, tok)])
+        prompt = render_conversation(qa((q, ""), image=False)[:1], "vicuna_v1")
+        ids = torch.tensor([tokenize_prompt(prompt, tok)])
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=8, stop_ids=[tok.eos_id])[0, ids.shape[1]:].tolist()
         right += tok.decode([i for i in out if i != tok.eos_id]).strip() == a
@@ -172,7 +179,7 @@ def _train_and_answer(tok, old_rule, steps=120):
 
 
 def test_tiny_run_learns_to_answer_with_digits(tokenizer_files):
-    tok = data.SentencePieceTokenizer(tokenizer_files["llama2"], config={})
+    tok = SentencePieceTokenizer(tokenizer_files["llama2"], config={})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is fastest, and the suite shares the cores
     try:

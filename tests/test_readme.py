@@ -9,9 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = open(os.path.join(ROOT, "README.md")).read()
 
 
-def test_memory_table_is_what_train_py_prints():
-    out = subprocess.run([sys.executable, "train.py", "memory"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout.strip()
+def test_memory_table_is_what_bench_memory_budget_prints():
+    out = subprocess.run([sys.executable, os.path.join("bench", "memory_budget.py")], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
     block = README.split("<!-- memory-table")[1].split("<!-- end memory-table")[0]
     table = "\n".join(line for line in block.splitlines()[1:] if line.strip())
     assert table == out

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_ckpt import make_checkpoint, make_world
 
 import data
 import inference
 import sample
-from tiny_ckpt import make_checkpoint, make_world
+from conversation import IMAGE_TAG, SYSTEM_VICUNA, render_conversation
+from tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +69,10 @@ def test_chat_history_renders_one_image_block(ckpt, capsys):
 
     history = sample.chat(model, tok, px, read=read, max_new_tokens=6)
     assert [t["from"] for t in history] == ["human", "gpt", "human", "gpt"]
-    assert history[0]["value"].startswith(data.IMAGE_TAG + "\n") and data.IMAGE_TAG not in history[2]["value"]
+    assert history[0]["value"].startswith(IMAGE_TAG + "\n") and IMAGE_TAG not in history[2]["value"]
     # the third turn's generation prompt: the whole chat in the model's template, one image block
-    rendered = data.render_conversation(history[:2] + [{"from": "human", "value": "Q3"}], model.cfg.template)
-    assert rendered == (data.SYSTEM_VICUNA + " USER: <image>\nHow many shapes are there? ASSISTANT: "
+    rendered = render_conversation(history[:2] + [{"from": "human", "value": "Q3"}], model.cfg.template)
+    assert rendered == (SYSTEM_VICUNA + " USER: <image>\nHow many shapes are there? ASSISTANT: "
                         + history[1]["value"] + "</s>USER: Q3 ASSISTANT:")
     ids = inference.prompt_ids(model, tok, "Q3", True, history[:2])
     n = model.cfg.vision.num_patches
@@ -118,7 +120,7 @@ def test_visual_token_picture_24x24(ckpt, tmp_path, capsys):
     # a 336 px CLIP with 14 px patches (24 x 24 = 576 patches, Fig. 4's grid), a tiny width to stay fast
     from model import DecoderConfig, VisionConfig, VTLMM, VTLMMConfig
     path, image = ckpt
-    tok = data.load_tokenizer(path)
+    tok = load_tokenizer(path)
     cfg = VTLMMConfig(vision=VisionConfig(image_size=336, patch_size=14, width=16, layers=2, heads=2, mlp=32),
                       decoder=DecoderConfig(vocab_size=tok.vocab_size, dim=32, layers=1, heads=2, kv_heads=2,
                                             hidden=64, max_seq_len=1024))

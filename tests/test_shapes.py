@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from tiny_ckpt import tiny_args
 
 import data
 import shapes
 import train
-from data import IGNORE_INDEX, IMAGE_TOKEN_ID
-from tiny_ckpt import tiny_args
+from conversation import IGNORE_INDEX, IMAGE_TOKEN_ID, check_conversations
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,12 +29,12 @@ def test_shapes_world(tmp_path):
                  "tokenizer.model", "images/000123.png"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name  # deterministic
     root = tmp_path / "a"
-    tok = data.load_tokenizer(root)
+    tok = load_tokenizer(root)
     assert all(len(tok.encode(wd)) == 1 for wd in ["red", "circle", "yes", "No", "triangle", "purple", "USER"])
     instruct = json.loads((root / "instruct.json").read_text())
     train_images = {s["image"] for s in instruct if "image" in s}
     assert any("image" not in s for s in instruct) and any(len(s["conversations"]) >= 4 for s in instruct)
-    assert all(data.check_conversations(s) is None for s in instruct)
+    assert all(check_conversations(s) is None for s in instruct)
     pope = [json.loads(l) for l in (root / "eval_pope.jsonl").read_text().splitlines()]
     short = [json.loads(l) for l in (root / "eval_short.jsonl").read_text().splitlines()]
     assert {p["category"] for p in pope} == {"random", "popular", "adversarial"}
@@ -79,7 +80,7 @@ def test_shapes_world_10k_is_fast(tmp_path):
     w = shapes.make_shapes_world(tmp_path, n_images=10_000, workers=2)
     assert time.time() - t < 60 and len(list((tmp_path / "images").iterdir())) == 10_000
     assert w["counts"]["stage1"] == 9500
-    tok = data.load_tokenizer(tmp_path)
+    tok = load_tokenizer(tmp_path)
     for s in json.loads((tmp_path / "instruct.json").read_text()):
         for turn in s["conversations"][1::2]:  # every answer starts with a piece the label mask supervises:
             # a bare "▁" (before a digit, say) belongs to "ASSISTANT: " and would never be learned
@@ -97,7 +98,7 @@ def test_vision_pretraining_learns_the_cells(world):
     cfg = train.load_config(tiny_args(world, "unused", f"--hook={hook!r}", "--stage=0"))
     cfg.model = dict(vision=dict(image_size=48, patch_size=16, width=48, layers=2, heads=2, mlp=96),
                      decoder=dict(dim=32, layers=1, heads=2, kv_heads=2, hidden=64, max_seq_len=64))
-    model = train.build_model(cfg, data.load_tokenizer(os.path.join(world, "tokenizer.model")))
+    model = train.build_model(cfg, load_tokenizer(os.path.join(world, "tokenizer.model")))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     d = train.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
     acc = shapes.pretrain_vision(model, cfg, d)
@@ -147,7 +148,7 @@ def test_train_runs_the_hook_world_stage0_report(tmp_path):
     assert json.loads((wdir / "world.json").read_text())["counts"]["train_images"] == 228
     s0 = load_file(str(out / "s0" / "final" / "model.safetensors"))
     s2 = load_file(os.path.join(final, "model.safetensors"))
-    fresh = train.build_model(train.load_config(argv + ["--stage=0"]), data.load_tokenizer(wdir)).state_dict()
+    fresh = train.build_model(train.load_config(argv + ["--stage=0"]), load_tokenizer(wdir)).state_dict()
     vision = [k for k in s0 if k.startswith("vision.blocks.0.") and not k.endswith("attn.k.bias")]  # no grad
     assert vision and all(not torch.equal(s0[k], fresh[k]) for k in vision)  # pretrained in stage 0
     assert all(torch.equal(s0[k], s2[k]) for k in s0 if k.startswith("vision."))  # and only there

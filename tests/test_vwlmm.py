@@ -8,9 +8,10 @@ import os
 
 import pytest
 import torch
-
-import data
 from hf_tiny import IMAGE_TOKEN, save_original_llava, tiny_llava
+
+import conversation
+from conversation import render_conversation
 from model import VTLMM
 
 
@@ -78,9 +79,9 @@ def test_pif_checkpoint_turns_pseudo_image_features_on(tmp_path, name, architect
 def test_vw_mistral_template_renders_the_authors_style():
     turns = [{"from": "human", "value": "What is it?\n<image>"}, {"from": "gpt", "value": "A cat."},
              {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "2"}]
-    assert data.render_conversation(turns, "vw_mistral") == \
+    assert render_conversation(turns, "vw_mistral") == \
         "[INST] <image>\nWhat is it? [/INST]A cat.</s>[INST] How many? [/INST]2</s>"
-    assert data.render_conversation(turns[:3], "vw_mistral").endswith("</s>[INST] How many? [/INST]")
+    assert render_conversation(turns[:3], "vw_mistral").endswith("</s>[INST] How many? [/INST]")
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +97,8 @@ def test_template_can_be_overridden(ckpt, tmp_path, monkeypatch, script):
     import sample
     path, image = ckpt
     used = []
-    real = data.render_conversation
-    monkeypatch.setattr(data, "render_conversation", lambda turns, template, **kw: used.append(template) or
+    real = render_conversation
+    monkeypatch.setattr(conversation, "render_conversation", lambda turns, template, **kw: used.append(template) or
                         real(turns, template, **kw))
     for template in (None, "vw_mistral", "mistral_instruct"):
         used.clear()

@@ -5,9 +5,9 @@ import shutil
 import subprocess
 import sys
 
-import data
 import shapes
 import train
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,7 +30,7 @@ def run_py(argv):
 def make_checkpoint(world, out):
     """configs/tiny.py's model with fresh weights, saved as a checkpoint directory with its tokenizer."""
     cfg = train.load_config([os.path.join(ROOT, "configs/tiny.py"), f"--tokenizer={world}/tokenizer.model"])
-    tok = data.load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.tokenizer)
     model = train.build_model(cfg, tok).eval()
     model.save_pretrained(str(out))
     shutil.copyfile(cfg.tokenizer, os.path.join(out, "tokenizer.model"))

@@ -1,0 +1,83 @@
+"""
+Config files and command-line overrides, read into a dataclass (train.py's TrainConfig).
+
+    python train.py CONFIG_FILE [--key=value ...] [--field.entry=value ...]
+
+A config file is plain Python that assigns fields of the dataclass; files and `--key=value`
+overrides apply left to right, a later one winning. A value on the command line takes the type of
+the field's default (a bool flag alone, `--compile`, means true); tuples, lists, dicts and None are
+Python literals. `--hook.dir=x` sets one entry of a dict field, after the files are read. An unknown
+key is an error that names the file, or the command line.
+"""
+
+import ast
+import dataclasses
+import sys
+
+
+def coerce(name, value, default):
+    """Turn a command-line string into the type of the field's default."""
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name}: expected true/false, got {value!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            return type(default)(value)
+        except ValueError:
+            raise ValueError(f"--{name}: expected {type(default).__name__}, got {value!r}") from None
+    if isinstance(default, str):
+        return value
+    try:  # tuples, lists, dicts, None
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"--{name}: cannot parse {value!r} as a Python literal") from None
+
+
+def check_fields(cls, d, where):
+    """Every key of `d` is a field of the dataclass `cls`; else a ValueError naming `where`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ValueError(f"{where}: unknown config key {k!r}")
+
+
+def parse(cls, argv):
+    """argv: [CONFIG_FILE] [--key=value ...] -> an instance of the dataclass `cls`."""
+    values, entries = {}, []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, val = arg[2:].partition("=")
+            key = key.replace("-", "_")
+            if "." in key:  # --hook.dir=x: one entry of a dict field, set after the files are read
+                entries.append((key, val))
+                continue
+            default = getattr(cls(), key, None)
+            check_fields(cls, [key], "command line")
+            values[key] = True if not eq and isinstance(default, bool) else coerce(key, val, default)
+        else:
+            scope = {}
+            with open(arg) as f:
+                exec(compile(f.read(), arg, "exec"), scope)  # a config file is plain Python
+            file_values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
+                           and not isinstance(v, type(sys))}
+            check_fields(cls, file_values, arg)
+            values = {**file_values, **values}
+    for key, val in entries:
+        name, sub = key.split(".", 1)
+        check_fields(cls, [name], "command line")
+        fields = values.get(name, getattr(cls(), name))
+        if not isinstance(fields, dict):
+            raise ValueError(f"--{key}: {name} is not a dict")
+        fields = dict(fields)
+        if sub in fields:  # the type of the entry the config gives
+            fields[sub] = coerce(key, val, fields[sub])
+        else:  # a new entry: a Python literal, else the string itself
+            try:
+                fields[sub] = ast.literal_eval(val)
+            except (ValueError, SyntaxError):
+                fields[sub] = val
+        values[name] = fields
+    return cls(**values)
