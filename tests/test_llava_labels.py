@@ -10,6 +10,7 @@ import torch
 
 import data
 import llava_ref
+import losses
 from data import IGNORE_INDEX, IMAGE_TOKEN_ID
 from model import DecoderConfig, VisionConfig, VTLMM, VTLMMConfig
 
@@ -155,9 +156,9 @@ def _train_and_answer(tok, old_rule, steps=120):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    objective="lm")
-        out.loss.backward()
+        loss, _, _ = losses.Objective(model, "lm")(batch["input_ids"], labels=batch["labels"],
+                                                   attention_mask=batch["attention_mask"])
+        loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()
