@@ -208,7 +208,7 @@ def train_step_fns(nano, hf, ids, px, labels):
     def nano_step():
         for p in nano_params:
             p.grad = None
-        loss, lm, vm = objective(ids, px, labels)
+        loss, lm, _ = objective(ids, px, labels)
         loss.backward()
         return lm
 

@@ -29,8 +29,8 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100  # label of positions that are not supervised (prompt, image, padding)
 
