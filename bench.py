@@ -203,13 +203,14 @@ def rel_diff(a, b):
 def train_step_fns(nano, hf, ids, px, labels):
     nano_params = [p for p in nano.parameters() if p.requires_grad]
     hf_params = [p for p in hf.parameters() if p.requires_grad]
+    objective = losses.Objective(nano, "mm")  # stage IV: Eq. 7, chunked and fused
 
     def nano_step():
         for p in nano_params:
             p.grad = None
-        out = nano(ids, px, labels=labels, objective="mm")  # stage IV: Eq. 7, chunked and fused
-        out.loss.backward()
-        return out
+        loss, lm, _ = objective(ids, px, labels)
+        loss.backward()
+        return lm
 
     def hf_step():
         for p in hf_params:
@@ -239,7 +240,7 @@ def bench_train(nano, hf, cfg, s, device, peak, log):
     set_stage_iv(nano, hf)
     nano.train(), hf.train()
     nano_step, hf_step = train_step_fns(nano, hf, ids, px, labels)
-    lm_nano, lm_hf = nano_step().lm_loss.item(), hf_step().loss.item()
+    lm_nano, lm_hf = nano_step().item(), hf_step().loss.item()
     log(f"LM loss: nanoVT {lm_nano:.6f}, transformers {lm_hf:.6f} (|diff| {abs(lm_nano - lm_hf):.2e})")
     times = {"nano": [], "hf": []}
     for i in range(s["warmup"] + s["steps"]):  # interleaved, so that a noisy neighbour hits both sides

@@ -24,8 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import losses
-
 IMAGE_TOKEN_ID = -200  # sentinel placeholder id for nanoVT's own models: never looked up in the embedding
 
 
@@ -403,10 +401,6 @@ class VTLMMOutput:
     hidden: Optional[torch.Tensor] = None         # (B, T, d) final-norm decoder output
     image_mask: Optional[torch.Tensor] = None     # (B, T) bool, True at image positions
     image_features: Optional[torch.Tensor] = None  # (N, d) X_image, the adapter outputs, row-major
-    visual_logits: Optional[torch.Tensor] = None  # (N, C) W_VM X_image (Eq. 5), only when asked for
-    loss: Optional[torch.Tensor] = None           # with `objective`: lm_loss + vm_loss
-    lm_loss: Optional[torch.Tensor] = None
-    vm_loss: Optional[torch.Tensor] = None
 
 
 class VTLMM(nn.Module):
@@ -484,54 +478,18 @@ class VTLMM(nn.Module):
             raise ValueError(f"input_ids hold {n_pos} image placeholders but no pixel_values were given")
         return x, image_mask, x_image
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None,
-                logits=True, visual_logits=False, labels=None, objective=None, lm_count=None, vm_count=None,
-                chunk_size=None, rows=None):
+    def forward(self, input_ids, pixel_values=None, attention_mask=None, cache=None, image_rows=None, logits=True):
         """input_ids (B, T), pixel_values (N_img, 3, H, W) for the placeholders in row-major order.
 
-        logits=False skips the MM head; visual_logits=True applies the VM head to the N image
-        positions (never to text positions). With `objective` the training loss is computed here,
-        inside forward, so that FSDP has the heads' weights gathered (losses.py, docs/method.md §Index convention):
-          "lm"     Eq. 4 (stages I, II)          "mm"  Eq. 7 = Eq. 4 + Eq. 6 (stage IV)
-          "vm_fit" Eq. 9 (stage III)             "mm_lm" stage IV's data with the VM term off
-        The heads never produce logits for all positions at once there (chunked, fused). `rows`
-        (losses.Rows of the batch, built on the CPU) keeps the device from waiting on the host.
+        Returns the decoder's hidden states, where the images went and X_image, and the MM head's
+        logits unless logits=False. The training losses take the hidden states and apply the heads
+        themselves, chunk by chunk (losses.Objective); the visual logits of Eq. 5 are
+        `self.vm_head(out.image_features)`. image_rows: see `embed`.
         """
-        if rows is not None:
-            rows = rows.to(input_ids.device)
-        x, image_mask, x_image = self.embed(input_ids, pixel_values, None if rows is None else rows.image)
-        if objective == "vm_fit":  # stage III: the decoder and MM head are frozen targets
-            with torch.no_grad():
-                hidden = self.decoder(x, attention_mask, cache)
-        else:
-            hidden = self.decoder(x, attention_mask, cache)
-        out = VTLMMOutput(hidden=hidden, image_mask=image_mask, image_features=x_image)
-        if objective is None:
-            out.logits = self.mm_head(hidden) if logits else None
-            if visual_logits and x_image is not None:
-                out.visual_logits = self.vm_head(x_image)
-            return out
-        if objective == "vm_fit":
-            if rows is None:
-                rows = losses.batch_rows(None, image_mask)
-            B, T, d = hidden.shape
-            h_q = hidden.reshape(B * T, d).index_select(0, rows.vm)  # (n, d) the predicting positions t
-            x_vm = x_image.detach().index_select(0, rows.vm_keep)  # (n, d) X_image at t + 1; VM head alone trains
-            # Eq. 9, chunked: both heads fused in, no (n, C) logits
-            out.vm_loss = losses.chunked_vm_fit_loss(h_q, self.mm_head.weight, x_vm, self.vm_head.weight, vm_count,
-                                                     chunk_size)
-            out.lm_loss = torch.zeros((), device=hidden.device)
-            out.loss = out.vm_loss
-            return out
-        if objective not in ("lm", "mm", "mm_lm"):
-            raise ValueError(f"unknown objective {objective!r}")
-        use_vm = objective == "mm" and x_image is not None
-        out.lm_loss, out.vm_loss = losses.chunked_mm_loss(
-            hidden, self.mm_head.weight, labels=labels, image_mask=image_mask if use_vm else None,
-            image_features=x_image if use_vm else None, vm_head_weight=self.vm_head.weight,
-            lm_count=lm_count, vm_count=vm_count, chunk_size=chunk_size, rows=rows)
-        out.loss = out.lm_loss + out.vm_loss  # Eq. 7 when objective == "mm"
-        return out
+        x, image_mask, x_image = self.embed(input_ids, pixel_values, image_rows)
+        hidden = self.decoder(x, attention_mask, cache)
+        return VTLMMOutput(logits=self.mm_head(hidden) if logits else None, hidden=hidden, image_mask=image_mask,
+                           image_features=x_image)
 
     # -- what the visual tokens say -------------------------------------------------------------
 

@@ -110,8 +110,8 @@ class TrainConfig:
     hook: dict = field(default_factory=dict)  # dict(module="shapes", ...): a side module's settings (see top)
 
 
-# What each stage trains and with which loss (docs/method.md §Stages). The vision tower is never trained,
-# except in the toy stage 0, which stands in for CLIP's and Vicuna's own pretraining.
+# What each stage trains and with which loss (docs/method.md §Stages; the objective is a losses.Objective name). The
+# vision tower is never trained, except in the toy stage 0, which stands in for CLIP's and Vicuna's own pretraining.
 STAGES = {
     0: dict(train=("vision", "adapter", "decoder", "mm_head"), objective="lm"),
     1: dict(train=("adapter",), objective="lm"),                      # LM (Eq. 4)
@@ -256,8 +256,12 @@ def set_trainable(model, stage, freeze=()):
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def parallelize(model, cfg, d: Dist):
-    """torchtitan's order: activation checkpointing per block, compile, fully_shard per block, root."""
+def parallelize(model, cfg, d: Dist, root=None):
+    """torchtitan's order: activation checkpointing per block, compile, fully_shard per block, root.
+    root: the module the training step calls (a losses.Objective holding `model`), default the model.
+    The root's FSDP unit holds the model's own weights (embedding, adapter, heads, final norm), so they
+    are gathered around its forward, where the loss uses the heads; the model stays a plain VTLMM
+    (its state-dict keys, hence the checkpoints, do not depend on the root)."""
     if cfg.activation_checkpointing:
         model.set_checkpointing(True)
     if cfg.compile:
@@ -274,7 +278,10 @@ def parallelize(model, cfg, d: Dist):
     for block in model.decoder.blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model.vision, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)  # the root: embedding, adapter, heads, final norm
+    # the root: embedding, adapter, heads, final norm. It keeps its inputs' dtypes: the loss's counts must
+    # not be rounded to bf16 (each part below casts what it receives itself)
+    root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
+    fully_shard(model if root is None else root, mesh=mesh, mp_policy=root_mp)
     return model, True
 
 
@@ -463,7 +470,7 @@ class Stage:
     tok_file: str
     plain: VTLMM                    # the model before wrapping: its config, FLOP and parameter counts
     model: torch.nn.Module          # as trained: blocks maybe compiled, maybe sharded by FSDP2
-    objective: str
+    objective: losses.Objective     # the stage's loss, holding `model`: what a micro-step calls (FSDP2's root)
     dataset: object
     params: list                    # the trained parameters (the optimizer's and the gradient clip's)
     optimizer: torch.optim.Optimizer
@@ -503,16 +510,15 @@ def setup_stage(cfg: TrainConfig, d: Dist, lock, run_id) -> Stage:
     if tok.vocab_size > model.cfg.decoder.vocab_size:
         raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
                          f"{model.cfg.decoder.vocab_size}")
-    objective = STAGES[cfg.stage]["objective"]
     if hook and not (cfg.resume and checkpoint.latest(cfg.out_dir)):  # resumed: the checkpoint has it
         hook.prepare_model(cfg, model, d)
-    if objective == "mm" and not cfg.vm_loss:
-        objective = "mm_lm"
+    name = STAGES[cfg.stage]["objective"]
+    objective = losses.Objective(model, "lm" if name == "mm" and not cfg.vm_loss else name, cfg.loss_chunk or None)
     trainable = set_trainable(model, cfg.stage, cfg.freeze)
     dataset = build_dataset(cfg, model, tok)
     plain = model  # bound before wrapping: parameter counts stay unsharded
     n_trainable = sum(model.get_parameter(n).numel() for n in trainable)
-    model, fsdp = parallelize(model, cfg, d)
+    model, fsdp = parallelize(model, cfg, d, root=objective)
     if sources is not None:
         load_sharded(model, sources, cfg, d)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -531,7 +537,7 @@ def setup_stage(cfg: TrainConfig, d: Dist, lock, run_id) -> Stage:
     if d.main:
         with open(os.path.join(cfg.out_dir, "train_config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2, default=str)
-        print(f"stage {cfg.stage} ({objective}): {len(dataset)} samples, {total} steps of {cfg.global_batch} "
+        print(f"stage {cfg.stage} ({objective.name}): {len(dataset)} samples, {total} steps of {cfg.global_batch} "
               f"({cfg.micro_batch} x {d.world} processes x {accum} accumulation), trains {len(trainable)} "
               f"tensors / {n_trainable:,} parameters"
               + (f", resumed at step {s.step}" if ckpt else "")
@@ -578,11 +584,10 @@ def optimizer_step(s: Stage, micro, lr, progress):
     step_loss = torch.zeros(2, device=d.device)  # (lm, vm) of this step, stays on the device
     for b in micro:
         with s.amp():
-            out = s.model(_to(b["input_ids"], d.device), _to(b["pixel_values"], d.device),
-                          labels=_to(b["labels"], d.device), objective=s.objective, lm_count=lm_count,
-                          vm_count=vm_count, chunk_size=cfg.loss_chunk or None, rows=b["rows"].to(d.device))
-        out.loss.backward()
-        step_loss += torch.stack([out.lm_loss.detach(), out.vm_loss.detach()]).float()
+            loss, lm, vm = s.objective(_to(b["input_ids"], d.device), _to(b["pixel_values"], d.device),
+                                       _to(b["labels"], d.device), b["rows"].to(d.device), lm_count, vm_count)
+        loss.backward()
+        step_loss += torch.stack([lm.detach(), vm.detach()]).float()
         progress.count(*real_tokens_and_flops(b["attention_mask"], s.flops_per_token))
     grad_norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     if hasattr(grad_norm, "full_tensor"):

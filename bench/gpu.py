@@ -37,8 +37,9 @@ def bandwidth():
     return None
 
 
-def fsdp_world1(model):
-    """FSDP2 on one process (NCCL), bf16 params, float32 reductions: train.parallelize's policy."""
+def fsdp_world1(model, root):
+    """FSDP2 on one process (NCCL), bf16 params, float32 reductions: train.parallelize's policy, with
+    `root` (a losses.Objective holding the model) as the root unit, which keeps its inputs' dtypes."""
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     if not dist.is_initialized():
@@ -49,7 +50,8 @@ def fsdp_world1(model):
     for block in model.decoder.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model.vision, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+    fully_shard(root, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                     cast_forward_inputs=False))
     return model
 
 
@@ -79,7 +81,8 @@ def layers():
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("decoder.", "mm_head.")))
         model.set_checkpointing(True)
-        model = fsdp_world1(model)
+        objective = losses.Objective(model, "mm")
+        model = fsdp_world1(model, objective)
         model.to_empty(device=DEV)
         model.init_weights()
         ids, px, labels = batch_7b(cfg, B, T)
@@ -91,15 +94,14 @@ def layers():
         for i in range(4):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            out = model(ids, px, labels=labels, objective="mm", lm_count=counts[0], vm_count=counts[1],
-                        rows=rows.to(DEV))
-            out.loss.backward()
+            loss, _, _ = objective(ids, px, labels, rows.to(DEV), counts[0], counts[1])
+            loss.backward()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
         res[n] = (min(times[1:]), torch.cuda.max_memory_allocated() / 2 ** 30)
         print(f"- {n} blocks: step {res[n][0] * 1e3:.0f} ms, peak {res[n][1]:.1f} GiB (B={B}, T={T}, stage IV)")
-        del model, out
+        del model, objective, loss
         torch.cuda.empty_cache()
     dt, dm = (res[4][0] - res[2][0]) / 2, (res[4][1] - res[2][1]) / 2
     c = PRESETS["vicuna-7b-v1.5"]
@@ -210,8 +212,8 @@ def parity():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = model(ids_d, px2, labels=labels_d, objective="mm", lm_count=counts[0], vm_count=counts[1], rows=rows_d)
-        out.loss.backward()
+        loss, _, _ = losses.Objective(model, "mm")(ids_d, px2, labels_d, rows_d, counts[0], counts[1])
+        loss.backward()
         ok = "ok: no host sync"
     except RuntimeError as e:
         ok = f"FAIL: {str(e).splitlines()[0]}"

@@ -29,15 +29,15 @@ def test_shapes_batch_through_model_and_losses(tmp_path):
         loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=data.make_sampler(ds, 4, seed=1),
                                              collate_fn=lambda s: data.collate(s, tok.pad_id))
         batch = next(iter(loader))
-        out = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"],
-                    visual_logits=True)
+        out = model(batch["input_ids"], batch["pixel_values"], attention_mask=batch["attention_mask"])
+        visual = model.vm_head(out.image_features) if out.image_features is not None else None
         image_mask = batch["input_ids"] == IMAGE_TOKEN_ID
         assert out.logits.shape == (*batch["input_ids"].shape, tok.vocab_size)
         assert torch.equal(out.image_mask, image_mask)
         if stage == "III":
-            loss = losses.vm_fit_loss(out.logits, out.visual_logits, image_mask)
-        elif stage == "IV" and out.visual_logits is not None:
-            loss = losses.mm_loss(out.logits, batch["labels"], out.visual_logits, image_mask)[0]
+            loss = losses.vm_fit_loss(out.logits, visual, image_mask)
+        elif stage == "IV" and visual is not None:
+            loss = losses.mm_loss(out.logits, batch["labels"], visual, image_mask)[0]
         else:
             loss = losses.lm_loss(out.logits, batch["labels"])
         assert torch.isfinite(loss) and loss > 0, stage

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import losses
 from conversation import (
     IGNORE_INDEX,
     IMAGE_TOKEN_ID,
@@ -162,9 +163,9 @@ def _train_and_answer(tok, old_rule, steps=120):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                    objective="lm")
-        out.loss.backward()
+        loss, _, _ = losses.Objective(model, "lm")(batch["input_ids"], labels=batch["labels"],
+                                                   attention_mask=batch["attention_mask"])
+        loss.backward()
         opt.step()
         opt.zero_grad()
     model.eval()

@@ -396,7 +396,9 @@ def test_chunked_vm_fit_equals_full_formula(chunk_size):
     """Value and gradients (W_VM and X_image) equal the full-logits vm_fit_loss and a float64
     KL(Q || P') written out here; nothing reaches the decoder's rows or W_MM."""
     hidden, w_mm, _, image_mask, x_image, w_vm = make_hidden_batch(9, torch.float32)
-    _, keep = losses._vm_rows(image_mask)
+    keep = image_mask.clone()
+    keep[:, 0] = False  # the image rows that have a predicting position (none before t = 0)
+    keep = keep[image_mask]
     h_q = hidden[:, :-1][image_mask[:, 1:]].requires_grad_()  # (n, d) the predicting positions
     x = x_image[keep].clone().requires_grad_()  # (n, d) X_image at t + 1
     wm = w_mm.clone().requires_grad_()

@@ -291,10 +291,11 @@ def test_visual_logits_and_pseudo_image_features():
     ids[1, 5:5 + P] = m.cfg.image_token_id
     px = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        out = m(ids, px, visual_logits=True, logits=False)
+        out = m(ids, px, logits=False)
         x = m.adapter(m.vision(px)).reshape(-1, 64)  # X_image, row-major
         assert out.logits is None and out.image_mask.sum() == 2 * P
-        assert torch.allclose(out.visual_logits, x @ m.vm_head.weight.T, atol=1e-6)  # Eq. 5
+        assert torch.allclose(out.image_features, x, atol=1e-6)
+        assert torch.allclose(m.vm_head(out.image_features), x @ m.vm_head.weight.T, atol=1e-6)  # Eq. 5
         # Eq. 8 from its definition, in float64
         xp = torch.softmax(x.double() @ m.vm_head.weight.double().T, -1) @ m.decoder.embed.weight.double()
         assert torch.allclose(m.pseudo_image_features(x).double(), xp, atol=1e-6)
@@ -337,7 +338,8 @@ def test_7b_parameter_counts_on_meta(name, part, count):
     assert n == count
 
 
-def test_forward_objectives_equal_the_losses_on_full_logits():
+def test_objectives_equal_the_losses_on_full_logits():
+    """losses.Objective on the model's hidden states (chunked, heads fused) gives the full-logit losses."""
     import losses
     torch.manual_seed(0)
     m = VTLMM(tiny_cfg()).train()
@@ -347,18 +349,22 @@ def test_forward_objectives_equal_the_losses_on_full_logits():
     labels = ids.masked_fill(ids == m.cfg.image_token_id, -100)
     labels[:, :3] = -100
     px = torch.randn(2, 3, 32, 32)
-    full = m(ids, px, visual_logits=True)
-    _, lm, vm = losses.mm_loss(full.logits, labels, full.visual_logits, full.image_mask)
-    out = m(ids, px, labels=labels, objective="mm", chunk_size=5)
-    assert torch.allclose(out.lm_loss, lm, rtol=1e-5) and torch.allclose(out.vm_loss, vm, rtol=1e-5)
-    fit = losses.vm_fit_loss(full.logits, full.visual_logits, full.image_mask)
-    out3 = m(ids, px, objective="vm_fit")
-    assert torch.allclose(out3.loss, fit, rtol=1e-5)
-    out3.loss.backward()
+    full = m(ids, px)
+    visual = m.vm_head(full.image_features)
+    _, lm, vm = losses.mm_loss(full.logits, labels, visual, full.image_mask)
+    loss, out_lm, out_vm = losses.Objective(m, "mm", chunk_size=5)(ids, px, labels)
+    assert torch.allclose(out_lm, lm, rtol=1e-5) and torch.allclose(out_vm, vm, rtol=1e-5)
+    assert torch.allclose(loss, lm + vm, rtol=1e-5)  # Eq. 7
+    fit = losses.vm_fit_loss(full.logits, visual, full.image_mask)
+    loss3, lm3, _ = losses.Objective(m, "vm_fit")(ids, px, labels)
+    assert torch.allclose(loss3, fit, rtol=1e-5) and lm3 == 0
+    loss3.backward()
     trained = {n for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained == {"vm_head.weight"}  # Eq. 9 reaches the VM head only
-    lm_only = m(ids, px, labels=labels, objective="mm_lm")
-    assert torch.allclose(lm_only.loss, lm, rtol=1e-5) and lm_only.vm_loss == 0
+    lm_only, lm4, vm4 = losses.Objective(m, "lm")(ids, px, labels)  # stage IV with the VM term off
+    assert torch.allclose(lm_only, lm, rtol=1e-5) and torch.allclose(lm4, lm, rtol=1e-5) and vm4 == 0
+    with pytest.raises(ValueError, match="unknown objective"):
+        losses.Objective(m, "mm_lm")
 
 
 def test_bin_weights_load_without_unpickling(ref, tmp_path):

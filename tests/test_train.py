@@ -129,6 +129,28 @@ def test_fsdp_two_processes_match_one(world, start, tmp_path, stage):
         assert rel(w1[k], w2[k]) <= 1e-5, k
 
 
+def test_objective_is_the_fsdp_root_and_keeps_the_counts(tmp_path):
+    """Under FSDP2's bf16 policy (one gloo process, tests/objective_worker.py): the stage's losses.Objective
+    is the root unit, the model stays a plain VTLMM with its own state-dict keys, the stage's modules get
+    gradients through the fused heads, and the step's counts reach the loss unrounded (a bf16 cast of
+    12345 would give 12352)."""
+    import socket
+    with socket.socket() as s:  # a free port: other test runs may be using the fixed ones
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "res.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port), "PYTHONPATH": ROOT}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "objective_worker.py"), str(out)], cwd=ROOT,
+                       capture_output=True, text=True, env=env, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["root_is_fsdp"] and not res["model_is_fsdp"] and res["model_class"] == "VTLMM"
+    assert res["same_keys"] and res["mm_head_sharded"]
+    assert {n.split(".")[0] for n in res["with_grad"]} == set(train.STAGES[4]["train"])
+    assert "mm_head.weight" in res["with_grad"] and "decoder.embed.weight" in res["with_grad"]
+    assert abs(res["lm_ratio"] - 12345) <= 1e-5 * 12345 and abs(res["vm_ratio"] - 12345) <= 1e-5 * 12345
+
+
 def test_bf16_autocast_trains(world, start, tmp_path):
     out = str(tmp_path / "run")
     run_py(args(world, out, "--stage=4", f"--init_from={start}", "--max_steps=2", "--save_every=0", "--dtype=bf16",
