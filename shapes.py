@@ -566,9 +566,34 @@ def visual_token_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
     return {**result, "images": len(idx), "grid": g}
 
 
-def naming_line(n):
+@torch.no_grad()
+def prediction_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
+    """The same share for what Eq. 9 fits the VM head to: the MM head's top-1 prediction Q_t at every
+    position of stage III's input (BOS, then the patches), scored against the patch at t+1 that it
+    predicts (docs/method.md §Index convention): does the prediction inside an image name what comes
+    next? (naming_counts; the first patch's prediction comes from BOS.)"""
+    world = json.loads((Path(shapes_dir) / "world.json").read_text())
+    vc = model.cfg.vision
+    g = vc.image_size // vc.patch_size
+    idx = list(held_out_images(world))[:n_images or None]
+    scenes = [scene_of(world["seed"], i, world.get("version", 2)) for i in idx]
+    device = next(model.parameters()).device
+    dtype = next(model.vision.parameters()).dtype
+    words = []
+    for k in range(0, len(idx), batch_size):
+        px = torch.stack([process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
+                          for i in idx[k:k + batch_size]]).to(device, dtype)
+        ids = torch.tensor([[tok.bos_id] + [model.cfg.image_token_id] * g * g] * len(px), device=device)
+        x, _, _ = model.embed(ids, px)
+        top = model.mm_head(model.decoder(x)).argmax(-1)[:, :g * g]  # position t predicts patch t (t = 0: BOS)
+        words += [[token_word(tok, t) for t in row.tolist()] for row in top]
+    result = naming_counts(words, [patch_labels(s, g) for s in scenes], [s["background"] for s in scenes])
+    return {**result, "images": len(idx), "grid": g}
+
+
+def naming_line(n, what="visual tokens"):
     top = lambda pairs: ", ".join(f"{w or repr(w)} {v:.0%}" for w, v in pairs[:3])
-    return (f"visual tokens of {n['images']} held-out images: {n['named']:.1%} of {n['object_patches']} object "
+    return (f"{what} of {n['images']} held-out images: {n['named']:.1%} of {n['object_patches']} object "
             f"patches name their object's colour or shape (colour {n['named_color']:.1%}, shape "
             f"{n['named_shape']:.1%}); background patches: {n['background_named_background']:.1%} name the "
             f"background, {n['background_color_or_shape']:.1%} a colour or shape; most frequent on objects: "
@@ -597,7 +622,9 @@ def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, pro
                                                    report["pope"]["yes_ratio"], report["pope"]["n"]))
     if naming_images:
         report["naming"] = visual_token_naming(model, tok, shapes_dir, naming_images)
+        report["prediction_naming"] = prediction_naming(model, tok, shapes_dir, naming_images)
         print(naming_line(report["naming"]))
+        print(naming_line(report["prediction_naming"], "MM-head predictions of the next patch (Eq. 9's target)"))
     if out_path:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=2)

@@ -157,6 +157,24 @@ def test_naming_on_a_tiny_model_follows_the_definition(world3, tiny3):
     assert (n["images"], n["grid"], n["object_patches"]) == (3, 6, objects) and n["named"] == named / objects
 
 
+def test_prediction_naming_scores_the_prediction_of_each_next_patch(world3, tiny3, monkeypatch):
+    """Eq. 9's target for patch j is the MM head's prediction at position j of BOS + patches (docs/method.md
+    §Index convention): it is computed from the first j + 1 positions only, and scored against patch j."""
+    model, tok = tiny3
+    seen = []
+    monkeypatch.setattr(shapes, "naming_counts", lambda words, labels, bg: seen.append((words, labels)) or {})
+    shapes.prediction_naming(model, tok, world3, n_images=1)
+    (words,), (labels,) = seen[0]
+    w = json.loads((world3 / "world.json").read_text())
+    i = w["n_images"] - w["counts"]["eval_images"]
+    assert labels == shapes.patch_labels(shapes.scene_of(0, i, 3), 6)
+    px = data.process_image(Image.open(world3 / f"images/{i:06d}.png"), 48)[None]
+    x, _, _ = model.embed(torch.tensor([[tok.bos_id] + [model.cfg.image_token_id] * 36]), px)
+    for j in (0, 1, 7, 35):  # the prediction for patch j, from a prefix that ends with the position before it
+        top = model.mm_head(model.decoder(x[:, :j + 1]))[0, -1].argmax()
+        assert words[j] == shapes.token_word(tok, top), j
+
+
 def test_naming_reads_the_patches_in_raster_order(world3, tiny3, monkeypatch):
     """A stand-in VM head that names the colour of each patch's pixels: every object patch is named by
     its colour, every background patch by the background (the labels line up with the patches)."""
