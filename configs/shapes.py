@@ -12,7 +12,7 @@
 # part (the world, stage 0's vision pretraining, the report): train.py calls it through `hook`, whose
 # entries are shapes.ShapesConfig's fields.
 hook = dict(module="shapes", dir="data/shapes", version=3, images=10000, image_size=48,
-            vision_epochs=12, vision_lr=2e-3,  # stage 0 only
+            vision_epochs=4, vision_lr=2e-3,   # stage 0 only
             report=True, report_limit=0,       # after stage IV: all 1,000 short-answer and 3,000 POPE questions
             naming_images=100)                 # and the visual tokens of 100 held-out images
 tokenizer = "data/shapes/tokenizer.model"
