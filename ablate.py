@@ -6,8 +6,9 @@ or just the extra epoch of stage IV?
                                               # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate)
     python ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
 
-Stage 0 (the toy stand-in for pretrained CLIP and Vicuna) is trained once and shared by every seed,
-as the paper's runs share one CLIP and one Vicuna; the shapes world is shared too (world seed 0).
+Stage 0 (the toy stand-in for pretrained CLIP and Vicuna; each of the config's stage-0 entries in
+turn: stage0/, stage0_1/, ...) is trained once and shared by every seed, as the paper's runs share
+one CLIP and one Vicuna; the shapes world is shared too (world seed 0).
 Per seed (the seed of initialisation and data order) stages I, II and III are trained once and
 stage IV branches from the stage III checkpoint:
 
@@ -19,7 +20,8 @@ stage IV branches from the stage III checkpoint:
   3. vtlmm    stage IV with Eq. 7 (LM + VM): VT-LMM
   4. pif      stage IV with pseudo image features X_p (Eq. 8), which it also answers from
 
-Each variant answers the held-out short-answer and POPE sets (shapes.held_out_report); what the
+Each variant answers the held-out short-answer and POPE sets, and the share of object patches whose
+top-1 visual token names the object is counted (shapes.held_out_report, visual_token_naming); what the
 runs so far gave is in docs/experiments.md §Table 5 on the shapes world. Everything lands in OUT_DIR:
 stage0/, seed{k}/stage{1,2,3}/, seed{k}/stage4_{control,vtlmm,pif}/, seed{k}/eval/{variant}/,
 times.json (seconds per job), results.json, and ablation.md (mean ± std over seeds). It resumes:

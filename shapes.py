@@ -6,12 +6,16 @@ config names this module in its one `hook` field, and train.py calls the three h
 Read top to bottom:
   1. the world       1-4 coloured shapes on a 3x3 grid; captions (stage I), several questions per
                      image (stages II, IV), held-out short-answer and POPE sets, its own tokenizer:
-                     python shapes.py --out data/shapes
+                     python shapes.py --out data/shapes. Version 3 (the default) draws shapes that fill
+                     their cells, so that on a 6x6 patch grid a patch is predictable from the ones
+                     before it (raster_predictability), and names the last object first in captions
   2. the hook        the settings a config gives (`hook = dict(module="shapes", dir=..., ...)`) and
                      prepare_data / prepare_model / after_run, which train.py calls
-  3. stage 0         a supervised pretraining of the vision tower on what each cell holds: the toy's
-                     stand-in for CLIP's own pretraining (the paper's stages never train the tower)
-  4. the report      the held-out sets answered and scored, as the demo prints them
+  3. stage 0         a supervised pretraining of the vision tower on what each cell (version 3: each
+                     patch) holds: the toy's stand-in for CLIP's own pretraining (the paper's stages
+                     never train the tower)
+  4. the report      the held-out sets answered and scored, as the demo prints them, and how often the
+                     visual tokens name what a patch shows (visual_token_naming, prediction_naming)
 
 The demo (configs/shapes.py) runs stage 0 and then stages I-IV exactly as the paper's runs do
 (docs/method.md §Stages); docs/experiments.md has what it scored and how it got there.
