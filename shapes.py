@@ -628,7 +628,7 @@ def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, pro
         report["naming"] = visual_token_naming(model, tok, shapes_dir, naming_images)
         report["prediction_naming"] = prediction_naming(model, tok, shapes_dir, naming_images)
         print(naming_line(report["naming"]))
-        print(naming_line(report["prediction_naming"], "MM-head predictions of the next patch (Eq. 9's target)"))
+        print(naming_line(report["prediction_naming"], "MM-head predictions of the next patch"))
     if out_path:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=2)
