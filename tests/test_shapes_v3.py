@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_ckpt import make_checkpoint
 
-import data
 import ablate
+import data
 import eval as evaluate
 import shapes
 import train
-from tiny_ckpt import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
