@@ -6,8 +6,9 @@ or just the extra epoch of stage IV?
                                               # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate)
     python ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
 
-Stage 0 (the toy stand-in for pretrained CLIP and Vicuna) is trained once and shared by every seed,
-as the paper's runs share one CLIP and one Vicuna; the shapes world is shared too (world seed 0).
+Stage 0 (the toy stand-in for pretrained CLIP and Vicuna; each of the config's stage-0 entries in
+turn: stage0/, stage0_1/, ...) is trained once and shared by every seed, as the paper's runs share
+one CLIP and one Vicuna; the shapes world is shared too (world seed 0).
 Per seed (the seed of initialisation and data order) stages I, II and III are trained once and
 stage IV branches from the stage III checkpoint:
 
@@ -19,7 +20,8 @@ stage IV branches from the stage III checkpoint:
   3. vtlmm    stage IV with Eq. 7 (LM + VM): VT-LMM
   4. pif      stage IV with pseudo image features X_p (Eq. 8), which it also answers from
 
-Each variant answers the held-out short-answer and POPE sets (shapes.held_out_report); what the
+Each variant answers the held-out short-answer and POPE sets, and the share of object patches whose
+top-1 visual token names the object is counted (shapes.held_out_report, visual_token_naming); what the
 runs so far gave is in docs/experiments.md §Table 5 on the shapes world. Everything lands in OUT_DIR:
 stage0/, seed{k}/stage{1,2,3}/, seed{k}/stage4_{control,vtlmm,pif}/, seed{k}/eval/{variant}/,
 times.json (seconds per job), results.json, and ablation.md (mean ± std over seeds). It resumes:
@@ -51,6 +53,7 @@ METRICS = [  # column, report section, key, as a percentage
     ("POPE acc. (%)", "pope", "accuracy", True),
     ("POPE F1", "pope", "f1", False),
     ("yes-ratio", "pope", "yes_ratio", False),
+    ("object patches named (%)", "naming", "named", True),  # shapes.visual_token_naming
 ]
 DIFFERENCES = [("vtlmm", "control", "VM loss: VT-LMM - control"), ("control", "lm", "extra epoch: control - LM only"),
                ("pif", "vtlmm", "pseudo image features: pif - VT-LMM")]
@@ -96,9 +99,10 @@ class Jobs:
                 json.dump(self.times, f, indent=1)
 
 
-def stage_config(cfg, stage, out_dir, **over):
-    """One stage's TrainConfig: the base, the config's entry for that stage, the ablation's choices."""
-    entry = {k: v for k, v in next(s for s in cfg.stages if s["stage"] == stage).items()
+def stage_config(cfg, stage, out_dir, which=0, **over):
+    """One stage's TrainConfig: the base, the config's entry for that stage (its `which`-th, for a
+    stage with several entries such as the demo's stage 0), the ablation's choices."""
+    entry = {k: v for k, v in [s for s in cfg.stages if s["stage"] == stage][which].items()
              if k not in ("out_dir", "init_from")}
     world = shapes.settings(cfg).dir
     default = os.path.join(world, "instruct.json" if stage in (2, 4) else "stage1_captions.json")
@@ -112,7 +116,8 @@ def run(cfg, seeds, argv=()):
     toy = shapes.settings(cfg)
     root, world = cfg.out_dir, toy.dir
     os.makedirs(root, exist_ok=True)
-    shapes.ensure_shapes_world(world, n_images=toy.images, image_size=toy.image_size, seed=0, workers=2)
+    shapes.ensure_shapes_world(world, version=toy.version, n_images=toy.images, image_size=toy.image_size, seed=0,
+                               workers=2)
     d = train.setup_distributed(cfg)
     if d.world > 1:
         raise ValueError("ablate.py runs in one process")
@@ -124,7 +129,11 @@ def run(cfg, seeds, argv=()):
         jobs.run(name, exists(final(scfg.out_dir)), lambda: train.train_stage(scfg, d))
         return final(scfg.out_dir)
 
-    prev = train_job("stage0", stage_config(cfg, 0, os.path.join(root, "stage0"), seed=0))
+    prev = None
+    for k in range(sum(s["stage"] == 0 for s in cfg.stages)):  # the toy stage 0 may have several steps
+        name = "stage0" if k == 0 else f"stage0_{k}"
+        over = {"init_from": prev} if prev else {}
+        prev = train_job(name, stage_config(cfg, 0, os.path.join(root, name), which=k, seed=0, **over))
     results = {v: {} for v in VARIANTS}
     for seed in seeds:
         sdir = os.path.join(root, f"seed{seed}")
@@ -141,7 +150,7 @@ def run(cfg, seeds, argv=()):
             report = os.path.join(sdir, "eval", v, "report.json")
             jobs.run(f"seed{seed}/eval_{v}", lambda: os.path.exists(report),
                      lambda: shapes.held_out_report(model, world, limit=toy.report_limit, out_path=report,
-                                                    progress=False))
+                                                    progress=False, naming_images=toy.naming_images))
             with open(report) as f:
                 results[v][seed] = json.load(f)
     summary = write_results(root, cfg, seeds, results, jobs.times, time.perf_counter() - t_start, argv)
@@ -160,7 +169,7 @@ def fmt(m, s, pct):
 
 
 def write_results(root, cfg, seeds, results, times, seconds, argv):
-    value = lambda r, sec, key: r[sec][key]  # noqa: E731
+    value = lambda r, sec, key: r.get(sec, {}).get(key, float("nan"))  # noqa: E731  (an older report has no "naming")
     summary = {v: {col: mean_std([value(results[v][s], sec, key) for s in seeds]) for col, sec, key, _ in METRICS}
                for v in VARIANTS}
     diffs = {name: {col: mean_std([value(results[a][s], sec, key) - value(results[b][s], sec, key) for s in seeds])

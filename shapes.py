@@ -6,12 +6,16 @@ config names this module in its one `hook` field, and train.py calls the three h
 Read top to bottom:
   1. the world       1-4 coloured shapes on a 3x3 grid; captions (stage I), several questions per
                      image (stages II, IV), held-out short-answer and POPE sets, its own tokenizer:
-                     python shapes.py --out data/shapes
+                     python shapes.py --out data/shapes. Version 3 (the default) draws shapes that fill
+                     their cells, so that on a 6x6 patch grid a patch is predictable from the ones
+                     before it (raster_predictability), and names the last object first in captions
   2. the hook        the settings a config gives (`hook = dict(module="shapes", dir=..., ...)`) and
                      prepare_data / prepare_model / after_run, which train.py calls
-  3. stage 0         a supervised pretraining of the vision tower on what each cell holds: the toy's
-                     stand-in for CLIP's own pretraining (the paper's stages never train the tower)
-  4. the report      the held-out sets answered and scored, as the demo prints them
+  3. stage 0         a supervised pretraining of the vision tower on what each cell (version 3: each
+                     patch) holds: the toy's stand-in for CLIP's own pretraining (the paper's stages
+                     never train the tower)
+  4. the report      the held-out sets answered and scored, as the demo prints them, and how often the
+                     visual tokens name what a patch shows (visual_token_naming, prediction_naming)
 
 The demo (configs/shapes.py) runs stage 0 and then stages I-IV exactly as the paper's runs do
 (docs/method.md §Stages); docs/experiments.md has what it scored and how it got there.
@@ -78,9 +82,23 @@ def sample_scene(rng):
             "jitter": [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in objects]}
 
 
-def scene_of(seed, i):
+def sample_scene_v3(rng):
+    """A version-3 scene: as version 2, but every object is large (drawn 0.9 of the cell wide, draw_scene),
+    so that with the demo's 6 x 6 patch grid it covers all four patches of its cell (patch_labels)."""
+    n = rng.randint(1, 4)
+    objects = [(rng.choices(list(COLORS), COLOR_WEIGHTS)[0], rng.choices(SHAPES, SHAPE_WEIGHTS)[0], "large", cell)
+               for cell in sorted(rng.sample(range(9), n))]
+    return {"version": 3, "background": rng.choice(list(BACKGROUNDS)), "objects": objects,
+            "jitter": [(rng.uniform(-1, 1), rng.uniform(-1, 1)) for _ in objects]}
+
+
+def scene_of(seed, i, version=2):
     """Image i of the world made with `seed` (each scene has its own generator, so any one can be redrawn)."""
-    return sample_scene(random.Random(f"{seed}/scene/{i}"))
+    if version == 2:
+        return sample_scene(random.Random(f"{seed}/scene/{i}"))
+    if version == 3:
+        return sample_scene_v3(random.Random(f"{seed}/scene3/{i}"))
+    raise ValueError(f"shapes world version {version}: this generator makes versions 2 and 3")
 
 
 def cell_labels(scene):
@@ -92,13 +110,50 @@ def cell_labels(scene):
     return cells, list(BACKGROUNDS).index(scene["background"])
 
 
+def patch_labels(scene, g):
+    """What each patch of a g x g grid shows, in raster order: the label (cell_labels) of the cell that
+    holds the patch's centre. In a version-3 world an object fills the middle of its cell, so on a
+    grid whose patches tile the cells (g a multiple of 3) every patch of a cell shows its object."""
+    cells, _ = cell_labels(scene)
+    return [cells[3 * min(2, int(3 * (r + 0.5) / g)) + min(2, int(3 * (c + 0.5) / g))]
+            for r in range(g) for c in range(g)]
+
+
+def raster_predictability(labels, g):
+    """How well a patch's label is predicted from its raster predecessor (the patch before it in
+    row-major order) and the patch above it, at its position: the majority label of each (position,
+    predecessor, above) triple, counted on the even-numbered images and scored on the odd-numbered
+    ones, against the majority label alone ("chance"). labels: one list of g*g patch labels per image (0 = empty). Returns
+    accuracy and chance over all scored patches, and over the object patches only (label != 0),
+    where chance is the most frequent object label's share."""
+    table, marginal, objects = {}, Counter(), Counter()
+    context = lambda ls, t: (t, ls[t - 1] if t else -1, ls[t - g] if t >= g else -1)
+    for ls in labels[0::2]:
+        for t, y in enumerate(ls):
+            table.setdefault(context(ls, t), Counter())[y] += 1
+            marginal[y] += 1
+            objects[y] += y != 0
+    guess_all = marginal.most_common(1)[0][0]
+    guess_obj = objects.most_common(1)[0][0]
+    hit = base = n = hit_obj = base_obj = n_obj = 0
+    for ls in labels[1::2]:
+        for t, y in enumerate(ls):
+            counts = table.get(context(ls, t))
+            pred = counts.most_common(1)[0][0] if counts else guess_all
+            n, hit, base = n + 1, hit + (pred == y), base + (guess_all == y)
+            if y:
+                n_obj, hit_obj, base_obj = n_obj + 1, hit_obj + (pred == y), base_obj + (guess_obj == y)
+    return {"accuracy": hit / n, "chance": base / n, "object_accuracy": hit_obj / max(1, n_obj),
+            "object_chance": base_obj / max(1, n_obj), "patches": n, "object_patches": n_obj}
+
+
 def draw_scene(scene, size, ss=4):
     """Render a scene, drawn at ss x the size and box-downsampled (cheap anti-aliasing)."""
     S = size * ss
     im = Image.new("RGB", (S, S), BACKGROUNDS[scene["background"]])
     d = ImageDraw.Draw(im)
     for (color, shape, sz, cell), (jx, jy) in zip(scene["objects"], scene["jitter"]):
-        r = S / 6 * (0.75 if sz == "large" else 0.45)  # a cell is S/3 wide
+        r = S / 6 * (0.9 if scene.get("version", 2) >= 3 else 0.75 if sz == "large" else 0.45)  # a cell is S/3 wide
         cx = (cell % 3 + 0.5) * S / 3 + jx * (S / 6 - r) * 0.8
         cy = (cell // 3 + 0.5) * S / 3 + jy * (S / 6 - r) * 0.8
         fill = COLORS[color]
@@ -121,7 +176,20 @@ def _draw_and_save(job):
 
 
 def caption(scene):
+    if scene.get("version", 2) >= 3:
+        return caption_v3(scene)
     parts = [f"{article(sz)} {c} {s} {where(CELLS[cell])}" for c, s, sz, cell in scene["objects"]]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{text}, on a {scene['background']} background."
+
+
+def caption_v3(scene):
+    """Version 3's caption names the objects first, colour first, from the last one in raster order
+    (bottom right) to the first: after an image, its caption's first word names the object whose
+    patches came last. The toy's stage 0 learns to caption (configs/shapes.py), so the MM head's
+    prediction inside an image comes to name what the patches so far show, as a pretrained LLM's
+    prediction carries content (docs/experiments.md §World version 3)."""
+    parts = [f"{c} {s} {where(CELLS[cell])}" for c, s, _, cell in sorted(scene["objects"], key=lambda o: -o[3])]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return f"{text}, on a {scene['background']} background."
 
@@ -192,12 +260,19 @@ def text_only_conversation(rng):
     return f"Is {w} a color?", ("Yes" if w in COLORS else "No") + f", {w} is a {kind}."
 
 
-WORLD_VERSION = 2  # bump when the generator changes what a seed produces: older worlds are rebuilt
+WORLD_VERSION = 3  # the newest; bump when the generator changes what a seed produces: older worlds are rebuilt
+WORLD_VERSIONS = {  # what each version the generator still makes is
+    2: "1-4 shapes, small or large, in the cells of a 3 x 3 grid; the demo saw one 16 px patch per cell",
+    3: "as 2, but every shape large (filling its cell) and captions colour first, last object first; "
+       "the demo sees 6 x 6 patches of 8 px, so each shape covers 2 x 2 patches",
+}
 
 
 def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fraction=0.05,
-                      vocab_size=1024, text_only_fraction=0.05, workers=2, turns_per_image=5):
-    """Write the shapes world (LLaVA formats) to out_dir; deterministic from `seed`. Returns world.json's dict.
+                      vocab_size=1024, text_only_fraction=0.05, workers=2, turns_per_image=5,
+                      version=WORLD_VERSION):
+    """Write the shapes world (LLaVA formats) to out_dir; deterministic from `seed` and `version`
+    (WORLD_VERSIONS; a version's files do not change once it is released). Returns world.json's dict.
 
     Files: images/NNNNNN.png; stage1_captions.json (plain template; its images are also stage III's,
     as in the paper); instruct.json (stages II and IV); text_corpus.txt (text for a "stage 0"
@@ -208,7 +283,7 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    scenes = [scene_of(seed, i) for i in range(n_images)]
+    scenes = [scene_of(seed, i, version) for i in range(n_images)]
     paths = [f"images/{i:06d}.png" for i in range(n_images)]
     jobs = [(s, image_size, str(out / p)) for s, p in zip(scenes, paths)]
     if workers > 1:
@@ -275,7 +350,7 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     words = " ".join(list(COLORS) + list(SHAPES) + list(BACKGROUNDS) + list(NUMBERS) + ["yes", "no", "small", "large"])
     template_text = [SYSTEM_VICUNA, "USER: ASSISTANT: [INST] [/INST]", SHORT, words, words.title()] * 200
     train_sentencepiece(template_text + corpus, out / "tokenizer.model", vocab_size, user_defined_symbols=["\n"])
-    world = {"version": WORLD_VERSION, "seed": seed, "n_images": n_images, "turns_per_image": turns_per_image,
+    world = {"version": version, "seed": seed, "n_images": n_images, "turns_per_image": turns_per_image,
              "image_size": image_size, "eval_fraction": eval_fraction,
              "vocab_size": vocab_size, "text_only_fraction": text_only_fraction, "shapes": SHAPES,
              "colors": list(COLORS), "backgrounds": list(BACKGROUNDS), "cells": CELLS, "image_folder": ".",
@@ -287,12 +362,12 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     return world
 
 
-def ensure_shapes_world(out_dir, **kwargs):
-    """Build the shapes world unless out_dir/world.json exists and is of this version (what the toy
-    configs call)."""
+def ensure_shapes_world(out_dir, version=WORLD_VERSION, **kwargs):
+    """Build the shapes world unless out_dir/world.json exists and is of `version` (what the toy
+    configs call): a world of another version is rebuilt."""
     path = Path(out_dir) / "world.json"
-    if not path.exists() or json.loads(path.read_text()).get("version") != WORLD_VERSION:
-        make_shapes_world(out_dir, **kwargs)
+    if not path.exists() or json.loads(path.read_text()).get("version") != version:
+        make_shapes_world(out_dir, version=version, **kwargs)
     return json.loads((Path(out_dir) / "world.json").read_text())
 
 
@@ -303,13 +378,15 @@ def ensure_shapes_world(out_dir, **kwargs):
 @dataclass
 class ShapesConfig:
     """The entries of TrainConfig.hook besides "module"; an unknown entry is an error."""
-    dir: str = "data/shapes"       # the world; built here first if it is missing or of an older version
+    dir: str = "data/shapes"       # the world; built here first if it is missing or of another version
+    version: int = WORLD_VERSION   # which world (WORLD_VERSIONS)
     images: int = 10000
     image_size: int = 64
     vision_epochs: float = 0.0     # stage 0 only: first teach the vision tower the world's cells (pretrain_vision)
     vision_lr: float = 2e-3
     report: bool = False           # after the last stage, answer and score the held-out sets (held_out_report)
     report_limit: int = 0          # the first N questions of each set (0: all)
+    naming_images: int = 100       # the report's visual-token naming share (visual_token_naming) on this many held-out images
 
 
 def settings(cfg):
@@ -324,21 +401,24 @@ def settings(cfg):
 def prepare_data(cfg):
     """Main process, at the start of every stage (train.py makes the others wait): the world on disk."""
     toy = settings(cfg)
-    ensure_shapes_world(toy.dir, n_images=toy.images, image_size=toy.image_size)
+    ensure_shapes_world(toy.dir, version=toy.version, n_images=toy.images, image_size=toy.image_size)
 
 
 def prepare_model(cfg, model, d):
     """Every process, once the stage's model is built and before anything is frozen or sharded (not
-    when the stage resumes from a checkpoint): stage 0's vision pretraining."""
-    if cfg.stage == 0 and settings(cfg).vision_epochs:
+    when the stage resumes from a checkpoint): stage 0's vision pretraining, for a stage 0 that starts
+    from scratch (a second stage-0 entry goes on from the first one's checkpoint)."""
+    if cfg.stage == 0 and settings(cfg).vision_epochs and not cfg.init_from:
         pretrain_vision(model, cfg, d)
 
 
 def after_run(cfg, final):
-    """Main process, after the last stage: the held-out report, written to out_dir/eval.json."""
+    """Main process, after the last stage: the held-out report with the visual-token naming share,
+    written to out_dir/eval.json."""
     toy = settings(cfg)
     if toy.report:
-        held_out_report(final, toy.dir, limit=toy.report_limit, out_path=os.path.join(cfg.out_dir, "eval.json"))
+        held_out_report(final, toy.dir, limit=toy.report_limit, out_path=os.path.join(cfg.out_dir, "eval.json"),
+                        naming_images=toy.naming_images)
 
 
 # -----------------------------------------------------------------------------
@@ -348,21 +428,32 @@ def after_run(cfg, final):
 def pretrain_vision(model, cfg, d):
     """The demo's stand-in for CLIP's own pretraining (toy stage 0 only; the paper's stages never
     train the vision tower). A from-scratch tower that learns only through the LM loss of a few
-    thousand answers does not learn to see small shapes, so here it first learns, with a linear probe
+    thousand answers does not learn to see small shapes, so here it first learns, with linear probes
     thrown away afterwards, what each cell of the world's 3x3 grid holds (empty, or one of 24 colour
-    and shape pairs), which cell it is, and the background colour. Training images only; every
-    process runs the same steps from the same seed, before any sharding. Returns the cell accuracy
-    over the last epoch's batches."""
+    and shape pairs), which cell it is, and the background colour. Version 2 pools each cell's patches
+    and names the cell; from version 3 on every patch names what it shows (patch_labels), so that
+    each patch feature carries its object. Training images only; every process runs the same steps
+    from the same seed, before any sharding. Returns the cell (or patch) accuracy over the last
+    epoch's batches."""
     toy = settings(cfg)
-    world = json.loads(open(os.path.join(toy.dir, "world.json")).read())
+    world = json.loads(Path(toy.dir, "world.json").read_text())
+    version = world.get("version", 2)
     vc = model.cfg.vision
     g = vc.image_size // vc.patch_size
     if g % 3:
         raise ValueError(f"vision pretraining pools the {g}x{g} patch grid into the world's 3x3 cells; "
                          f"image_size / patch_size must be a multiple of 3")
     n_train = world["counts"]["train_images"]
-    labels = [cell_labels(scene_of(world["seed"], i)) for i in range(n_train)]
-    cells = torch.tensor([c for c, _ in labels])
+    scenes = [scene_of(world["seed"], i, version) for i in range(n_train)]
+    labels = [cell_labels(s) for s in scenes]
+    per_patch = version >= 3
+    k = g // 3
+    if per_patch:  # each patch: its label, and the cell it lies in
+        cells = torch.tensor([patch_labels(s, g) for s in scenes])
+        where = torch.tensor([3 * (r // k) + c // k for r in range(g) for c in range(g)])
+    else:
+        cells = torch.tensor([c for c, _ in labels])
+        where = torch.arange(9)
     backgrounds = torch.tensor([b for _, b in labels])
     pixels = torch.stack([process_image(Image.open(os.path.join(toy.dir, f"images/{i:06d}.png")),
                                         vc.image_size) for i in range(n_train)])
@@ -377,15 +468,15 @@ def pretrain_vision(model, cfg, d):
     per_epoch = n_train // batch
     total = max(1, round(per_epoch * toy.vision_epochs))
     vcfg = dataclasses.replace(cfg, warmup_ratio=0.05, lr=toy.vision_lr)
-    k = g // 3
 
     def loss_and_hits(idx):
-        f = vision(pixels[idx])  # (B, g*g, width) -> mean over each cell's k x k patches
-        f = f.view(len(idx), 3, k, 3, k, vc.width).mean((2, 4)).reshape(len(idx), 9, vc.width)
+        f = vision(pixels[idx])  # (B, g*g, width); version 2: the mean over each cell's k x k patches
+        if not per_patch:
+            f = f.view(len(idx), 3, k, 3, k, vc.width).mean((2, 4)).reshape(len(idx), 9, vc.width)
         logits = cell_head(f)
         loss = (F.cross_entropy(logits.flatten(0, 1), cells[idx].flatten())
                 + F.cross_entropy(bg_head(f.mean(1)), backgrounds[idx])
-                + F.cross_entropy(where_head(f).flatten(0, 1), torch.arange(9).repeat(len(idx))))
+                + F.cross_entropy(where_head(f).flatten(0, 1), where.repeat(len(idx))))
         return loss, (logits.argmax(-1) == cells[idx]).float().mean()
 
     from tqdm import tqdm
@@ -420,8 +511,105 @@ def pretrain_vision(model, cfg, d):
 # 4. The held-out report, as the demo prints it
 
 
-def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, progress=True, model=None, tok=None):
-    """Answer and score the shapes world's eval_short.jsonl (vqa) and eval_pope.jsonl (pope)."""
+def held_out_images(world):
+    """The indices of a world's held-out images (the last eval_images of them)."""
+    n, n_eval = world["n_images"], world["counts"]["eval_images"]
+    return range(n - n_eval, n)
+
+
+def token_word(tok, i):
+    """A token as a plain lower-case word: "▁Red" -> "red" (what the naming share compares)."""
+    return tok.piece(int(i)).replace("\u2581", "").strip().lower()
+
+
+def naming_counts(words, labels, backgrounds, top=5):
+    """The visual-token naming share, from its parts. words[i][t]: the word of the top-1 visual token
+    of patch t of image i (token_word); labels[i][t]: what the patch shows (patch_labels: 0 empty,
+    else 1 + 4 * colour + shape); backgrounds[i]: the image's background colour. An object patch is
+    *named* when its word is its object's colour or its shape. Returns the shares named (colour or
+    shape, colour, shape) over object patches, the share of background patches whose word is the
+    background colour or any colour or shape of the world, and the most frequent words of each kind
+    of patch with their shares."""
+    obj, named, named_c, named_s, bg, bg_named, bg_object_word = 0, 0, 0, 0, 0, 0, 0
+    obj_words, bg_words = Counter(), Counter()
+    vocab = set(COLORS) | set(SHAPES)
+    for ws, ls, back in zip(words, labels, backgrounds):
+        for w, y in zip(ws, ls):
+            if y:
+                color, shape = list(COLORS)[(y - 1) // 4], SHAPES[(y - 1) % 4]
+                obj, named, named_c, named_s = obj + 1, named + (w in (color, shape)), named_c + (w == color), named_s + (w == shape)
+                obj_words[w] += 1
+            else:
+                bg, bg_named, bg_object_word = bg + 1, bg_named + (w == back), bg_object_word + (w in vocab)
+                bg_words[w] += 1
+    share = lambda a, b: a / b if b else float("nan")
+    return {"object_patches": obj, "named": share(named, obj), "named_color": share(named_c, obj),
+            "named_shape": share(named_s, obj), "background_patches": bg,
+            "background_named_background": share(bg_named, bg), "background_color_or_shape": share(bg_object_word, bg),
+            "object_top": [(w, share(c, obj)) for w, c in obj_words.most_common(top)],
+            "background_top": [(w, share(c, bg)) for w, c in bg_words.most_common(top)]}
+
+
+@torch.no_grad()
+def visual_token_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
+    """How often the top-1 visual token (Eq. 5) of a held-out object patch names the object's colour
+    or shape, and what background patches get (naming_counts), on the first n_images held-out images
+    of the world in shapes_dir (0: all), each patch labelled by what the generator put there."""
+    world = json.loads((Path(shapes_dir) / "world.json").read_text())
+    vc = model.cfg.vision
+    g = vc.image_size // vc.patch_size
+    idx = list(held_out_images(world))[:n_images or None]
+    scenes = [scene_of(world["seed"], i, world.get("version", 2)) for i in idx]
+    device = next(model.parameters()).device
+    dtype = next(model.vision.parameters()).dtype
+    words = []
+    for k in range(0, len(idx), batch_size):
+        px = torch.stack([process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
+                          for i in idx[k:k + batch_size]]).to(device, dtype)
+        ids, _ = model.visual_tokens(px)
+        words += [[token_word(tok, t) for t in row[:, 0].tolist()] for row in ids]
+    result = naming_counts(words, [patch_labels(s, g) for s in scenes], [s["background"] for s in scenes])
+    return {**result, "images": len(idx), "grid": g}
+
+
+@torch.no_grad()
+def prediction_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
+    """The same share for what Eq. 9 fits the VM head to: the MM head's top-1 prediction Q_t at every
+    position of stage III's input (BOS, then the patches), scored against the patch at t+1 that it
+    predicts (docs/method.md §Index convention): does the prediction inside an image name what comes
+    next? (naming_counts; the first patch's prediction comes from BOS.)"""
+    world = json.loads((Path(shapes_dir) / "world.json").read_text())
+    vc = model.cfg.vision
+    g = vc.image_size // vc.patch_size
+    idx = list(held_out_images(world))[:n_images or None]
+    scenes = [scene_of(world["seed"], i, world.get("version", 2)) for i in idx]
+    device = next(model.parameters()).device
+    dtype = next(model.vision.parameters()).dtype
+    words = []
+    for k in range(0, len(idx), batch_size):
+        px = torch.stack([process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
+                          for i in idx[k:k + batch_size]]).to(device, dtype)
+        ids = torch.tensor([[tok.bos_id] + [model.cfg.image_token_id] * g * g] * len(px), device=device)
+        x, _, _ = model.embed(ids, px)
+        top = model.mm_head(model.decoder(x)).argmax(-1)[:, :g * g]  # position t predicts patch t (t = 0: BOS)
+        words += [[token_word(tok, t) for t in row.tolist()] for row in top]
+    result = naming_counts(words, [patch_labels(s, g) for s in scenes], [s["background"] for s in scenes])
+    return {**result, "images": len(idx), "grid": g}
+
+
+def naming_line(n, what="visual tokens"):
+    top = lambda pairs: ", ".join(f"{w or repr(w)} {v:.0%}" for w, v in pairs[:3])
+    return (f"{what} of {n['images']} held-out images: {n['named']:.1%} of {n['object_patches']} object "
+            f"patches name their object's colour or shape (colour {n['named_color']:.1%}, shape "
+            f"{n['named_shape']:.1%}); background patches: {n['background_named_background']:.1%} name the "
+            f"background, {n['background_color_or_shape']:.1%} a colour or shape; most frequent on objects: "
+            f"{top(n['object_top'])}; on background: {top(n['background_top'])}")
+
+
+def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, progress=True, model=None, tok=None,
+                    naming_images=0):
+    """Answer and score the shapes world's eval_short.jsonl (vqa) and eval_pope.jsonl (pope); with
+    naming_images, also the visual-token naming share (visual_token_naming) on that many held-out images."""
     if model is None:
         model, tok = evaluate.load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
     report = {}
@@ -438,6 +626,11 @@ def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, pro
           "yes-ratio {:.2f} ({} questions)".format(report["short"]["accuracy"], report["short"]["n"],
                                                    report["pope"]["accuracy"], report["pope"]["f1"],
                                                    report["pope"]["yes_ratio"], report["pope"]["n"]))
+    if naming_images:
+        report["naming"] = visual_token_naming(model, tok, shapes_dir, naming_images)
+        report["prediction_naming"] = prediction_naming(model, tok, shapes_dir, naming_images)
+        print(naming_line(report["naming"]))
+        print(naming_line(report["prediction_naming"], "MM-head predictions of the next patch"))
     if out_path:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -451,6 +644,8 @@ if __name__ == "__main__":
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--version", type=int, default=WORLD_VERSION, choices=sorted(WORLD_VERSIONS))
     args = parser.parse_args()
-    world = make_shapes_world(args.out, args.n_images, args.size, args.seed, workers=args.workers)
+    world = make_shapes_world(args.out, args.n_images, args.size, args.seed, workers=args.workers,
+                              version=args.version)
     print(json.dumps(world["counts"]), f"in {world['seconds']} s")

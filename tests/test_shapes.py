@@ -118,7 +118,7 @@ def test_settings_come_from_the_hook_entries():
     cfg = train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--hook.report_limit=7", "--hook.dir=/x/y",
                              "--hook.vision_lr=1e-4"])
     toy = shapes.settings(cfg)
-    assert (toy.dir, toy.report_limit, toy.vision_lr, toy.vision_epochs) == ("/x/y", 7, 1e-4, 12)
+    assert (toy.dir, toy.report_limit, toy.vision_lr, toy.vision_epochs) == ("/x/y", 7, 1e-4, 4)
     assert cfg.hook["module"] == "shapes"
     with pytest.raises(ValueError, match="--lr.x: lr is not a dict"):
         train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--lr.x=1"])
@@ -134,7 +134,7 @@ def test_train_runs_the_hook_world_stage0_report(tmp_path):
     held-out report of the last stage lands in out_dir/eval.json."""
     wdir, out = tmp_path / "world", tmp_path / "run"
     hook = {"module": "shapes", "dir": str(wdir), "images": 240, "image_size": 32, "vision_epochs": 1,
-            "report": True, "report_limit": 4}
+            "report": True, "report_limit": 4, "naming_images": 2}
     stages = [dict(stage=0, out_dir=str(out / "s0"), template="plain", data_path=f"{wdir}/stage1_captions.json",
                    freeze=("vision",)),
               dict(stage=2, out_dir=str(out / "s2"))]
@@ -154,3 +154,4 @@ def test_train_runs_the_hook_world_stage0_report(tmp_path):
     assert all(torch.equal(s0[k], s2[k]) for k in s0 if k.startswith("vision."))  # and only there
     report = json.loads((out / "eval.json").read_text())
     assert report["short"]["n"] == 4 and report["pope"]["n"] == 4
+    assert report["naming"]["images"] == 2 and report["naming"]["grid"] == 3  # the visual tokens, scored
