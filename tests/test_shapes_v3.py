@@ -17,6 +17,8 @@ import data
 import eval as evaluate
 import shapes
 import train
+from conversation import IMAGE_TAG
+from tokenizer import load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,7 +39,7 @@ def test_v3_is_deterministic_and_keeps_the_question_types(world3, tmp_path):
     assert w["version"] == 3 == shapes.WORLD_VERSION
     instruct = json.loads((world3 / "instruct.json").read_text())
     assert any("image" not in s for s in instruct)  # text-only turns
-    questions = {t["value"].replace(data.IMAGE_TAG, "").split("\n")[1 if t["value"].startswith(data.IMAGE_TAG) else 0]
+    questions = {t["value"].replace(IMAGE_TAG, "").split("\n")[1 if t["value"].startswith(IMAGE_TAG) else 0]
                  for s in instruct if "image" in s for t in s["conversations"][0::2]}
     for start in ("How many", "What color is the", "Where is the", "What shape is", "Is there", "Describe"):
         assert any(q.startswith(start) for q in questions), start
@@ -135,7 +137,7 @@ def tiny3(world3, tmp_path_factory):
     cfg = train.load_config([os.path.join(ROOT, "configs/tiny.py"), f"--tokenizer={world3}/tokenizer.model"])
     cfg.model = dict(vision=dict(image_size=48, patch_size=8, width=32, layers=1, heads=2, mlp=64),
                      decoder=dict(dim=32, layers=1, heads=2, kv_heads=2, hidden=64, max_seq_len=256))
-    tok = data.load_tokenizer(cfg.tokenizer)
+    tok = load_tokenizer(cfg.tokenizer)
     return train.build_model(cfg, tok).eval(), tok
 
 
