@@ -227,9 +227,12 @@ def test_held_out_report_scores_answers_and_names(world3, tmp_path, monkeypatch)
 
 
 def test_demo_config_and_ablation_stage0_steps(tmp_path, monkeypatch):
-    """configs/shapes.py is on world version 3 with a 6 x 6 grid and a two-step stage 0 (captions, then
-    instructions); only a stage 0 from scratch pretrains the tower; ablate.py runs both steps."""
-    cfg = train.load_config([os.path.join(ROOT, "configs/shapes.py")])
+    """configs/shapes_v3.py is on world version 3 with a 6 x 6 grid and a two-step stage 0 (captions, then
+    instructions); only a stage 0 from scratch pretrains the tower; ablate.py runs both steps. The demo
+    config stays on version 2, with its one patch per cell."""
+    demo = train.load_config([os.path.join(ROOT, "configs/shapes.py")])
+    assert shapes.settings(demo).version == 2 and demo.model["vision"]["image_size"] // demo.model["vision"]["patch_size"] == 3
+    cfg = train.load_config([os.path.join(ROOT, "configs/shapes_v3.py")])
     toy = shapes.settings(cfg)
     assert toy.version == 3 and cfg.model["vision"]["image_size"] // cfg.model["vision"]["patch_size"] == 6
     zero = [s for s in cfg.stages if s["stage"] == 0]
