@@ -268,6 +268,55 @@ WORLD_VERSIONS = {  # what each version the generator still makes is
 }
 
 
+def training_conversations(scenes, paths, train, rng, popular, turns_per_image, text_only_fraction):
+    """The training images' captions (stages I and III) and question turns (stages II and IV), with
+    the text-only conversations mixed in, and the text corpus for the tokenizer: (stage1, instruct,
+    corpus). Draws from `rng` in a fixed order (a version's files never change)."""
+    stage1, instruct, corpus = [], [], []
+    for i in train:
+        cap = caption(scenes[i])
+        stage1.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": [
+            {"from": "human", "value": rng.choice(("Describe the image briefly.", "Write a short caption."))
+             + "\n" + IMAGE_TAG}, {"from": "gpt", "value": cap}]})
+        qa = questions(scenes[i], rng, popular)
+        turns = []
+        # several questions per image: a from-scratch decoder learns to look up what a question
+        # names far faster from many answers about each picture than from one
+        for q, short, long, *_ in rng.sample(qa, min(len(qa), turns_per_image)):
+            use_short = short is not None and rng.random() < 0.5
+            turns += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
+                      {"from": "gpt", "value": short if use_short else long}]
+            corpus.append(f"{q} {long}")
+        turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
+        instruct.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": turns})
+        corpus.append(cap.capitalize())
+    for k in range(int(len(train) * text_only_fraction)):
+        q, a = text_only_conversation(rng)
+        instruct.append({"id": f"text-{k:06d}", "conversations": [{"from": "human", "value": q},
+                                                                   {"from": "gpt", "value": a}]})
+        corpus.append(f"{q} {a}")
+    rng.shuffle(instruct)
+    return stage1, instruct, corpus
+
+
+def held_out_questions(scenes, paths, held_out, rng, popular):
+    """POPE (random / popular / adversarial, one positive and one negative each) and two short-answer
+    questions per held-out image: (pope, short_eval), in LLaVA's question-file format."""
+    pope, short_eval = [], []
+    for i in held_out:
+        present = {(c, s) for c, s, _, _ in scenes[i]["objects"]}
+        for category in ("random", "popular", "adversarial"):
+            for positive in (True, False):
+                q, ans, _, _ = pope_question(scenes[i], rng, present, positive, category, popular)
+                pope.append({"question_id": len(pope), "image": paths[i], "text": f"{q}\n{SHORT}",
+                             "label": ans.lower(), "category": category})
+        for q, ans, *_ in rng.sample([x for x in questions(scenes[i], rng, popular)
+                                      if x[1] is not None and len(x) == 3], 2):
+            short_eval.append({"question_id": len(short_eval), "image": paths[i], "text": f"{q}\n{SHORT}",
+                               "answer": ans.lower()})  # compare case-insensitively
+    return pope, short_eval
+
+
 def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fraction=0.05,
                       vocab_size=1024, text_only_fraction=0.05, workers=2, turns_per_image=5,
                       version=WORLD_VERSION):
@@ -299,43 +348,9 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     freq = Counter((c, s) for i in train for c, s, _, _ in scenes[i]["objects"])
     popular = [o for o, _ in freq.most_common()]
 
-    stage1, instruct, corpus = [], [], []
-    for i in train:
-        cap = caption(scenes[i])
-        stage1.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": [
-            {"from": "human", "value": rng.choice(("Describe the image briefly.", "Write a short caption."))
-             + "\n" + IMAGE_TAG}, {"from": "gpt", "value": cap}]})
-        qa = questions(scenes[i], rng, popular)
-        turns = []
-        # several questions per image: a from-scratch decoder learns to look up what a question
-        # names far faster from many answers about each picture than from one
-        for q, short, long, *_ in rng.sample(qa, min(len(qa), turns_per_image)):
-            use_short = short is not None and rng.random() < 0.5
-            turns += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
-                      {"from": "gpt", "value": short if use_short else long}]
-            corpus.append(f"{q} {long}")
-        turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
-        instruct.append({"id": f"shapes-{i:06d}", "image": paths[i], "conversations": turns})
-        corpus.append(cap.capitalize())
-    for k in range(int(len(train) * text_only_fraction)):
-        q, a = text_only_conversation(rng)
-        instruct.append({"id": f"text-{k:06d}", "conversations": [{"from": "human", "value": q},
-                                                                   {"from": "gpt", "value": a}]})
-        corpus.append(f"{q} {a}")
-    rng.shuffle(instruct)
-
-    pope, short_eval = [], []
-    for i in held_out:
-        present = {(c, s) for c, s, _, _ in scenes[i]["objects"]}
-        for category in ("random", "popular", "adversarial"):
-            for positive in (True, False):
-                q, ans, _, _ = pope_question(scenes[i], rng, present, positive, category, popular)
-                pope.append({"question_id": len(pope), "image": paths[i], "text": f"{q}\n{SHORT}",
-                             "label": ans.lower(), "category": category})
-        for q, ans, *_ in rng.sample([x for x in questions(scenes[i], rng, popular)
-                                      if x[1] is not None and len(x) == 3], 2):
-            short_eval.append({"question_id": len(short_eval), "image": paths[i], "text": f"{q}\n{SHORT}",
-                               "answer": ans.lower()})  # compare case-insensitively
+    stage1, instruct, corpus = training_conversations(scenes, paths, train, rng, popular, turns_per_image,
+                                                      text_only_fraction)
+    pope, short_eval = held_out_questions(scenes, paths, held_out, rng, popular)
 
     def dump(name, rows, lines=False):
         with open(out / name, "w") as f:
