@@ -75,7 +75,7 @@ class VTLMMConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     image_token_id: int = IMAGE_TOKEN_ID
     pseudo_image_features: bool = False  # Eq. 8: feed X_p = softmax(W_VM X_image) E instead of X_image
-    template: str = "vicuna_v1"  # chat template the model was trained with (data.py)
+    template: str = "vicuna_v1"  # chat template the model was trained with (conversation.TEMPLATES)
 
     def to_dict(self):
         return asdict(self)
@@ -495,7 +495,7 @@ class VTLMM(nn.Module):
 
     @torch.no_grad()
     def visual_tokens(self, pixel_values, k=1):
-        """Top-k tokens of each patch's visual token distribution softmax(W_VM x) (Fig. 4).
+        """Top-k tokens of each patch's visual token distribution softmax(W_VM x), Eq. 5 (Fig. 4).
 
         Returns (ids, probs), each (N_img, num_patches, k).
         """
