@@ -565,11 +565,10 @@ def naming_counts(words, labels, backgrounds, top=5):
             "background_top": [(w, share(c, bg)) for w, c in bg_words.most_common(top)]}
 
 
-@torch.no_grad()
-def visual_token_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
-    """How often the top-1 visual token (Eq. 5) of a held-out object patch names the object's colour
-    or shape, and what background patches get (naming_counts), on the first n_images held-out images
-    of the world in shapes_dir (0: all), each patch labelled by what the generator put there."""
+def _held_out_naming(model, tok, shapes_dir, n_images, batch_size, top1):
+    """naming_counts over the first n_images held-out images of the world in shapes_dir (0: all), each
+    patch labelled by what the generator put there; top1(pixel_values, g) gives each image's g * g
+    token ids, one per patch in raster order."""
     world = json.loads((Path(shapes_dir) / "world.json").read_text())
     vc = model.cfg.vision
     g = vc.image_size // vc.patch_size
@@ -581,10 +580,17 @@ def visual_token_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
     for k in range(0, len(idx), batch_size):
         px = torch.stack([process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
                           for i in idx[k:k + batch_size]]).to(device, dtype)
-        ids, _ = model.visual_tokens(px)
-        words += [[token_word(tok, t) for t in row[:, 0].tolist()] for row in ids]
+        words += [[token_word(tok, t) for t in row.tolist()] for row in top1(px, g)]
     result = naming_counts(words, [patch_labels(s, g) for s in scenes], [s["background"] for s in scenes])
     return {**result, "images": len(idx), "grid": g}
+
+
+@torch.no_grad()
+def visual_token_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
+    """How often the top-1 visual token (Eq. 5) of a held-out object patch names the object's colour
+    or shape, and what background patches get (naming_counts)."""
+    return _held_out_naming(model, tok, shapes_dir, n_images, batch_size,
+                            lambda px, g: model.visual_tokens(px)[0][..., 0])
 
 
 @torch.no_grad()
@@ -593,23 +599,10 @@ def prediction_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
     position of stage III's input (BOS, then the patches), scored against the patch at t+1 that it
     predicts (docs/method.md §Index convention): does the prediction inside an image name what comes
     next? (naming_counts; the first patch's prediction comes from BOS.)"""
-    world = json.loads((Path(shapes_dir) / "world.json").read_text())
-    vc = model.cfg.vision
-    g = vc.image_size // vc.patch_size
-    idx = list(held_out_images(world))[:n_images or None]
-    scenes = [scene_of(world["seed"], i, world.get("version", 2)) for i in idx]
-    device = next(model.parameters()).device
-    dtype = next(model.vision.parameters()).dtype
-    words = []
-    for k in range(0, len(idx), batch_size):
-        px = torch.stack([process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
-                          for i in idx[k:k + batch_size]]).to(device, dtype)
-        ids = torch.tensor([[tok.bos_id] + [model.cfg.image_token_id] * g * g] * len(px), device=device)
-        x, _, _ = model.embed(ids, px)
-        top = model.mm_head(model.decoder(x)).argmax(-1)[:, :g * g]  # position t predicts patch t (t = 0: BOS)
-        words += [[token_word(tok, t) for t in row.tolist()] for row in top]
-    result = naming_counts(words, [patch_labels(s, g) for s in scenes], [s["background"] for s in scenes])
-    return {**result, "images": len(idx), "grid": g}
+    def top1(px, g):
+        ids = torch.tensor([[tok.bos_id] + [model.cfg.image_token_id] * g * g] * len(px), device=px.device)
+        return model(ids, px).logits.argmax(-1)[:, :g * g]  # position t predicts patch t (t = 0: BOS)
+    return _held_out_naming(model, tok, shapes_dir, n_images, batch_size, top1)
 
 
 def naming_line(n, what="visual tokens"):

@@ -7,7 +7,7 @@
 # stages I-IV run as in the paper (docs/method.md §Stages); the held-out sets are scored at the end.
 # shapes.py does the toy's part (the world, stage 0's vision pretraining, the report): train.py calls it
 # through `hook`, whose entries are shapes.ShapesConfig's fields. configs/shapes_v3.py is the world
-# in which visual tokens can name what patches show (issue 14, not yet measured at full budget).
+# in which visual tokens can name what patches show (issue 14; README §World version 3).
 hook = dict(module="shapes", dir="data/shapes", version=2, images=10000, image_size=48,
             vision_epochs=12, vision_lr=2e-3,  # stage 0 only
             report=True, report_limit=0)       # after stage IV: all 1,000 short-answer and 3,000 POPE questions
