@@ -15,6 +15,7 @@ LLaMA/Mistral decoder with a KV cache → VTLMM (forward, pseudo image features,
 tokens, generate) → saving; loading and export to llava-hf are in weights.py (docs/weights.md).
 """
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -23,6 +24,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 IMAGE_TOKEN_ID = -200  # sentinel placeholder id for nanoVT's own models: never looked up in the embedding
 
@@ -221,6 +223,9 @@ class KVCache:
         self.max_len = max_len
 
 
+DECODE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -244,10 +249,13 @@ class Attention(nn.Module):
             cache.v[layer, :, :, s:s + T] = v
             k, v = cache.k[layer, :, :, :s + T], cache.v[layer, :, :, :s + T]
         gqa = self.cfg.heads != self.cfg.kv_heads
-        if mask is None:  # plain causal attention from position 0, no padding, no binding window
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        # decoding: the key length changes every step; cuDNN's attention would build a new plan per
+        # length (milliseconds of host time each, measured on an H200), the other kernels need none
+        with sdpa_kernel(DECODE_SDPA) if cache is not None and q.is_cuda else contextlib.nullcontext():
+            if mask is None:  # plain causal attention from position 0, no padding, no binding window
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
