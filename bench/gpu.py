@@ -20,6 +20,16 @@ import losses
 from model import PRESETS, VTLMM, VTLMMConfig
 
 DEV = torch.device(os.environ.get("GPU_PY_DEVICE", "cuda"))  # cpu only for a dry run of the code paths
+CUDA = DEV.type == "cuda"
+
+
+def sync():
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def peak_gib():
+    return torch.cuda.max_memory_allocated() / 2 ** 30 if CUDA else float("nan")
 # HBM bandwidth by device name, GB/s, from NVIDIA's datasheets (H100 SXM 3.35 TB/s, PCIe 2.0, NVL 3.9;
 # H200 4.8; A100 80GB SXM 2.039, 40GB 1.555); anything else: pass BANDWIDTH_GBS.
 BANDWIDTH = [("H100.*NVL", 3900), ("H100.*PCIe", 2000), ("H100", 3350), ("H200", 4800),
@@ -45,7 +55,7 @@ def fsdp_world1(model, root):
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29591")
-        dist.init_process_group("nccl", rank=0, world_size=1)
+        dist.init_process_group("nccl" if CUDA else "gloo", rank=0, world_size=1)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.decoder.blocks:
         fully_shard(block, mp_policy=mp)
@@ -70,7 +80,7 @@ def batch_7b(cfg, B, T, seed=0):
 def layers():
     """Stage IV step (forward + backward, activation checkpointing, chunked loss) of a model with Vicuna-7B
     widths and 2, then 4 decoder blocks, at micro-batch 16 x 2048: the difference is two blocks' cost."""
-    B, T = int(os.environ.get("LAYERS_B", 16)), 2048
+    B, T = int(os.environ.get("LAYERS_B", 16)), int(os.environ.get("LAYERS_T", 2048))
     res = {}
     for n in (2, 4):
         dec = PRESETS["vicuna-7b-v1.5"]
@@ -90,19 +100,21 @@ def layers():
         ids, px, labels = ids.to(DEV), px.to(DEV), labels.to(DEV)
         counts = (float(rows.lm.numel()), float(rows.vm.numel()))
         times = []
-        torch.cuda.reset_peak_memory_stats()
-        for i in range(4):
-            torch.cuda.synchronize()
+        if CUDA:
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(int(os.environ.get("LAYERS_STEPS", 4))):
+            sync()
             t = time.perf_counter()
             loss, _, _ = objective(ids, px, labels, rows.to(DEV), counts[0], counts[1])
             loss.backward()
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
-        res[n] = (min(times[1:]), torch.cuda.max_memory_allocated() / 2 ** 30)
+        res[n] = (min(times[1:]), peak_gib())
         print(f"- {n} blocks: step {res[n][0] * 1e3:.0f} ms, peak {res[n][1]:.1f} GiB (B={B}, T={T}, stage IV)")
         del model, objective, loss
-        torch.cuda.empty_cache()
+        if CUDA:
+            torch.cuda.empty_cache()
     dt, dm = (res[4][0] - res[2][0]) / 2, (res[4][1] - res[2][1]) / 2
     c = PRESETS["vicuna-7b-v1.5"]
     block_params = 4 * c.dim * c.dim + 3 * c.dim * c.hidden  # q, k, v, o and the SwiGLU MLP (norms aside)
@@ -110,7 +122,7 @@ def layers():
     peak = float(os.environ.get("PEAK_FLOPS", 0)) or None
     if not peak:
         import metrics
-        peak = metrics.gpu_peak_flops(torch.cuda.get_device_name(), "bf16")
+        peak = metrics.gpu_peak_flops(torch.cuda.get_device_name(), "bf16") if CUDA else None
     mfu = f", block MFU {flops / dt / peak:.1%}" if peak else ""
     print(f"- per decoder block (Vicuna-7B widths, {B} x {T}, fwd + bwd with recompute): {dt * 1e3:.1f} ms, "
           f"{dm:.2f} GiB{mfu}; x 32 blocks = {32 * dt:.2f} s per micro-batch")
@@ -130,24 +142,57 @@ def decode():
     model = model.to(torch.bfloat16).eval()
     ids = torch.randint(3, cfg.decoder.vocab_size - 1, (1, 64), device=DEV)
     model.generate(ids, max_new_tokens=8)
-    new = 128
-    torch.cuda.synchronize()
+    new = int(os.environ.get("DECODE_NEW", 128))
+    sync()
     t = time.perf_counter()
     model.generate(ids, max_new_tokens=1)
-    torch.cuda.synchronize()
+    sync()
     t1 = time.perf_counter() - t
     t = time.perf_counter()
     model.generate(ids, max_new_tokens=new)
-    torch.cuda.synchronize()
+    sync()
     tn = time.perf_counter() - t
     tok_s = (new - 1) / (tn - t1)
     weight_bytes = 2 * (model.num_params("decoder") - model.decoder.embed.weight.numel() + model.mm_head.weight.numel())
-    bw = bandwidth()
+    bw = bandwidth() if CUDA else None
     roof = bw / weight_bytes if bw else None
     line = f"- batch-1 greedy decoding, Vicuna-7B widths x {n} blocks, bf16: {tok_s:.0f} tokens/s"
     if roof:
         line += f"; roofline {roof:.0f} tokens/s ({bw / 1e12:.2f} TB/s / {weight_bytes / 1e9:.2f} GB per token) = {tok_s / roof:.0%}"
     print(line)
+
+
+def decode_profile():
+    """Where batch-1 decoding spends its time: torch.profiler over 16 new tokens of the `decode` model
+    (top ops by CPU and by device time), and wall time per step with and without host syncs counted."""
+    from torch.profiler import ProfilerActivity, profile
+    dec = PRESETS["vicuna-7b-v1.5"]
+    n = int(os.environ.get("DECODE_LAYERS", 8))
+    cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
+                      image_token_id=dec.vocab_size - 1)
+    with torch.device("meta"):
+        model = VTLMM(cfg)
+    model = model.to_empty(device=DEV)
+    model.init_weights()
+    model = model.to(torch.bfloat16).eval()
+    ids = torch.randint(3, cfg.decoder.vocab_size - 1, (1, 64), device=DEV)
+    model.generate(ids, max_new_tokens=8)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
+    with profile(activities=acts) as prof:
+        model.generate(ids, max_new_tokens=17)
+        sync()
+    print("```")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50))
+    if CUDA:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50))
+    print("```")
+    steps = []
+    for tok in model.generate_stream(ids, max_new_tokens=33):
+        sync()
+        steps.append(time.perf_counter())
+    dts = sorted(b - a for a, b in zip(steps[1:], steps[2:]))
+    print(f"- per decode step (synced): median {dts[len(dts) // 2] * 1e3:.2f} ms, min {dts[0] * 1e3:.2f} ms")
 
 
 def parity():
@@ -223,4 +268,4 @@ def parity():
 
 
 if __name__ == "__main__":
-    {"layers": layers, "decode": decode, "parity": parity}[sys.argv[1]]()
+    {"layers": layers, "decode": decode, "decode-profile": decode_profile, "parity": parity}[sys.argv[1]]()

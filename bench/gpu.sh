@@ -7,12 +7,16 @@
 # 3. Vicuna-7B widths cut to 2 and 4 blocks: per-block step time and memory at micro-batch 16 x 2048
 # 4. batch-1 decoding against the memory-bandwidth roofline
 # 5. parity on CUDA (vs transformers, chunked losses vs full logits) and a sync-free training micro-step
+# 6. the test suite's transformers parity tests (tests/test_model.py) with NANOVT_TEST_DEVICE=cuda
+# The runs' checkpoints stay in $RUNS (a temporary folder when OUT is set); their metrics and logs are
+# copied beside the results.
 set -u
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node=1"
 OUTDIR=${OUT:-bench}
-RUNS=${OUTDIR}/gpu-runs
-mkdir -p "$RUNS"
+if [ -n "${OUT:-}" ]; then RUNS=$(mktemp -d); else RUNS=bench/gpu-runs; fi
+mkdir -p "$RUNS" "$OUTDIR"
 RES=${OUTDIR}/results_gpu.md
 export NANOVT_PROGRESS=
 {
@@ -37,25 +41,32 @@ PYEOF
 }
 
 section "1. tiny config, bf16 + FSDP2 (NCCL, world 1)"
-timeout 120 torchrun --nproc_per_node=1 --master_port=29581 train.py configs/tiny.py --fsdp=on --dtype=bf16 \
+timeout 90 $TORCHRUN train.py configs/tiny.py --fsdp=on --dtype=bf16 \
   --max_steps=24 --log_every=8 --save_every=0 --out_dir="$RUNS/tiny" > "$RUNS/tiny.log" 2>&1 \
   && last_metrics "$RUNS/tiny" || { echo "- FAILED: $(tail -3 "$RUNS/tiny.log")" >> "$RES"; echo >> "$RES"; }
 
 section "2. 1B-class config (bench/gpu_1b.py), bf16 + FSDP2 (NCCL, world 1)"
-timeout 240 torchrun --nproc_per_node=1 --master_port=29582 train.py bench/gpu_1b.py --out_dir="$RUNS/1b" \
+timeout 180 $TORCHRUN train.py bench/gpu_1b.py --out_dir="$RUNS/1b" \
   > "$RUNS/1b.log" 2>&1 \
   && last_metrics "$RUNS/1b" || { echo "- FAILED: $(tail -3 "$RUNS/1b.log")" >> "$RES"; echo >> "$RES"; }
 
 section "3. per decoder block at Vicuna-7B widths, micro-batch 16 x 2048"
-timeout 150 $PY bench/gpu.py layers >> "$RES" 2> "$RUNS/layers.log" || echo "- FAILED: $(tail -3 "$RUNS/layers.log")" >> "$RES"
+timeout 120 $PY bench/gpu.py layers >> "$RES" 2> "$RUNS/layers.log" || echo "- FAILED: $(tail -3 "$RUNS/layers.log")" >> "$RES"
 echo >> "$RES"
 
 section "4. batch-1 decoding vs the memory-bandwidth roofline"
-timeout 90 $PY bench/gpu.py decode >> "$RES" 2> "$RUNS/decode.log" || echo "- FAILED: $(tail -3 "$RUNS/decode.log")" >> "$RES"
+timeout 60 $PY bench/gpu.py decode >> "$RES" 2> "$RUNS/decode.log" || echo "- FAILED: $(tail -3 "$RUNS/decode.log")" >> "$RES"
 echo >> "$RES"
 
 section "5. parity and host syncs on CUDA"
-timeout 90 $PY bench/gpu.py parity >> "$RES" 2> "$RUNS/parity.log" || echo "- FAILED: $(tail -3 "$RUNS/parity.log")" >> "$RES"
+timeout 60 $PY bench/gpu.py parity >> "$RES" 2> "$RUNS/parity.log" || echo "- FAILED: $(tail -3 "$RUNS/parity.log")" >> "$RES"
 echo >> "$RES"
 
+section "6. tests/test_model.py (parity with transformers) with NANOVT_TEST_DEVICE=cuda"
+NANOVT_TEST_DEVICE=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_model.py > "$RUNS/pytest.log" 2>&1
+echo "- $(tail -1 "$RUNS/pytest.log")" >> "$RES"
+echo >> "$RES"
+
+for r in tiny 1b; do [ -f "$RUNS/$r/metrics.jsonl" ] && cp "$RUNS/$r/metrics.jsonl" "$OUTDIR/metrics_$r.jsonl"; done
+for f in "$RUNS"/*.log; do echo "==== $f"; tail -40 "$f"; done > "$OUTDIR/gpu_logs.txt"
 cat "$RES"

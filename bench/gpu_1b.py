@@ -1,9 +1,7 @@
 # bench/gpu.sh's 1B-class run: TinyLlama-1.1B decoder shapes with CLIP ViT-L/14-336, random weights,
 # bf16 + FSDP2 (one process), on the tiny shapes world's instruction data (images resized to 336 px:
 # 576 patches per image, so sequences are ~600-700 tokens).
-shapes_dir = "data/shapes-tiny"
-shapes_images = 240
-shapes_image_size = 32
+hook = dict(module="shapes", dir="data/shapes-tiny", images=240, image_size=32)  # the tiny world (configs/tiny.py's)
 tokenizer = "data/shapes-tiny/tokenizer.model"
 data_path = "data/shapes-tiny/instruct.json"
 out_dir = "out/gpu-1b"

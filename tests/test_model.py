@@ -1,4 +1,5 @@
-"""model.py against transformers (the reference), on tiny random models, float32, CPU."""
+"""model.py against transformers (the reference), on tiny random models, float32, on the CPU; with
+NANOVT_TEST_DEVICE=cuda (bench/gpu.sh) the parity tests run both models on that device, TF32 off."""
 
 import os
 
@@ -11,17 +12,21 @@ from hf_tiny import (IMAGE_TOKEN, save_new_layout, save_old_layout, save_origina
 from model import PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
 
 P = 16  # patches of a 32 px image at patch 8
+DEV = torch.device(os.environ.get("NANOVT_TEST_DEVICE", "cpu"))
+if DEV.type == "cuda":  # float32 parity means float32 matmuls
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def batch(seed=1, B=2, T=30, at=3, vocab=200):
+def batch(seed=1, B=2, T=30, at=3, vocab=200, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (B, T), generator=g)
     ids[:, at:at + P] = IMAGE_TOKEN
-    return ids, torch.randn(B, 3, 32, 32, generator=g)
+    return ids.to(device), torch.randn(B, 3, 32, 32, generator=g).to(device)
 
 
 @pytest.fixture(scope="module", params=["llama", "mistral"])
@@ -35,9 +40,10 @@ def ref(request, tmp_path_factory):
 
 def test_logits_match_transformers_every_layout(ref, tmp_path):
     hf, new = ref
-    ids, px = batch()
+    ids, px = batch(device=DEV)
     with torch.no_grad():
-        want = hf(input_ids=ids, pixel_values=px).logits
+        want = hf.to(DEV)(input_ids=ids, pixel_values=px).logits
+    hf.cpu()
     dirs = {"new": new,
             "old": save_old_layout(hf, str(tmp_path / "old")),
             "sharded": save_new_layout(hf, str(tmp_path / "sharded"), max_shard_size="100KB")}
@@ -45,7 +51,7 @@ def test_logits_match_transformers_every_layout(ref, tmp_path):
     keys = load_file(os.path.join(dirs["old"], "model.safetensors")).keys()
     assert any(k.startswith("language_model.model.") for k in keys)
     for name, d in dirs.items():
-        m = VTLMM.from_pretrained(d).eval()
+        m = VTLMM.from_pretrained(d, device=DEV).eval()
         assert m.cfg.image_token_id == IMAGE_TOKEN
         with torch.no_grad():
             got = m(ids, px).logits
@@ -104,8 +110,8 @@ def test_original_llava_and_vwlmm_layout(ref, tmp_path):
 
 def test_kv_cache_matches_full_forward(ref):
     hf, new = ref
-    m = VTLMM.from_pretrained(new).eval()
-    ids, px = batch(T=40)
+    m = VTLMM.from_pretrained(new, device=DEV).eval()
+    ids, px = batch(T=40, device=DEV)
     with torch.no_grad():
         full = m(ids, px).logits
         cache = m.new_cache(2, 40)
@@ -136,11 +142,12 @@ def test_left_padded_batch_matches_single_rows(ref):
 
 def test_greedy_generate_matches_transformers(ref):
     hf, new = ref
-    m = VTLMM.from_pretrained(new).eval()
-    ids, px = batch(B=1, T=24)
+    m = VTLMM.from_pretrained(new, device=DEV).eval()
+    ids, px = batch(B=1, T=24, device=DEV)
     with torch.no_grad():
-        want = hf.generate(input_ids=ids, pixel_values=px, max_new_tokens=20, do_sample=False,
-                           eos_token_id=None, pad_token_id=0, min_new_tokens=20)
+        want = hf.to(DEV).generate(input_ids=ids, pixel_values=px, max_new_tokens=20, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0, min_new_tokens=20)
+        hf.cpu()
         got = m.generate(ids, px, max_new_tokens=20)
     assert torch.equal(got, want)
 
