@@ -6,7 +6,8 @@ Config files and command-line overrides, read into a dataclass (train.py's Train
 A config file is plain Python that assigns fields of the dataclass; files and `--key=value`
 overrides apply left to right, a later one winning. A value on the command line takes the type of
 the field's default (a bool flag alone, `--compile`, means true); tuples, lists, dicts and None are
-Python literals. `--hook.dir=x` sets one entry of a dict field, after the files are read. An unknown
+Python literals. `--hook.dir=x` sets one entry of a dict field, after the files are read, and
+`--model.decoder.layers=2` one entry of a dict inside it. An unknown
 key is an error that names the file, or the command line.
 """
 
@@ -34,6 +35,25 @@ def coerce(name, value, default):
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
         raise ValueError(f"--{name}: cannot parse {value!r} as a Python literal") from None
+
+
+def set_entry(fields, path, key, val, where):
+    """A copy of the dict `fields` with the entry at `path` (a list of keys, one per dot of --key)
+    set to `val`: --model.decoder.layers=2 sets model["decoder"]["layers"]."""
+    if not isinstance(fields, dict):
+        raise ValueError(f"--{key}: {where} is not a dict")
+    fields = dict(fields)
+    sub, rest = path[0], path[1:]
+    if rest:
+        fields[sub] = set_entry(fields.get(sub, {}), rest, key, val, f"{where}.{sub}")
+    elif sub in fields:  # the type of the entry the config gives
+        fields[sub] = coerce(key, val, fields[sub])
+    else:  # a new entry: a Python literal, else the string itself
+        try:
+            fields[sub] = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            fields[sub] = val
+    return fields
 
 
 def check_fields(cls, d, where):
@@ -66,18 +86,7 @@ def parse(cls, argv):
             check_fields(cls, file_values, arg)
             values = {**file_values, **values}
     for key, val in entries:
-        name, sub = key.split(".", 1)
+        name, *path = key.split(".")
         check_fields(cls, [name], "command line")
-        fields = values.get(name, getattr(cls(), name))
-        if not isinstance(fields, dict):
-            raise ValueError(f"--{key}: {name} is not a dict")
-        fields = dict(fields)
-        if sub in fields:  # the type of the entry the config gives
-            fields[sub] = coerce(key, val, fields[sub])
-        else:  # a new entry: a Python literal, else the string itself
-            try:
-                fields[sub] = ast.literal_eval(val)
-            except (ValueError, SyntaxError):
-                fields[sub] = val
-        values[name] = fields
+        values[name] = set_entry(values.get(name, getattr(cls(), name)), path, key, val, name)
     return cls(**values)

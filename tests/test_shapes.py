@@ -122,6 +122,12 @@ def test_settings_come_from_the_hook_entries():
     assert cfg.hook["module"] == "shapes"
     with pytest.raises(ValueError, match="--lr.x: lr is not a dict"):
         train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--lr.x=1"])
+    cfg = train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--model.decoder.layers=1",
+                             "--model.vision.mlp=96"])
+    assert cfg.model["decoder"]["layers"] == 1 and cfg.model["vision"]["mlp"] == 96
+    assert train.build_model(cfg).cfg.decoder.layers == 1
+    with pytest.raises(ValueError, match="--model.template.x: model.template is not a dict"):
+        train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--model.template.x=1"])
     with pytest.raises(ValueError, match="--hook.images: expected int"):
         train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--hook.images=many"])
     with pytest.raises(ValueError, match="unknown entry 'bogus'"):
