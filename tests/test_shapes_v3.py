@@ -246,3 +246,21 @@ def test_demo_config_and_ablation_stage0_steps(tmp_path, monkeypatch):
     assert calls == [""]
     a = ablate.stage_config(cfg, 0, str(tmp_path / "s0b"), which=1, seed=0)
     assert (a.template, a.data_path.endswith("instruct.json"), a.epochs) == ("vicuna_v1", True, zero[1]["epochs"])
+
+
+def test_feature_probe_reads_colour_from_pixels(world3, tiny3, tmp_path, capsys):
+    """bench/feature_probe.py: a random tower's patch features carry their pixels' colour, so a linear
+    probe of colour, scored on held-out patches, is far above chance (1 in 7) if the labels line up
+    with the patches; shuffled labels would put it near chance."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("feature_probe", os.path.join(ROOT, "bench/feature_probe.py"))
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    model, tok = tiny3
+    model.save_pretrained(str(tmp_path / "m"))
+    probe.main([str(tmp_path / "m"), str(world3), "--train", "60"])
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "%" in line}
+    assert set(rows) == {"object (25 classes)", "shape (empty + 4)", "colour (empty + 6)"}
+    vision_all, vision_objects = rows["colour (empty + 6)"].split(" | ")[1].split(" / ")
+    assert float(vision_objects.rstrip("%")) > 60, rows
