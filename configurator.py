@@ -13,6 +13,7 @@ key is an error that names the file, or the command line.
 
 import ast
 import dataclasses
+import os
 import sys
 
 
@@ -78,7 +79,7 @@ def parse(cls, argv):
             check_fields(cls, [key], "command line")
             values[key] = True if not eq and isinstance(default, bool) else coerce(key, val, default)
         else:
-            scope = {}
+            scope = {"__file__": os.path.abspath(arg)}  # a config may build on another beside it
             with open(arg) as f:
                 exec(compile(f.read(), arg, "exec"), scope)  # a config file is plain Python
             file_values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)

@@ -264,3 +264,14 @@ def test_feature_probe_reads_colour_from_pixels(world3, tiny3, tmp_path, capsys)
     assert set(rows) == {"object (25 classes)", "shape (empty + 4)", "colour (empty + 6)"}
     vision_all, vision_objects = rows["colour (empty + 6)"].split(" | ")[1].split(" / ")
     assert float(vision_objects.rstrip("%")) > 60, rows
+
+
+def test_long_recipe_is_the_v3_recipe_with_four_times_the_epochs(tmp_path, monkeypatch):
+    base = train.load_config([os.path.join(ROOT, "configs/shapes_v3.py")])
+    monkeypatch.chdir(tmp_path)  # the long config finds its base beside itself, not in the working directory
+    long = train.load_config([os.path.join(ROOT, "configs/shapes_v3_long.py")])
+    assert [s["epochs"] * 4 for s in base.stages] == [s["epochs"] for s in long.stages]
+    assert [{k: v for k, v in s.items() if k not in ("epochs", "out_dir")} for s in base.stages] == \
+        [{k: v for k, v in s.items() if k not in ("epochs", "out_dir")} for s in long.stages]
+    assert all(s["out_dir"].startswith("out/shapes_v3_long/") for s in long.stages)
+    assert (long.hook, long.model, long.lr) == (base.hook, base.model, base.lr)
