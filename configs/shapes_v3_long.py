@@ -6,4 +6,5 @@ import os
 
 exec(open(os.path.join(os.path.dirname(__file__), "shapes_v3.py")).read())  # the base recipe
 out_dir = "out/shapes_v3_long"
-stages = [dict(s, epochs=4 * s["epochs"], out_dir=s["out_dir"].replace("out/shapes_v3", out_dir)) for s in stages]
+stages = [dict(s, epochs=4 * s["epochs"], out_dir=s["out_dir"].replace("out/shapes_v3", out_dir))
+          for s in stages]  # noqa: F821  (stages comes from the base recipe)
