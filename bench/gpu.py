@@ -128,9 +128,9 @@ def layers():
           f"{dm:.2f} GiB{mfu}; x 32 blocks = {32 * dt:.2f} s per micro-batch")
 
 
-def decode():
-    """Greedy batch-1 decoding of 7B widths cut to 8 blocks, bf16: tokens/s against the roofline
-    bandwidth / (bytes of weights read per token)."""
+def decode_model():
+    """Vicuna-7B widths cut to DECODE_LAYERS (8) blocks, random bf16 weights, warmed up on a 64-token
+    prompt: (model, prompt ids, blocks)."""
     dec = PRESETS["vicuna-7b-v1.5"]
     n = int(os.environ.get("DECODE_LAYERS", 8))
     cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
@@ -142,6 +142,13 @@ def decode():
     model = model.to(torch.bfloat16).eval()
     ids = torch.randint(3, cfg.decoder.vocab_size - 1, (1, 64), device=DEV)
     model.generate(ids, max_new_tokens=8)
+    return model, ids, n
+
+
+def decode():
+    """Greedy batch-1 decoding of the decode_model, bf16: tokens/s against the roofline
+    bandwidth / (bytes of weights read per token)."""
+    model, ids, n = decode_model()
     new = int(os.environ.get("DECODE_NEW", 128))
     sync()
     t = time.perf_counter()
@@ -163,20 +170,10 @@ def decode():
 
 
 def decode_profile():
-    """Where batch-1 decoding spends its time: torch.profiler over 16 new tokens of the `decode` model
-    (top ops by CPU and by device time), and wall time per step with and without host syncs counted."""
+    """Where batch-1 decoding spends its time: torch.profiler over 16 new tokens of the decode_model
+    (top ops by CPU and by device time), and the wall time per step, synchronised after each."""
     from torch.profiler import ProfilerActivity, profile
-    dec = PRESETS["vicuna-7b-v1.5"]
-    n = int(os.environ.get("DECODE_LAYERS", 8))
-    cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
-                      image_token_id=dec.vocab_size - 1)
-    with torch.device("meta"):
-        model = VTLMM(cfg)
-    model = model.to_empty(device=DEV)
-    model.init_weights()
-    model = model.to(torch.bfloat16).eval()
-    ids = torch.randint(3, cfg.decoder.vocab_size - 1, (1, 64), device=DEV)
-    model.generate(ids, max_new_tokens=8)
+    model, ids, _ = decode_model()
     sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with profile(activities=acts) as prof:
