@@ -117,7 +117,7 @@ def run(cfg, seeds, argv=()):
     root, world = cfg.out_dir, toy.dir
     os.makedirs(root, exist_ok=True)
     shapes.ensure_shapes_world(world, version=toy.version, n_images=toy.images, image_size=toy.image_size, seed=0,
-                               workers=2)
+                               workers=2, mix=toy.mix)
     d = train.setup_distributed(cfg)
     if d.world > 1:
         raise ValueError("ablate.py runs in one process")

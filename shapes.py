@@ -195,31 +195,38 @@ def caption_v3(scene):
 
 
 def questions(scene, rng, popular):
-    """All (question, short answer, long answer) pairs about a scene; the caller samples a few."""
+    """All (question, short answer, long answer, kind) tuples about a scene; the caller samples a few.
+    kind names the question type (QUESTION_KINDS); POPE questions are "pope_<category>"."""
     objs = scene["objects"]
     present = {(c, s) for c, s, _, _ in objs}
     count = Counter(s for _, s, _, _ in objs)
     n = len(objs)
     # counts are words (a choice of this world kept so that older worlds stay comparable; digit answers,
     # with their leading bare "▁" piece, are supervised as LLaVA does: docs/data.md)
-    qa = [("How many shapes are in the image?", NUMBERS[n].capitalize(), there_are(n, "shape", "shapes") + " in the image."),
+    qa = [("How many shapes are in the image?", NUMBERS[n].capitalize(), there_are(n, "shape", "shapes") + " in the image.",
+           "count"),
           ("What color is the background?", scene["background"].capitalize(),
-           f"The background is {scene['background']}."),
-          ("Describe the image.", None, caption(scene).capitalize())]
+           f"The background is {scene['background']}.", "background"),
+          ("Describe the image.", None, caption(scene).capitalize(), "describe")]
     s = rng.choice(SHAPES)
     qa.append((f"How many {PLURAL[s]} are there?", NUMBERS[count[s]].capitalize(),
-               there_are(count[s], s, PLURAL[s]) + "."))
+               there_are(count[s], s, PLURAL[s]) + ".", "count_shape"))
     for c, s, sz, cell in objs:
         if count[s] == 1:
-            qa.append((f"What color is the {s}?", c.capitalize(), f"The {s} is {c}."))
+            qa.append((f"What color is the {s}?", c.capitalize(), f"The {s} is {c}.", "color"))
         if sum(1 for o in objs if o[:2] == (c, s)) == 1:
-            qa.append((f"Where is the {c} {s}?", CELLS[cell].capitalize(), f"The {c} {s} is {where(CELLS[cell])}."))
+            qa.append((f"Where is the {c} {s}?", CELLS[cell].capitalize(), f"The {c} {s} is {where(CELLS[cell])}.",
+                       "where"))
         qa.append((f"What shape is {where(CELLS[cell])}?", s.capitalize(),
-                   f"There is {article(sz)} {c} {s} {where(CELLS[cell])}."))
+                   f"There is {article(sz)} {c} {s} {where(CELLS[cell])}.", "shape_at"))
     for category in ("random", "popular", "adversarial"):
         qa.append(pope_question(scene, rng, present, True, category, popular))
         qa.append(pope_question(scene, rng, present, False, category, popular))
     return qa
+
+
+QUESTION_KINDS = ("count", "background", "describe", "count_shape", "color", "where", "shape_at",
+                  "pope_random", "pope_popular", "pope_adversarial")
 
 
 def pope_question(scene, rng, present, positive, category, popular):
@@ -237,7 +244,7 @@ def pope_question(scene, rng, present, positive, category, popular):
         c, s = rng.choice(absent)
     where_ = next((where(CELLS[cell]) for oc, osh, _, cell in scene["objects"] if (oc, osh) == (c, s)), "")
     long = f"Yes, there is {article(c)} {s} {where_}." if positive else f"No, there is no {c} {s} in the image."
-    return (f"Is there {article(c)} {s} in the image?", "Yes" if positive else "No", long, category)
+    return (f"Is there {article(c)} {s} in the image?", "Yes" if positive else "No", long, "pope_" + category)
 
 
 def text_only_conversation(rng):
@@ -299,6 +306,40 @@ def training_conversations(scenes, paths, train, rng, popular, turns_per_image, 
     return stage1, instruct, corpus
 
 
+def instruction_mix(scenes, paths, train, popular, seed, mix):
+    """Stages II and IV's conversations drawn anew from the same training images, with their own
+    generator (so the world's held-out sets and tokenizer stay those of its version). `mix` (a dict,
+    world.json records it): "conversations" per image (1), "turns" per conversation (5), "weights"
+    {kind: weight} over QUESTION_KINDS (1 each; a question is drawn with its kind's weight, without
+    repeats inside a conversation), "short": the chance of asking for the short answer (0.5),
+    "text_only": text-only conversations per training image (0.05)."""
+    unknown = set(mix) - {"conversations", "turns", "weights", "short", "text_only"}
+    bad_kinds = set(mix.get("weights", {})) - set(QUESTION_KINDS)
+    if unknown or bad_kinds:
+        raise ValueError(f"instruction mix: unknown entries {sorted(unknown | bad_kinds)} "
+                         f"(kinds: {', '.join(QUESTION_KINDS)})")
+    rng = random.Random(f"{seed}/mix")
+    weights = {k: 1.0 for k in QUESTION_KINDS} | dict(mix.get("weights", {}))
+    instruct = []
+    for i in train:
+        for c in range(mix.get("conversations", 1)):
+            pool = list({x[0]: x for x in questions(scenes[i], rng, popular) if weights[x[3]] > 0}.values())
+            turns = []
+            for _ in range(min(len(pool), mix.get("turns", 5))):
+                q, short, long, _ = pool.pop(rng.choices(range(len(pool)), [weights[x[3]] for x in pool])[0])
+                use_short = short is not None and rng.random() < mix.get("short", 0.5)
+                turns += [{"from": "human", "value": f"{q}\n{SHORT}" if use_short else q},
+                          {"from": "gpt", "value": short if use_short else long}]
+            turns[0]["value"] = IMAGE_TAG + "\n" + turns[0]["value"]
+            instruct.append({"id": f"shapes-{i:06d}-{c}", "image": paths[i], "conversations": turns})
+    for k in range(int(len(train) * mix.get("text_only", 0.05))):
+        q, a = text_only_conversation(rng)
+        instruct.append({"id": f"text-{k:06d}", "conversations": [{"from": "human", "value": q},
+                                                                   {"from": "gpt", "value": a}]})
+    rng.shuffle(instruct)
+    return instruct
+
+
 def held_out_questions(scenes, paths, held_out, rng, popular):
     """POPE (random / popular / adversarial, one positive and one negative each) and two short-answer
     questions per held-out image: (pope, short_eval), in LLaVA's question-file format."""
@@ -311,7 +352,7 @@ def held_out_questions(scenes, paths, held_out, rng, popular):
                 pope.append({"question_id": len(pope), "image": paths[i], "text": f"{q}\n{SHORT}",
                              "label": ans.lower(), "category": category})
         for q, ans, *_ in rng.sample([x for x in questions(scenes[i], rng, popular)
-                                      if x[1] is not None and len(x) == 3], 2):
+                                      if x[1] is not None and not x[3].startswith("pope")], 2):
             short_eval.append({"question_id": len(short_eval), "image": paths[i], "text": f"{q}\n{SHORT}",
                                "answer": ans.lower()})  # compare case-insensitively
     return pope, short_eval
@@ -319,13 +360,18 @@ def held_out_questions(scenes, paths, held_out, rng, popular):
 
 def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fraction=0.05,
                       vocab_size=1024, text_only_fraction=0.05, workers=2, turns_per_image=5,
-                      version=WORLD_VERSION):
+                      version=WORLD_VERSION, mix=None):
     """Write the shapes world (LLaVA formats) to out_dir; deterministic from `seed` and `version`
     (WORLD_VERSIONS; a version's files do not change once it is released). Returns world.json's dict.
 
     Files: images/NNNNNN.png; stage1_captions.json (plain template; its images are also stage III's,
     as in the paper); instruct.json (stages II and IV); text_corpus.txt (text for a "stage 0"
     decoder); tokenizer.model; eval_pope.jsonl and eval_short.jsonl on held-out images; world.json.
+    From version 3 on, two more question sets of the same definitions on images no training sees:
+    val/ with eval_val_{pope,short}.jsonl (further scenes of the same seed: the split that recipes
+    are chosen on) and heldout2/ with eval2_{pope,short}.jsonl (scenes of world seed + 1: a second
+    held-out set that no tuning saw). `mix` replaces instruct.json's conversations by
+    instruction_mix(..., mix); the held-out sets and the tokenizer do not depend on it.
     Image paths in every file are relative to out_dir.
     """
     t0 = time.time()
@@ -351,6 +397,18 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     stage1, instruct, corpus = training_conversations(scenes, paths, train, rng, popular, turns_per_image,
                                                       text_only_fraction)
     pope, short_eval = held_out_questions(scenes, paths, held_out, rng, popular)
+    if mix:
+        instruct = instruction_mix(scenes, paths, train, popular, seed, mix)
+    extra = {}  # name: (pope, short) on images apart from training and from the held-out set
+    if version >= 3:
+        for name, folder, scene_seed, first in (("val", "val", seed, n_images), ("2", "heldout2", seed + 1, 0)):
+            idx = range(first, first + n_eval)
+            more = {i: scene_of(scene_seed, i, version) for i in idx}
+            where_ = {i: f"{folder}/{i:06d}.png" for i in idx}
+            (out / folder).mkdir(exist_ok=True)
+            for i in idx:
+                _draw_and_save((more[i], image_size, str(out / where_[i])))
+            extra[name] = held_out_questions(more, where_, idx, random.Random(f"{scene_seed}/{folder}"), popular)
 
     def dump(name, rows, lines=False):
         with open(out / name, "w") as f:
@@ -360,6 +418,9 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
     dump("instruct.json", instruct)
     dump("eval_pope.jsonl", pope, lines=True)
     dump("eval_short.jsonl", short_eval, lines=True)
+    for name, (p, q) in extra.items():
+        dump(f"eval{'_' if name == 'val' else ''}{name}_pope.jsonl", p, lines=True)
+        dump(f"eval{'_' if name == 'val' else ''}{name}_short.jsonl", q, lines=True)
     (out / "text_corpus.txt").write_text("\n".join(corpus) + "\n")
     # the tokenizer sees the world's text and the chat templates' words, so both are cheap pieces
     words = " ".join(list(COLORS) + list(SHAPES) + list(BACKGROUNDS) + list(NUMBERS) + ["yes", "no", "small", "large"])
@@ -372,17 +433,22 @@ def make_shapes_world(out_dir, n_images=10000, image_size=64, seed=0, eval_fract
              "counts": {"train_images": len(train), "eval_images": n_eval, "stage1": len(stage1),
                         "instruct": len(instruct), "eval_pope": len(pope), "eval_short": len(short_eval),
                         "corpus_lines": len(corpus)},
-             "stage3": "stage1_captions.json", "seconds": round(time.time() - t0, 1)}
+             "stage3": "stage1_captions.json", "mix": mix or None,
+             "question_sets": {"held-out": "eval", **{"validation" if n == "val" else "held-out 2": f"eval{'_' if n == 'val' else ''}{n}"
+                                                      for n in extra}},
+             "seconds": round(time.time() - t0, 1)}
     (out / "world.json").write_text(json.dumps(world, indent=1))
     return world
 
 
-def ensure_shapes_world(out_dir, version=WORLD_VERSION, **kwargs):
-    """Build the shapes world unless out_dir/world.json exists and is of `version` (what the toy
-    configs call): a world of another version is rebuilt."""
+def ensure_shapes_world(out_dir, version=WORLD_VERSION, mix=None, **kwargs):
+    """Build the shapes world unless out_dir/world.json exists and is of `version` and `mix` (what the
+    toy configs call): a world of another version or instruction mix is rebuilt."""
     path = Path(out_dir) / "world.json"
-    if not path.exists() or json.loads(path.read_text()).get("version") != version:
-        make_shapes_world(out_dir, version=version, **kwargs)
+    w = json.loads(path.read_text()) if path.exists() else {}
+    # a version-3 world written before the validation and second held-out sets existed lacks "question_sets"
+    if (w.get("version"), w.get("mix")) != (version, mix or None) or (version >= 3 and "question_sets" not in w):
+        make_shapes_world(out_dir, version=version, mix=mix, **kwargs)
     return json.loads((Path(out_dir) / "world.json").read_text())
 
 
@@ -402,6 +468,9 @@ class ShapesConfig:
     report: bool = False           # after the last stage, answer and score the held-out sets (held_out_report)
     report_limit: int = 0          # the first N questions of each set (0: all)
     naming_images: int = 100       # the report's visual-token naming share (visual_token_naming) on this many held-out images
+    report_sets: tuple = ("held-out", "held-out 2")  # the question sets the report scores (QUESTION_SETS)
+    transcript_images: int = 0     # the report's transcript: this many held-out images, their questions answered
+    mix: dict = None               # stages II and IV's conversations drawn by instruction_mix (None: the version's own)
 
 
 def settings(cfg):
@@ -416,7 +485,7 @@ def settings(cfg):
 def prepare_data(cfg):
     """Main process, at the start of every stage (train.py makes the others wait): the world on disk."""
     toy = settings(cfg)
-    ensure_shapes_world(toy.dir, version=toy.version, n_images=toy.images, image_size=toy.image_size)
+    ensure_shapes_world(toy.dir, version=toy.version, n_images=toy.images, image_size=toy.image_size, mix=toy.mix)
 
 
 def prepare_model(cfg, model, d):
@@ -433,7 +502,7 @@ def after_run(cfg, final):
     toy = settings(cfg)
     if toy.report:
         held_out_report(final, toy.dir, limit=toy.report_limit, out_path=os.path.join(cfg.out_dir, "eval.json"),
-                        naming_images=toy.naming_images)
+                        naming_images=toy.naming_images, sets=toy.report_sets, transcript_images=toy.transcript_images)
 
 
 # -----------------------------------------------------------------------------
@@ -484,8 +553,13 @@ def pretrain_vision(model, cfg, d):
     total = max(1, round(per_epoch * toy.vision_epochs))
     vcfg = dataclasses.replace(cfg, warmup_ratio=0.05, lr=toy.vision_lr)
 
+    # the run's precision: bf16 autocast (float32 weights and losses) when the stages train in bf16
+    amp = torch.autocast(next(vision.parameters()).device.type, dtype=torch.bfloat16,
+                         enabled=train.resolve_dtype(cfg, d) == "bf16")
+
     def loss_and_hits(idx):
-        f = vision(pixels[idx])  # (B, g*g, width); version 2: the mean over each cell's k x k patches
+        with amp:
+            f = vision(pixels[idx]).float()  # (B, g*g, width); version 2: the mean over each cell's k x k patches
         if not per_patch:
             f = f.view(len(idx), 3, k, 3, k, vc.width).mean((2, 4)).reshape(len(idx), 9, vc.width)
         logits = cell_head(f)
@@ -614,35 +688,127 @@ def naming_line(n, what="visual tokens"):
             f"{top(n['object_top'])}; on background: {top(n['background_top'])}")
 
 
-def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, progress=True, model=None, tok=None,
-                    naming_images=0):
-    """Answer and score the shapes world's eval_short.jsonl (vqa) and eval_pope.jsonl (pope); with
-    naming_images, also the visual-token naming share (visual_token_naming) on that many held-out images."""
-    if model is None:
-        model, tok = evaluate.load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
-    report = {}
+QUESTION_SETS = {  # name: file prefix (PREFIX_short.jsonl, PREFIX_pope.jsonl), made by make_shapes_world
+    "held-out": "eval",          # the world's last 500 images
+    "held-out 2": "eval2",       # 500 scenes of world seed + 1 (version 3 on): no tuning saw them
+    "validation": "eval_val",    # 500 further scenes of the world's seed (version 3 on): recipes are chosen here
+}
+SHORT_KINDS = (("How many shapes", "count"), ("What color is the background", "background"),
+               ("How many", "count_shape"), ("What color is the", "color"), ("Where is the", "where"),
+               ("What shape is", "shape_at"))  # question start -> kind (QUESTION_KINDS), first match
+
+
+def short_kind(text):
+    return next(kind for start, kind in SHORT_KINDS if text.startswith(start))
+
+
+def score_set(model, tok, shapes_dir, prefix, limit, answers_dir, batch_size, progress):
+    """Answer and score one question set: short answers (VQA accuracy, also by question kind) and POPE
+    (accuracy, F1, yes-ratio, per category)."""
+    out = {}
     for name, metric in (("short", "vqa"), ("pope", "pope")):
-        qs = evaluate.read_jsonl(os.path.join(shapes_dir, f"eval_{name}.jsonl"))
+        qs = evaluate.read_jsonl(os.path.join(shapes_dir, f"{prefix}_{name}.jsonl"))
         if limit:
             qs = qs[:limit]
-        apath = os.path.join(os.path.dirname(out_path) if out_path else ckpt, f"answers_{name}.jsonl")
+        apath = os.path.join(answers_dir, f"answers_{prefix}_{name}.jsonl")
         if os.path.exists(apath):
             os.remove(apath)  # a fresh model: old answers are stale
         ans = evaluate.answer_file(model, tok, qs, shapes_dir, apath, batch_size=batch_size, progress=progress)
-        report[name] = evaluate.METRICS[metric](ans, qs)
-    print("held-out shapes: short-answer accuracy {:.1%} ({} questions); POPE accuracy {:.1%}, F1 {:.3f}, "
-          "yes-ratio {:.2f} ({} questions)".format(report["short"]["accuracy"], report["short"]["n"],
-                                                   report["pope"]["accuracy"], report["pope"]["f1"],
-                                                   report["pope"]["yes_ratio"], report["pope"]["n"]))
+        out[name] = evaluate.METRICS[metric](ans, qs)
+        if name == "short":
+            kinds = {}
+            for q, a in zip(qs, ans):
+                kinds.setdefault(short_kind(q["text"]), []).append(evaluate.METRICS["vqa"]([a], [q])["accuracy"])
+            out[name]["by_kind"] = {k: sum(v) / len(v) for k, v in kinds.items()}
+    return out
+
+
+def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, progress=True, model=None, tok=None,
+                    naming_images=0, sets=("held-out",), transcript_images=0):
+    """Answer and score the shapes world's question sets (QUESTION_SETS; those the world has): the short
+    answers (VQA accuracy) and POPE. report["short"] and report["pope"] are the first set's, report[name]
+    holds each set's. With naming_images, also the visual-token naming share (visual_token_naming) on that
+    many held-out images; with transcript_images, a transcript of that many held-out images (transcript).
+    Prints the results table."""
+    if model is None:
+        model, tok = evaluate.load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
+    answers_dir = os.path.dirname(out_path) if out_path else ckpt
+    report = {}
+    for name in sets:
+        prefix = QUESTION_SETS[name]
+        if not os.path.exists(os.path.join(shapes_dir, f"{prefix}_short.jsonl")):
+            continue  # an older world has only the held-out set
+        report[name] = score_set(model, tok, shapes_dir, prefix, limit, answers_dir, batch_size, progress)
+    first = report[next(iter(report))]
+    report["short"], report["pope"] = first["short"], first["pope"]
     if naming_images:
         report["naming"] = visual_token_naming(model, tok, shapes_dir, naming_images)
         report["prediction_naming"] = prediction_naming(model, tok, shapes_dir, naming_images)
-        print(naming_line(report["naming"]))
-        print(naming_line(report["prediction_naming"], "MM-head predictions of the next patch"))
+    md = [results_table(report, [n for n in sets if n in report])]
+    if naming_images:
+        md += ["", naming_line(report["naming"]),
+               "", naming_line(report["prediction_naming"], "MM-head predictions of the next patch")]
+    if transcript_images:
+        report["transcript"] = transcript(model, tok, shapes_dir, transcript_images)
+        md += ["", "```", transcript_text(report["transcript"]), "```"]
+    print("\n".join(md))
     if out_path:
         with open(out_path, "w") as f:
             json.dump(report, f, indent=2)
+        with open(os.path.join(os.path.dirname(out_path), "results.md"), "w") as f:
+            f.write("\n".join(md) + "\n")  # what the README shows (docs/demo/results.md is a copy)
     return report
+
+
+def results_table(report, sets):
+    """The demo's results as a Markdown table: one row per question set."""
+    rows = ["| question set | short answers | POPE acc. | POPE random / popular / adversarial | POPE F1 | yes-ratio |",
+            "|---|---|---|---|---|---|"]
+    for name in sets:
+        r = report[name]
+        cats = r["pope"].get("categories", {})
+        per = " / ".join(f"{100 * cats[c]['accuracy']:.1f}" for c in ("random", "popular", "adversarial") if c in cats)
+        rows.append(f"| {name} ({r['short']['n']} + {r['pope']['n']} questions) | {100 * r['short']['accuracy']:.1f}% | "
+                    f"{100 * r['pope']['accuracy']:.1f}% | {per} | {r['pope']['f1']:.3f} | {r['pope']['yes_ratio']:.2f} |")
+    return "\n".join(rows)
+
+
+def transcript(model, tok, shapes_dir, n_images=3, first=0):
+    """A few held-out images with one question of each kind that applies (short-answer form) and a POPE
+    question, the model's greedy answer beside the truth (from the scene itself)."""
+    world = json.loads((Path(shapes_dir) / "world.json").read_text())
+    rng = random.Random(f"{world['seed']}/transcript")
+    vc = model.cfg.vision
+    model.eval()
+    out = []
+    for i in list(held_out_images(world))[first:first + n_images]:
+        scene = scene_of(world["seed"], i, world.get("version", 2))
+        qa = questions(scene, rng, [(c, s) for c in COLORS for s in SHAPES])  # its POPE items are not used
+        picked, seen = [], set()
+        for q, short, _, kind in qa:
+            if short is not None and kind not in seen and not kind.startswith("pope"):
+                picked.append((q, short))
+                seen.add(kind)
+        c, s = next(((c, s) for c in COLORS for s in SHAPES if (c, s) not in {o[:2] for o in scene["objects"]}
+                     and any(o[0] == c or o[1] == s for o in scene["objects"])))
+        picked.append((f"Is there {article(c)} {s} in the image?", "No"))
+        picked.append((f"Is there {article(scene['objects'][0][0])} {scene['objects'][0][1]} in the image?", "Yes"))
+        px = process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
+        prompts = [evaluate.prompt_ids(model, tok, f"{q}\n{SHORT}", True) for q, _ in picked]
+        answers = evaluate.answer_batch(model, tok, prompts, torch.stack([px] * len(picked)), max_new_tokens=16)
+        out.append({"image": f"images/{i:06d}.png", "caption": caption(scene),
+                    "turns": [{"question": q, "truth": t, "answer": a} for (q, t), a in zip(picked, answers)]})
+    return out
+
+
+def transcript_text(items):
+    lines = []
+    for item in items:
+        lines.append(f"{item['image']}: {item['caption']}")
+        for t in item["turns"]:
+            mark = "ok" if t["answer"].strip().rstrip(".").lower() == t["truth"].lower() else "WRONG"
+            lines.append(f"  Q: {t['question']:<40} model: {t['answer']:<14} truth: {t['truth']:<14} {mark}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
