@@ -689,6 +689,9 @@ def main(argv=None):
         model = VTLMM.from_pretrained(args.path, dtype=dtype, vision_path=args.vision_path)
         files = export_llava_hf(model, args.export, tokenizer)
         print(f"wrote {args.export}: {', '.join(files)}")
+        if model.cfg.pseudo_image_features:
+            print("note: this model answers from pseudo image features (Eq. 8), which transformers' "
+                  "LlavaForConditionalGeneration does not compute: evaluate it with eval.py")
         return
     if args.path:
         _, parts, _ = read_checkpoint(args.path, args.vision_path)

@@ -15,7 +15,7 @@
 #   6. the two side by side, question by question         (OUT/compare.json)
 #   7. the export through AutoProcessor alone vs nanoVT's greedy tokens, question by question
 # Environment: PY (nanoVT's python, default python), LMMS_VENV, LMMS_TORCH, LIMIT (first N questions of
-# each file; 0 = all), DEVICE (lmms-eval's device, default cpu).
+# each file; 0 = all), PARITY_LIMIT (the same for step 7, default 200), DEVICE (lmms-eval's device, default cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CKPT=${1:?usage: bash bench/lmms_eval_check.sh CKPT WORLD [OUT]}
@@ -25,6 +25,7 @@ PY=${PY:-python}
 LMMS_VENV=${LMMS_VENV:-$HOME/.venvs/nanovt-lmms}
 LMMS_TORCH=${LMMS_TORCH:-2.14.1}
 LIMIT=${LIMIT:-0}
+PARITY_LIMIT=${PARITY_LIMIT:-200}
 DEVICE=${DEVICE:-cpu}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
@@ -65,4 +66,4 @@ echo "== 6. side by side"
 $PY bench/lmms_eval_check.py compare "$OUT" "$WORLD" --limit "$LIMIT"
 
 echo "== 7. processor-only path vs nanoVT"
-$PY bench/lmms_eval_check.py parity "$CKPT" "$OUT/hf" "$WORLD" --limit "$LIMIT"
+$PY bench/lmms_eval_check.py parity "$CKPT" "$OUT/hf" "$WORLD" --limit "$PARITY_LIMIT" | tee "$OUT/parity.txt"
