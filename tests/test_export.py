@@ -24,7 +24,7 @@ import losses
 import weights
 from conversation import render_conversation, tokenize_conversation, tokenize_prompt
 from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
-from tokenizer import hf_tokenizer_files, load_tokenizer, train_sentencepiece
+from tokenizer import hf_tokenizer_files, load_tokenizer, sentencepiece_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -228,6 +228,28 @@ def hf_tokenizer(tok, template, folder):
 
 TEXTS = ["A chat between a curious user and an artificial intelligence assistant.", "x\n\ny 12 3  two spaces",
          "\nstarts with a newline", "中文的回答 😀 yes", "tab\there\r\n", "(a) 'quoted' \"double\" 1999-2024", "a" * 40]
+
+
+@pytest.mark.parametrize("name", ["demo", "mistral", "llama2"])
+def test_sentencepiece_model_reads_as_protobuf_does(real_tokenizers, name):
+    """tokenizer.sentencepiece_model's own protobuf reading against sentencepiece's API and protobuf's."""
+    from sentencepiece import sentencepiece_model_pb2
+    tok = load_tokenizer(real_tokenizers[name])
+    pieces, spec = sentencepiece_model(tok.sp.serialized_model_proto())
+    sp = tok.sp
+    assert [p for p, _, _ in pieces] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    assert [s for _, s, _ in pieces] == [sp.get_score(i) for i in range(sp.get_piece_size())]
+    for i, (_, _, kind) in enumerate(pieces):
+        assert (kind == "control", kind == "unknown", kind == "byte") == (sp.is_control(i), sp.is_unknown(i),
+                                                                          sp.is_byte(i))
+    m = sentencepiece_model_pb2.ModelProto()
+    m.ParseFromString(sp.serialized_model_proto())
+    assert [p.type for p in m.pieces].count(4) == [k for _, _, k in pieces].count("user_defined")
+    assert (spec["model_type"], spec["byte_fallback"]) == (m.trainer_spec.model_type, m.trainer_spec.byte_fallback)
+    n = m.normalizer_spec
+    assert (spec["normalizer"], spec["charsmap"], spec["add_dummy_prefix"], spec["remove_extra_whitespaces"],
+            spec["escape_whitespaces"]) == (n.name, n.precompiled_charsmap, n.add_dummy_prefix,
+                                            n.remove_extra_whitespaces, n.escape_whitespaces)
 
 
 @pytest.mark.parametrize("name", ["demo", "mistral", "llama2"])
