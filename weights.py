@@ -568,6 +568,7 @@ def export_llava_hf(model, out_dir, tokenizer=None):
     from safetensors.torch import save_file
     cfg = model.cfg
     dec, vis = cfg.decoder, cfg.vision
+    tok = _checked_tokenizer(tokenizer, cfg) if tokenizer is not None else None  # before anything is written
     os.makedirs(out_dir, exist_ok=True)
     params = dict(model.named_parameters())
     sd = {hf: params[name].detach().cpu().contiguous() for name, hf in invert(llava_hf_names(cfg)).items()}
@@ -577,7 +578,8 @@ def export_llava_hf(model, out_dir, tokenizer=None):
               metadata={"format": "pt"})
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     written = ["model.safetensors", "vm_head.safetensors"]
-    tok = _export_tokenizer(tokenizer, cfg, out_dir, written) if tokenizer is not None else None
+    if tok is not None:
+        _export_tokenizer(tok, cfg, out_dir, written)
     ids = {f"{k}_token_id": getattr(tok, f"{k}_id") for k in ("bos", "eos", "pad")} if tok else {}
     text = dict(model_type=dec.kind, vocab_size=vocab, hidden_size=dec.dim, intermediate_size=dec.hidden,
                 num_hidden_layers=dec.layers, num_attention_heads=dec.heads, num_key_value_heads=dec.kv_heads,
@@ -631,16 +633,25 @@ def hf_processor_configs(vis: VisionConfig):
     return image, processor
 
 
-def _export_tokenizer(tokenizer, cfg: VTLMMConfig, out_dir, written):
-    """The tokenizer, chat template and processor files of an export; returns the loaded tokenizer."""
-    import shutil
-
-    import conversation
-    from tokenizer import hf_tokenizer_files, load_tokenizer
+def _checked_tokenizer(tokenizer, cfg: VTLMMConfig):
+    """The tokenizer (a path or a loaded one), refused if it cannot be this model's."""
+    from tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     if tok.vocab_size > cfg.decoder.vocab_size:
         raise ValueError(f"{tok.path}: {tok.vocab_size} tokens, more than the model's vocabulary "
                          f"({cfg.decoder.vocab_size}): not this model's tokenizer")
+    if 0 <= cfg.image_token_id < tok.vocab_size:
+        raise ValueError(f"the model's image placeholder id {cfg.image_token_id} is token "
+                         f"{tok.piece(cfg.image_token_id)!r} of {tok.path}; it needs a row of its own")
+    return tok
+
+
+def _export_tokenizer(tok, cfg: VTLMMConfig, out_dir, written):
+    """The tokenizer, chat template and processor files of an export."""
+    import shutil
+
+    import conversation
+    from tokenizer import hf_tokenizer_files
     image_token = cfg.image_token_id if 0 <= cfg.image_token_id < cfg.decoder.vocab_size else cfg.decoder.vocab_size
     src = os.path.abspath(tok.path)
     if src != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
@@ -657,7 +668,6 @@ def _export_tokenizer(tokenizer, cfg: VTLMMConfig, out_dir, written):
     image, processor = hf_processor_configs(cfg.vision)
     _write_json(out_dir, "preprocessor_config.json", image, written)
     _write_json(out_dir, "processor_config.json", processor, written)
-    return tok
 
 
 # ----------------------------------------------------------------------------------------------

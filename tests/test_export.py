@@ -349,6 +349,7 @@ def test_export_refuses_what_it_cannot_write(world, tmp_path):
                               decoder=DecoderConfig(vocab_size=100, dim=32, layers=1, heads=2, hidden=64)))
     with pytest.raises(ValueError, match="more than the model's vocabulary"):
         small.export_llava_hf(str(tmp_path / "a"), world / "tokenizer.model")
+    assert not (tmp_path / "a").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="needs a row of its own"):
         hf_tokenizer_files(tok, 5, 256)
     unigram = tmp_path / "uni" / "tokenizer.model"
