@@ -211,3 +211,74 @@ def check_conversations(sample):
     if n_tags and not sample.get("image"):
         return "<image> tag but no image file"
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The same templates in Jinja, for an exported model's chat_template (transformers' apply_chat_template,
+# lmms-eval, pipeline("image-text-to-text")). Messages are transformers' {"role", "content"}, content a
+# string or a list of {"type": "image"} / {"type": "text", "text": ...} parts. A user message is turned
+# into the turn value of LLaVA's JSON first, so render_segments' rules apply: with an image, "<image>\n"
+# then the text stripped (_move_image_tag_to_front); without, the text as it is. BOS is not written: the
+# tokenizer adds it (add_bos_token), as it does for llava-hf. tests/test_export.py renders every template
+# through transformers and compares the ids with tokenize_prompt's.
+
+_JINJA_VALUE = """\
+{%- macro value(message, image_tag) -%}
+{%- if message['content'] is string -%}
+{%- set text = message['content'] -%}
+{%- set images = 1 if '<image>' in text else 0 -%}
+{%- set text = text.replace('<image>', '') -%}
+{%- else -%}
+{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -%}
+{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}
+{%- endif -%}
+{%- if images > 1 -%}{{ raise_exception('one image per conversation') }}{%- endif -%}
+{%- if images -%}{{ (image_tag + (text | trim)) | trim }}{%- else -%}{{ text }}{%- endif -%}
+{%- endmacro -%}
+"""
+
+# per template: (the user turn around {value}, the assistant turn around {value}, the generation prompt)
+_JINJA_TURNS = {
+    "vicuna_v1": ("{system}USER: {value} ", "ASSISTANT: {value}{eos}", "ASSISTANT:"),
+    "mistral_instruct": ("[INST] {value} [/INST]", " {value} {eos}", ""),
+    "vw_mistral": ("[INST] {value} [/INST]", "{value}{eos}", ""),
+}
+
+
+def hf_chat_template(template, legacy=True):
+    """The Jinja chat template that renders `template` as render_conversation does. `legacy`: the
+    tokenizer's; with legacy=False the exported tokenizer adds no dummy-prefix space after a special
+    token, so the template writes the space that nanoVT's tokenisation puts after <image> ("<image> \\n"
+    gives the same pieces as nanoVT's "<image>\\n", tokenizer.py _sentencepiece_json)."""
+    space = "" if legacy else " "
+    tag = f"'<image>{space}\\n'"
+    literal = lambda part: "{{ '" + part + "' }}" if part else ""  # noqa: E731
+    if template == "plain":  # stage I: the image, then the caption; the question is not shown
+        return _JINJA_VALUE + (
+            "{%- for message in messages -%}{%- if message['role'] == 'user' -%}"
+            "{{ '<image>' if value(message, " + tag + ").startswith('<image>') }}"
+            "{%- elif message['role'] == 'assistant' -%}" + literal(space) + "{{ value(message, '') }}" + literal("\\n") +
+            "{%- endif -%}{%- endfor -%}")
+    if template not in _JINJA_TURNS:
+        raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
+    user, assistant, generation = _JINJA_TURNS[template]
+
+    def turn(fmt):
+        before, _, after = fmt.replace("{system}", "").partition("{value}")
+        after, eos, tail = after.partition("{eos}")
+        return (literal(before) + "{{ value(message, " + tag + ") }}" + literal(after)
+                + ("{{ eos_token }}" if eos else "") + literal(tail))
+    if "{system}" in user:  # vicuna_v1: LLaVA's system prompt, or a system message's text in its place
+        head = ("{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' "
+                "else '" + SYSTEM_VICUNA.replace("'", "\\'") + "' -%}")
+        user_turn = "{{ system + ' ' if loop.first }}" + turn(user)
+    else:
+        head = ("{%- if messages and messages[0]['role'] == 'system' -%}{{ raise_exception('" + template +
+                " has no system prompt') }}{%- endif -%}")
+        user_turn = turn(user)
+    return _JINJA_VALUE + head + (
+        "{%- for message in messages | rejectattr('role', 'equalto', 'system') -%}"
+        "{%- if message['role'] == 'user' -%}" + user_turn +
+        "{%- elif message['role'] == 'assistant' -%}" + turn(assistant) +
+        "{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}" + literal(generation) + "{%- endif -%}")

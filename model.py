@@ -589,11 +589,13 @@ class VTLMM(nn.Module):
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({"nanovt": self.cfg.to_dict()}, f, indent=2)
 
-    def export_llava_hf(self, out_dir):
-        """Write a directory that transformers' LlavaForConditionalGeneration loads (new layout),
-        with the VM head beside it in vm_head.safetensors (which from_pretrained picks up)."""
+    def export_llava_hf(self, out_dir, tokenizer=None):
+        """Write a Hugging Face repository that transformers' LlavaForConditionalGeneration loads (new
+        layout), the VM head beside it in vm_head.safetensors (which from_pretrained picks up); with
+        `tokenizer` (a tokenizer.model or its directory) also the tokenizer, chat template and processor
+        files that AutoProcessor reads (docs/weights.md §Export)."""
         import weights
-        weights.export_llava_hf(self, out_dir)
+        return weights.export_llava_hf(self, out_dir, tokenizer)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):

@@ -14,12 +14,15 @@ import json
 import re
 from pathlib import Path
 
+IMAGE_TAG_HF = "<image>"  # the image placeholder's text in an exported tokenizer (conversation.IMAGE_TAG)
+
 
 class SentencePieceTokenizer:
     """A sentencepiece `tokenizer.model` (LLaMA, Vicuna, Mistral, the shapes world)."""
 
     def __init__(self, path, config=None):
         import sentencepiece as spm
+        self.path = Path(path)
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         self._sp_bare = None  # the same model without the dummy prefix, made when first needed
         self.vocab_size = self.sp.get_piece_size()
@@ -103,6 +106,7 @@ class TiktokenTokenizer:
                 token, rank = line.split()
                 ranks[base64.b64decode(token)] = int(rank)
         specials = {name: len(ranks) + k for k, name in enumerate(llama3_special_tokens())}
+        self.path, self.ranks, self.specials = Path(path), ranks, specials
         self.enc = tiktoken.Encoding(Path(path).name, pat_str=LLAMA3_PATTERN,
                                      mergeable_ranks=ranks, special_tokens=specials)
         self.vocab_size = self.enc.n_vocab
@@ -183,3 +187,208 @@ def train_sentencepiece(texts, out_path, vocab_size=1024, user_defined_symbols=(
             input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
             max_sentence_length=1 << 16, minloglevel=2)
     return SentencePieceTokenizer(out_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer as a Hugging Face repository holds it: tokenizer.json (the `tokenizers` library's
+# serialisation, which transformers' PreTrainedTokenizerFast loads as it is), its tokenizer_config.json
+# and special_tokens_map.json. Written from the tokenizer.model alone, so that transformers tokenises a
+# prompt into nanoVT's ids: docs/weights.md §Export.
+
+SP_TYPES = {1: "normal", 2: "unknown", 3: "control", 4: "user_defined", 5: "unused", 6: "byte"}
+
+
+def _varint(buf, i):
+    shift = value = 0
+    while True:
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i, shift = i + 1, shift + 7
+        if b < 0x80:
+            return value, i
+
+
+def _proto_fields(buf):
+    """(field number, value) of one protobuf message, in file order: varints as int, length-delimited
+    fields as bytes, fixed-width fields as their raw bytes."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        wire = key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = buf[i:i + n], i + n
+        else:
+            raise ValueError(f"protobuf wire type {wire} is not expected in a sentencepiece model")
+        yield key >> 3, value
+
+
+def sentencepiece_model(proto):
+    """What a sentencepiece ModelProto says about encoding: its pieces [(piece, score, type)] in id
+    order and the trainer / normaliser fields that change how text is split (sentencepiece_model.proto:
+    ModelProto.pieces = 1, trainer_spec = 2, normalizer_spec = 3). A field given twice takes its last
+    value, as protobuf merges a message (SentencePieceTokenizer's bare model relies on that)."""
+    import struct
+    pieces = []
+    spec = dict(model_type=1, byte_fallback=False, treat_whitespace_as_suffix=False,  # the .proto defaults
+                normalizer="", charsmap=b"", add_dummy_prefix=True, remove_extra_whitespaces=True,
+                escape_whitespaces=True)
+    trainer = {3: "model_type", 24: "treat_whitespace_as_suffix", 35: "byte_fallback"}
+    normalizer = {1: "normalizer", 2: "charsmap", 3: "add_dummy_prefix", 4: "remove_extra_whitespaces",
+                  5: "escape_whitespaces"}
+    for field, value in _proto_fields(proto):
+        if field == 1:
+            p = {1: b"", 2: b"\0\0\0\0", 3: 1} | dict(_proto_fields(value))
+            pieces.append((p[1].decode("utf-8"), struct.unpack("<f", p[2])[0], SP_TYPES.get(p[3], "normal")))
+        elif field in (2, 3):
+            names = trainer if field == 2 else normalizer
+            for f, v in _proto_fields(value):
+                if f in names:
+                    spec[names[f]] = v.decode("utf-8") if names[f] == "normalizer" else v
+    for k in ("byte_fallback", "treat_whitespace_as_suffix", "add_dummy_prefix", "remove_extra_whitespaces",
+              "escape_whitespaces"):
+        spec[k] = bool(spec[k])
+    return pieces, spec
+
+
+def _rx_literal(text):
+    """`text` as an Oniguruma regex (the `tokenizers` library's) matching it literally."""
+    return "".join(c if c.isalnum() else "\\x{%x}" % ord(c) for c in text)
+
+
+def _added(i, content):
+    return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
+def _bos_processor(bos, bos_id):
+    """The post-processor that puts BOS before a text (and before each text of a pair)."""
+    return {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+
+
+def _sentencepiece_json(tok):
+    """tokenizer.json for a sentencepiece BPE model, encoding as SentencePieceTokenizer does.
+
+    sentencepiece's BPE starts from characters (user-defined symbols such as the shapes world's "\\n"
+    whole, never merged) and repeatedly merges the adjacent pair whose concatenation is the piece with
+    the highest score; `tokenizers`' BPE merges the pair listed first. So the merges list every split
+    of every piece into two pieces, pieces by falling score. The dummy-prefix space: legacy (the
+    default) before every chunk of text, also after </s> and <image> (a normaliser, which runs on each
+    chunk between special tokens); legacy=False only at the very start (a pre-tokeniser), and the chat
+    template writes the space after <image> itself (conversation.hf_chat_template)."""
+    pieces, spec = sentencepiece_model(tok.sp.serialized_model_proto())
+    where = getattr(tok, "path", "this sentencepiece model")
+    if spec["model_type"] != 2:
+        kind = {1: "unigram", 3: "word", 4: "char"}.get(spec["model_type"], spec["model_type"])
+        raise ValueError(f"{where} is a {kind} sentencepiece model; the export writes BPE models only "
+                         f"(LLaMA, Vicuna, Mistral, the shapes world)")
+    if spec["remove_extra_whitespaces"] or not spec["escape_whitespaces"] or spec["treat_whitespace_as_suffix"]:
+        raise ValueError(f"{where}: remove_extra_whitespaces / no escape_whitespaces / treat_whitespace_as_suffix "
+                         f"cannot be written as a tokenizer.json that tokenises as sentencepiece does")
+    vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+    normal = {p for p, _, t in pieces if t == "normal"}
+    merges = []
+    for _, _, p in sorted((-s, i, p) for i, (p, s, t) in enumerate(pieces) if t == "normal" and len(p) > 1):
+        merges += [[p[:k], p[k:]] for k in range(1, len(p)) if p[:k] in normal and p[k:] in normal]
+    prefix = spec["add_dummy_prefix"]
+    normalizers = []
+    if spec["charsmap"]:  # a normalisation rule other than identity, precompiled into the model
+        import base64
+        normalizers.append({"type": "Precompiled", "precompiled_charsmap": base64.b64encode(spec["charsmap"]).decode()})
+    if prefix and tok.legacy:
+        normalizers.append({"type": "Prepend", "prepend": "▁"})
+    normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})
+    pre = []
+    if prefix and not tok.legacy:
+        pre.append({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": False})
+    symbols = sorted((p for p, _, t in pieces if t == "user_defined"), key=len, reverse=True)
+    if symbols:
+        pre.append({"type": "Split", "pattern": {"Regex": "|".join(map(_rx_literal, symbols))},
+                    "behavior": "Isolated", "invert": False})
+    decoders = [{"type": "Replace", "pattern": {"String": "▁"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prefix else [])
+    unk = tok.sp.unk_id()
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added(i, p) for i, (p, _, t) in enumerate(pieces) if t in ("control", "unknown")],
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre} if pre else None,
+        "post_processor": _bos_processor(pieces[tok.bos_id][0], tok.bos_id) if tok.add_bos else None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": pieces[unk][0] if unk >= 0 else None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": spec["byte_fallback"], "ignore_merges": False, "vocab": vocab, "merges": merges},
+    }
+
+
+def _byte_chars():
+    """GPT-2's printable stand-in for each byte, which byte-level BPE vocabularies are written in:
+    printable Latin-1 bytes stand for themselves, the other 68 for the characters from U+0100 on."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(0x100, 0x200))
+    return {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
+
+
+def _tiktoken_json(tok):
+    """tokenizer.json for a LLaMA-3 style tiktoken model: LLaMA-3's split pattern, then byte-level BPE.
+    tiktoken merges the adjacent pair whose concatenation has the lowest rank, and takes a whole
+    pre-token that is itself a rank as one token (ignore_merges)."""
+    chars = _byte_chars()
+    text = lambda b: "".join(chars[x] for x in b)  # noqa: E731
+    ranks = tok.ranks
+    merges = []
+    for t, _ in sorted(ranks.items(), key=lambda kv: kv[1]):
+        merges += [[text(t[:k]), text(t[k:])] for k in range(1, len(t)) if t[:k] in ranks and t[k:] in ranks]
+    specials = tok.specials
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added(i, s) for s, i in sorted(specials.items(), key=lambda kv: kv[1])],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_PATTERN}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "post_processor": _bos_processor("<|begin_of_text|>", tok.bos_id),
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
+                  "vocab": {text(t): r for t, r in ranks.items()}, "merges": merges},
+    }
+
+
+def hf_tokenizer_files(tok, image_token_id, model_max_length, image_token=IMAGE_TAG_HF):
+    """{file name: JSON object}: tokenizer.json, tokenizer_config.json and special_tokens_map.json for
+    `tok` (a SentencePieceTokenizer or TiktokenTokenizer), with `image_token` added as a special token
+    at `image_token_id`, the row export_llava_hf gives the placeholder. transformers loads the files as
+    PreTrainedTokenizerFast (tokenizer.json as it is), which tokenises a rendered prompt as nanoVT does
+    (tests/test_export.py); nanoVT itself reads tokenizer.model and the legacy / add_bos_token /
+    bos / eos / pad fields of tokenizer_config.json (tokenizer_config())."""
+    spm = isinstance(tok, SentencePieceTokenizer)
+    if 0 <= image_token_id < tok.vocab_size:
+        raise ValueError(f"the image placeholder id {image_token_id} is token {tok.piece(image_token_id)!r} of "
+                         f"the tokenizer ({tok.vocab_size} tokens); it needs a row of its own")
+    tj = _sentencepiece_json(tok) if spm else _tiktoken_json(tok)
+    tj["added_tokens"].append(_added(image_token_id, image_token))
+    piece = (lambda i: tok.sp.id_to_piece(i)) if spm else (lambda i: tok.piece(i))
+    special = {"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id), "pad_token": piece(tok.pad_id)}
+    if spm and tok.sp.unk_id() >= 0:
+        special["unk_token"] = piece(tok.sp.unk_id())
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast", **special,
+        "add_bos_token": tok.add_bos, "add_eos_token": False, "legacy": tok.legacy,
+        "clean_up_tokenization_spaces": False, "model_max_length": model_max_length, "padding_side": "left",
+        "extra_special_tokens": {"image_token": image_token},
+        "added_tokens_decoder": {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tj["added_tokens"]},
+    }
+    token = lambda s: {"content": s, "lstrip": False, "normalized": False, "rstrip": False,  # noqa: E731
+                       "single_word": False}
+    specials_map = {k: token(v) for k, v in special.items()} | {"additional_special_tokens": [token(image_token)]}
+    return {"tokenizer.json": tj, "tokenizer_config.json": config, "special_tokens_map.json": specials_map}

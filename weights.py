@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import sys
 from dataclasses import replace
 from typing import Optional
 
@@ -545,34 +546,46 @@ def load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides):
 
 def placeholder_row(sd, cfg: VTLMMConfig):
     """Export's one tensor transform. transformers looks the image placeholder up in the embedding; nanoVT's
-    sentinel (-200) is no row of it, so the export gives the embedding and the MM head one extra, all-zero
-    row for it (its logit is then 0: compare logits over the first C columns). Returns (placeholder id,
+    sentinel (-200) is no row of it, so the export gives the embedding, the MM head and the VM head one
+    extra, all-zero row for it (its logit is then 0: compare logits and visual-token distributions over
+    the first C columns), and the model loads back with a vocabulary of C + 1. Returns (placeholder id,
     vocabulary size) as written."""
     vocab, image_token = cfg.decoder.vocab_size, cfg.image_token_id
     if 0 <= image_token < vocab:
         return image_token, vocab
-    for k in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-        sd[k] = torch.cat([sd[k], sd[k].new_zeros(1, sd[k].shape[1])])
+    for k in ("model.language_model.embed_tokens.weight", "lm_head.weight", "vm_head.weight"):
+        if k in sd:
+            sd[k] = torch.cat([sd[k], sd[k].new_zeros(1, sd[k].shape[1])])
     return vocab, vocab + 1
 
 
-def export_llava_hf(model, out_dir):
-    """The new llava-hf layout through invert(llava_hf_names), plus vm_head.safetensors (docs/weights.md §Export)."""
+def export_llava_hf(model, out_dir, tokenizer=None):
+    """A Hugging Face repository of `model` (docs/weights.md §Export): the new llava-hf layout through
+    invert(llava_hf_names) with config.json and generation_config.json, vm_head.safetensors beside it,
+    and, given `tokenizer` (a tokenizer.model file, the directory holding one, or a loaded tokenizer),
+    what AutoProcessor reads: the tokenizer files, the chat template, the image processor's and the
+    processor's configs. Returns the names of the files written."""
     from safetensors.torch import save_file
     cfg = model.cfg
     dec, vis = cfg.decoder, cfg.vision
+    tok = _checked_tokenizer(tokenizer, cfg) if tokenizer is not None else None  # before anything is written
     os.makedirs(out_dir, exist_ok=True)
     params = dict(model.named_parameters())
     sd = {hf: params[name].detach().cpu().contiguous() for name, hf in invert(llava_hf_names(cfg)).items()}
+    sd["vm_head.weight"] = model.vm_head.weight.detach().cpu().contiguous()
     image_token, vocab = placeholder_row(sd, cfg)
+    save_file({"vm_head.weight": sd.pop("vm_head.weight")}, os.path.join(out_dir, "vm_head.safetensors"),
+              metadata={"format": "pt"})
     save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    save_file({"vm_head.weight": model.vm_head.weight.detach().cpu().contiguous()},
-              os.path.join(out_dir, "vm_head.safetensors"), metadata={"format": "pt"})
+    written = ["model.safetensors", "vm_head.safetensors"]
+    if tok is not None:
+        _export_tokenizer(tok, cfg, out_dir, written)
+    ids = {f"{k}_token_id": getattr(tok, f"{k}_id") for k in ("bos", "eos", "pad")} if tok else {}
     text = dict(model_type=dec.kind, vocab_size=vocab, hidden_size=dec.dim, intermediate_size=dec.hidden,
                 num_hidden_layers=dec.layers, num_attention_heads=dec.heads, num_key_value_heads=dec.kv_heads,
                 head_dim=dec.hd, rms_norm_eps=dec.eps, rope_theta=dec.rope_theta,
                 max_position_embeddings=dec.max_seq_len, hidden_act="silu", tie_word_embeddings=False,
-                attention_bias=False, mlp_bias=False)
+                attention_bias=False, mlp_bias=False, **ids)
     if dec.kind == "mistral":
         text["sliding_window"] = dec.sliding_window
     config = dict(
@@ -586,8 +599,75 @@ def export_llava_hf(model, out_dir):
                            num_channels=3),
         nanovt_extras=dict(template=cfg.template, pseudo_image_features=cfg.pseudo_image_features),
     )
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
+    _write_json(out_dir, "config.json", config, written)
+    if tok is not None:  # what generate() stops at and pads with; greedy, as eval.py and sample.py decode
+        _write_json(out_dir, "generation_config.json", dict(**ids, do_sample=False), written)
+    return written
+
+
+def _write_json(out_dir, name, obj, written):
+    with open(os.path.join(out_dir, name), "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    written.append(name)
+
+
+def hf_processor_configs(vis: VisionConfig):
+    """(preprocessor_config.json, processor_config.json) of an export, as dicts.
+
+    The image processor is transformers' LlavaImageProcessor set to data.process_image's steps:
+    pad to a square with the CLIP mean colour (do_pad), resize the shortest edge bicubic, centre crop,
+    rescale by 1/255, normalise with CLIP's mean and std. LlavaProcessor expands <image> into
+    (image_size / patch_size)² + num_additional_image_tokens - 1 placeholders under the "default"
+    strategy (the class token dropped): with 1 additional token, the model's num_patches."""
+    import data
+    from tokenizer import IMAGE_TAG_HF
+    size = vis.image_size
+    image = dict(
+        image_processor_type="LlavaImageProcessor", processor_class="LlavaProcessor",
+        do_convert_rgb=True, do_pad=True, do_resize=True, size={"shortest_edge": size}, resample=3,  # PIL bicubic
+        do_center_crop=True, crop_size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(data.CLIP_MEAN), image_std=list(data.CLIP_STD))
+    processor = dict(processor_class="LlavaProcessor", image_token=IMAGE_TAG_HF, patch_size=vis.patch_size,
+                     vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return image, processor
+
+
+def _checked_tokenizer(tokenizer, cfg: VTLMMConfig):
+    """The tokenizer (a path or a loaded one), refused if it cannot be this model's."""
+    from tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
+    if tok.vocab_size > cfg.decoder.vocab_size:
+        raise ValueError(f"{tok.path}: {tok.vocab_size} tokens, more than the model's vocabulary "
+                         f"({cfg.decoder.vocab_size}): not this model's tokenizer")
+    if 0 <= cfg.image_token_id < tok.vocab_size:
+        raise ValueError(f"the model's image placeholder id {cfg.image_token_id} is token "
+                         f"{tok.piece(cfg.image_token_id)!r} of {tok.path}; it needs a row of its own")
+    return tok
+
+
+def _export_tokenizer(tok, cfg: VTLMMConfig, out_dir, written):
+    """The tokenizer, chat template and processor files of an export."""
+    import shutil
+
+    import conversation
+    from tokenizer import hf_tokenizer_files
+    image_token = cfg.image_token_id if 0 <= cfg.image_token_id < cfg.decoder.vocab_size else cfg.decoder.vocab_size
+    src = os.path.abspath(tok.path)
+    if src != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
+        shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
+    written.append("tokenizer.model")
+    files = hf_tokenizer_files(tok, image_token, cfg.decoder.max_seq_len)
+    template = conversation.hf_chat_template(cfg.template, tok.legacy)
+    files["tokenizer_config.json"]["chat_template"] = template
+    for name, obj in files.items():
+        _write_json(out_dir, name, obj, written)
+    with open(os.path.join(out_dir, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(template)
+    written.append("chat_template.jinja")
+    image, processor = hf_processor_configs(cfg.vision)
+    _write_json(out_dir, "preprocessor_config.json", image, written)
+    _write_json(out_dir, "processor_config.json", processor, written)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,14 +676,33 @@ def export_llava_hf(model, out_dir):
 
 def main(argv=None):
     decoders = [k for k, v in PRESETS.items() if isinstance(v, DecoderConfig)]
-    ap = argparse.ArgumentParser(description="Print name maps, one tensor a line: checkpoint name, nanoVT name.")
+    ap = argparse.ArgumentParser(description="Print name maps, one tensor a line: checkpoint name, nanoVT name; "
+                                             "or export a checkpoint as a Hugging Face repository (--export).")
     ap.add_argument("path", nargs="?", help="a checkpoint directory: the maps from_pretrained reads it with")
     ap.add_argument("--vision_path", default=None, help="the CLIP directory of an original LLaVA / VW-LMM checkpoint")
     ap.add_argument("--layout", choices=sorted(LAYOUTS), help="a layout, for --preset's shapes")
     ap.add_argument("--preset", choices=decoders, default="vicuna-7b-v1.5",
                     help="the decoder's released shapes (the tower is CLIP ViT-L/14-336)")
     ap.add_argument("--invert", action="store_true", help="nanoVT name first (the direction export writes)")
+    ap.add_argument("--export", metavar="OUT_DIR", help="write `path` as a llava-hf repository with its tokenizer, "
+                                                        "chat template and processor files (docs/weights.md §Export)")
+    ap.add_argument("--tokenizer", default=None, help="with --export: the tokenizer.model (default: the one in path)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="with --export: weights' dtype")
     args = ap.parse_args(argv)
+    if args.export:
+        if not args.path:
+            ap.error("--export needs the checkpoint directory to export")
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        tokenizer = args.tokenizer or os.path.join(args.path, "tokenizer.model")
+        if not os.path.exists(tokenizer):
+            ap.error(f"no {tokenizer}: name the model's tokenizer.model with --tokenizer")
+        model = VTLMM.from_pretrained(args.path, dtype=dtype, vision_path=args.vision_path)
+        files = export_llava_hf(model, args.export, tokenizer)
+        print(f"wrote {args.export}: {', '.join(files)}")
+        if model.cfg.pseudo_image_features:
+            print("note: this model answers from pseudo image features (Eq. 8), which transformers' "
+                  "LlavaForConditionalGeneration does not compute: evaluate it with eval.py")
+        return
     if args.path:
         _, parts, _ = read_checkpoint(args.path, args.vision_path)
         maps = [(files.path, names) for files, names in parts]
@@ -612,12 +711,17 @@ def main(argv=None):
         maps = [(f"layout {args.layout}, {args.preset}", LAYOUTS[args.layout](cfg))]
     else:
         ap.error("give a checkpoint directory or --layout")
-    for title, names in maps:
-        names = invert(names) if args.invert else names
-        print(f"# {title}: {len(names)} tensors")
-        width = max(len(k) for k in names)
-        for a, b in names.items():
-            print(f"{a:<{width}}  {b}")
+    try:
+        for title, names in maps:
+            names = invert(names) if args.invert else names
+            print(f"# {title}: {len(names)} tensors")
+            width = max(len(k) for k in names)
+            for a, b in names.items():
+                print(f"{a:<{width}}  {b}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head`): end quietly, as a pipe's writer should
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's own flush finds no pipe
+        sys.exit(1)
 
 
 if __name__ == "__main__":
