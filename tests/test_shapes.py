@@ -118,7 +118,7 @@ def test_settings_come_from_the_hook_entries():
     cfg = train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--hook.report_limit=7", "--hook.dir=/x/y",
                              "--hook.vision_lr=1e-4"])
     toy = shapes.settings(cfg)
-    assert (toy.dir, toy.report_limit, toy.vision_lr, toy.vision_epochs) == ("/x/y", 7, 1e-4, 12)
+    assert (toy.dir, toy.report_limit, toy.vision_lr, toy.vision_epochs) == ("/x/y", 7, 1e-4, 4)
     assert cfg.hook["module"] == "shapes"
     with pytest.raises(ValueError, match="--lr.x: lr is not a dict"):
         train.load_config([os.path.join(ROOT, "configs/shapes.py"), "--lr.x=1"])

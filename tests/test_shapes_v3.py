@@ -218,7 +218,13 @@ def test_held_out_report_scores_answers_and_names(world3, tmp_path, monkeypatch)
     out = tmp_path / "run" / "eval.json"
     out.parent.mkdir()
     r = shapes.held_out_report(ckpt, str(world3), limit=6, out_path=str(out), progress=False, naming_images=2)
-    assert calls == [6, 6] and r["short"] == {"accuracy": 0.5, "n": 6}
+    assert calls == [6, 6] and (r["short"]["accuracy"], r["short"]["n"]) == (0.5, 6)
+    shorts = [json.loads(x) for x in (world3 / "eval_short.jsonl").read_text().splitlines()][:6]
+    by_kind = {}
+    for q in shorts:  # even ids answered with the gold answer, odd ones wrong
+        by_kind.setdefault(shapes.short_kind(q["text"]), []).append(q["question_id"] % 2 == 0)
+    assert r["short"]["by_kind"] == {k: sum(v) / len(v) for k, v in by_kind.items()}
+    assert r["held-out"]["short"] is r["short"] or r["held-out"]["short"] == r["short"]
     pope = [json.loads(x) for x in (world3 / "eval_pope.jsonl").read_text().splitlines()][:6]
     # even ids: the gold label; odd ids: "banana", which POPE's rule (no "no" or "not" in it) reads as "yes"
     right = sum(p["question_id"] % 2 == 0 or p["label"] == "yes" for p in pope)
@@ -228,10 +234,10 @@ def test_held_out_report_scores_answers_and_names(world3, tmp_path, monkeypatch)
 
 def test_demo_config_and_ablation_stage0_steps(tmp_path, monkeypatch):
     """configs/shapes_v3.py is on world version 3 with a 6 x 6 grid and a two-step stage 0 (captions, then
-    instructions); only a stage 0 from scratch pretrains the tower; ablate.py runs both steps. The demo
-    config stays on version 2, with its one patch per cell."""
-    demo = train.load_config([os.path.join(ROOT, "configs/shapes.py")])
-    assert shapes.settings(demo).version == 2 and demo.model["vision"]["image_size"] // demo.model["vision"]["patch_size"] == 3
+    instructions); only a stage 0 from scratch pretrains the tower; ablate.py runs both steps. Version 2
+    keeps its own config, with its one patch per cell."""
+    v2 = train.load_config([os.path.join(ROOT, "configs/shapes_v2.py")])
+    assert shapes.settings(v2).version == 2 and v2.model["vision"]["image_size"] // v2.model["vision"]["patch_size"] == 3
     cfg = train.load_config([os.path.join(ROOT, "configs/shapes_v3.py")])
     toy = shapes.settings(cfg)
     assert toy.version == 3 and cfg.model["vision"]["image_size"] // cfg.model["vision"]["patch_size"] == 6
