@@ -25,3 +25,16 @@ def test_files_and_commands_named_in_readme_exist():
     ci = open(os.path.join(ROOT, ".ci/run")).read()
     test_cmd = "python -m pytest -q tests"
     assert test_cmd in README and test_cmd in ci  # CI runs exactly the README's test command
+
+
+def test_demo_table_and_transcript_are_the_demo_runs_own():
+    """The README's demo results are docs/demo/results.md, which the demo's report wrote
+    (shapes.held_out_report -> out/shapes/results.md, copied): the table and the transcript, verbatim."""
+    results = open(os.path.join(ROOT, "docs", "demo", "results.md")).read()
+    block = README.split("<!-- demo-results")[1].split("<!-- end demo-results")[0]
+    lines = [line for line in block.splitlines()[1:] if line.strip()]
+    assert lines, "no demo results in the README"
+    for line in lines:
+        assert line in results, line
+    table = [line for line in results.splitlines() if line.startswith("| question set")]
+    assert table and table[0] in lines  # the table's header at least, so the README shows the table
