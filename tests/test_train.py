@@ -125,8 +125,11 @@ def test_fsdp_two_processes_match_one(world, start, tmp_path, stage):
     assert set(w1) == set(w2)  # the saved model is the plain one, no FSDP prefixes
     changed = {k.split(".")[0] for k in w0 if not torch.equal(w0[k], w2[k])}
     assert changed == set(train.STAGES[stage]["train"])  # under FSDP too, a stage trains its modules only
+    # Two AdamW steps at lr 1e-3 move a weight by up to 2e-3, about 4e-2 of the largest weight: a missing or
+    # doubled gradient reduction shows at that size. Summing in another order moves them by ~1e-5 (CI's CPUs
+    # measured 1.1e-5 on one matrix), so the bound sits between the two.
     for k in w1:
-        assert rel(w1[k], w2[k]) <= 1e-5, k
+        assert rel(w1[k], w2[k]) <= 1e-4, k
 
 
 def test_objective_is_the_fsdp_root_and_keeps_the_counts(tmp_path):
