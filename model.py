@@ -588,6 +588,9 @@ class VTLMM(nn.Module):
     def _compiled_step(self):
         if getattr(self, "_step_fn", None) is None:
             cuda = self.mm_head.weight.is_cuda
+            # one graph per (model, batch, cache length): eval's batches and a test suite's models need
+            # more than dynamo's default of 8 before it would fall back to eager without saying so
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # reduce-overhead: CUDA graphs, one replay per token instead of ~10 launches per block
             self._step_fn = torch.compile(self.decode_step, mode="reduce-overhead" if cuda else None,
                                           fullgraph=True, dynamic=False)
