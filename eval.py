@@ -233,7 +233,8 @@ def main(argv=None):
         return
     if not a.ckpt or not (a.benchmark or (a.questions and a.answers)):
         p.error("give --ckpt and either --benchmark or --questions with --answers")
-    model, tok = load_model(a.ckpt, a.tokenizer, a.device, a.dtype, a.pseudo_image_features, a.template)
+    model, tok = load_model(a.ckpt, a.tokenizer, a.device, a.dtype, a.pseudo_image_features, a.template,
+                            a.compile)
     if a.benchmark:
         out = a.out or os.path.join(a.ckpt, "eval")
         r = run_benchmark(model, tok, a.benchmark, a.data, out, a.questions, a.image_folder or None, a.batch_size,

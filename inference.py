@@ -40,10 +40,25 @@ def resolve_dtype(dtype="auto", device="cpu"):
     return DTYPES[dtype]
 
 
-def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_features=False, template=None):
+def resolve_compile(compile="auto", device="cpu"):
+    """Whether decoding runs its static-cache step through torch.compile. 'auto': on a GPU (CUDA
+    graphs: one replay per token instead of hundreds of kernel launches), off on a CPU, where bench.py
+    measured no gain for its compile time (README §Inference); 'on' / 'off' force it."""
+    if compile in (True, False):
+        return compile
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"unknown compile setting {compile!r}; choose auto, on, off")
+    if compile == "auto":
+        return str(device).startswith("cuda")
+    return compile == "on"
+
+
+def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_features=False, template=None,
+               compile="off"):
     """(model in eval mode, tokenizer) from a nanoVT checkpoint or a llava-hf directory; the tokenizer
     is `tokenizer` (a tokenizer.model file or folder) or the one beside the weights. `template`
-    overrides the chat template the checkpoint says it was trained with."""
+    overrides the chat template the checkpoint says it was trained with; `compile` (auto / on / off,
+    resolve_compile) sets whether its decoding steps are compiled."""
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         raise FileNotFoundError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a "
                                 f"llava-hf directory")
@@ -56,6 +71,7 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
             raise ValueError(f"unknown template {template!r}; "
                              f"choose one of {', '.join(conversation.TEMPLATES)}")
         model.cfg.template = template  # every prompt is rendered in model.cfg.template
+    model.compile_decode = resolve_compile(compile, device)
     return model, load_tokenizer(tokenizer or ckpt)
 
 
@@ -78,12 +94,14 @@ def stop_ids(tok):
 
 
 def add_args(p, device_default="auto"):
-    """The --device / --dtype / --template flags both scripts take."""
+    """The --device / --dtype / --template / --compile flags both scripts take."""
     p.add_argument("--device", default=device_default, help="auto (GPU if any), cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights' dtype: auto = bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--template", choices=conversation.TEMPLATES, default=None,
                    help="chat template (default: the one the checkpoint was trained with)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compile the decoding step (static KV cache; CUDA graphs on a GPU): auto = on a GPU only")
 
 
 if __name__ == "__main__":

@@ -35,11 +35,11 @@ from inference import prompt_ids, stop_ids
 DEMO_CKPT = os.path.join("out", "shapes", "stage4", "final")  # what `python train.py configs/shapes.py` writes
 
 
-def load(ckpt, tokenizer=None, device="cpu", pseudo_image_features=False, dtype="auto", template=None):
+def load(ckpt, tokenizer=None, device="cpu", pseudo_image_features=False, dtype="auto", template=None, compile="off"):
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         sys.exit(f"no model at {ckpt}: train the shapes demo with `python train.py configs/shapes.py` (it writes "
                  f"{DEMO_CKPT}), or pass --ckpt DIR (a nanoVT checkpoint or a llava-hf directory)")
-    return inference.load_model(ckpt, tokenizer, device, dtype, pseudo_image_features, template)
+    return inference.load_model(ckpt, tokenizer, device, dtype, pseudo_image_features, template, compile)
 
 
 def pixels(model, image):
@@ -298,7 +298,7 @@ def main(argv=None):
     p.add_argument("--cell", type=int, default=None, help="picture: pixels per patch (default 64; 32 for 24 x 24)")
     inference.add_args(p)
     a = p.parse_args(argv)
-    model, tok = load(a.ckpt, a.tokenizer, a.device, a.pseudo_image_features, a.dtype, a.template)
+    model, tok = load(a.ckpt, a.tokenizer, a.device, a.pseudo_image_features, a.dtype, a.template, a.compile)
     image = data.load_image(a.image)
     if a.visual_tokens:
         grids = visual_token_picture(model, tok, image, a.visual_tokens, a.nearest, a.cell)

@@ -197,3 +197,17 @@ def test_benchmark_command_on_llava_layout(setup, tmp_path, capsys):
     head, row = capsys.readouterr().out.splitlines()
     cells = dict(zip([h.strip() for h in head.split("|")], [c.strip() for c in row.split("|")]))
     assert cells["POPE"] == f"{100 * r['headline']:.1f}" and cells["VQAv2"] == "-" and cells["GQA"] == "-"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile needs a C++ compiler")
+def test_compiled_decoding_answers_as_eager(setup, tmp_path):
+    world, ckpt, _, qs = setup
+    model, tok = evaluate.load_model(ckpt)
+    fast, _ = evaluate.load_model(ckpt, compile="on")
+    assert fast.compile_decode and not model.compile_decode
+    a = evaluate.answer_file(fast, tok, qs, world, str(tmp_path / "a.jsonl"), batch_size=4, max_new_tokens=6,
+                             progress=False)  # batches of 4 and 2: two compiled shapes
+    b = evaluate.answer_file(model, tok, qs, world, str(tmp_path / "b.jsonl"), batch_size=4, max_new_tokens=6,
+                             progress=False)
+    assert [r["text"] for r in a] == [r["text"] for r in b] and len(a) == len(qs)
