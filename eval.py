@@ -28,17 +28,21 @@ import torch
 
 import benchmarks
 import data
+import inference
 from scorers import (_key, normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope,  # noqa: F401
                      score_sqa, score_vqa)
-from inference import add_args, load_model, prompt_ids, stop_ids  # noqa: F401  (one loader for all scripts)
+from inference import InputError, add_args, check_prompt_length, load_model, prompt_ids, stop_ids  # noqa: F401
 
 
 def read_jsonl(path, allow_torn_tail=False):
     """Rows of a jsonl file. allow_torn_tail: a last line without its newline that does not parse
     (a run killed mid-write) is dropped instead of raising."""
     rows = []
-    with open(path) as f:
-        lines = f.readlines()
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read {path}: {inference.why(e)}") from None
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
@@ -46,7 +50,7 @@ def read_jsonl(path, allow_torn_tail=False):
             except json.JSONDecodeError as e:
                 if allow_torn_tail and n == len(lines) and not line.endswith("\n"):
                     break
-                raise ValueError(f"{path}: malformed JSON at line {n}, column {e.colno}: {e.msg}") from None
+                raise InputError(f"{path}: malformed JSON at line {n}, column {e.colno}: {e.msg}") from None
     return rows
 
 
@@ -152,8 +156,17 @@ def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16
                               f"({type(e).__name__}: {e}); not answered", file=sys.stderr)
                         continue
                     images.append(data.process_image(img, size))
+                ids = prompt_ids(model, tok, q["text"], has_image)
+                try:
+                    check_prompt_length(model, ids, "its prompt")
+                except InputError as e:
+                    mine_failed.append((q["question_id"], "its prompt", str(e)))
+                    print(f"question {q['question_id']}: {e}; not answered", file=sys.stderr)
+                    if has_image:
+                        images.pop()
+                    continue
                 chunk.append(q)
-                prompts.append(prompt_ids(model, tok, q["text"], has_image))
+                prompts.append(ids)
             if chunk:
                 texts = answer_batch(model, tok, prompts, torch.stack(images) if images else None, max_new_tokens)
                 for q, a in zip(chunk, texts):
@@ -176,7 +189,8 @@ def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16
         _merge_parts(answers_path, questions)
     failed.extend(mine_failed)
     if failed and rank == 0:
-        print(f"{len(failed)} question(s) not answered: their image could not be read", file=sys.stderr)
+        print(f"{len(failed)} question(s) not answered: an image that could not be read or a prompt over the "
+              f"context length", file=sys.stderr)
     return [done[key(q)] for q in questions if key(q) in done]
 
 
@@ -266,7 +280,7 @@ def run_benchmark(model, tok, name, data_dir, out_dir, questions=None, image_fol
     column, qfile, ifolder, reader, scorer, headline, submission = benchmarks.BENCHMARKS[name]
     qpath = questions or os.path.join(data_dir, qfile)
     if not os.path.exists(qpath):
-        raise FileNotFoundError(f"{name}: no question file {qpath} (data layout: docs/eval.md)")
+        raise InputError(f"{name}: no question file {qpath} (data layout: docs/eval.md)")
     qs = reader(qpath, data_dir)
     check_unique(qs, qpath)
     qs = qs[: limit or None]
@@ -339,6 +353,8 @@ def main(argv=None):
     dist = Dist.from_env()  # torchrun --nproc_per_node=N: each process its share of the questions
     try:
         return _run(a, dist)
+    except InputError as e:  # one line, no traceback
+        sys.exit(f"eval.py: {e}")
     finally:
         if dist:
             dist.close()

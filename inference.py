@@ -22,6 +22,38 @@ from tokenizer import load_tokenizer
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class InputError(ValueError):
+    """Bad input from the command line (a file that is missing or unreadable, a prompt over the context
+    length): sample.py and eval.py print its one-line message and exit with status 1, no traceback."""
+
+
+def why(e):
+    """A short reason for an exception while reading a file: 'no such file', 'not an image', ..."""
+    from PIL import UnidentifiedImageError
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image PIL can read"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return f"{type(e).__name__}: {e}"
+
+
+def read_image(path):
+    """data.load_image, with an InputError naming the file when it cannot be read."""
+    import data
+    try:
+        return data.load_image(path)
+    except Exception as e:  # missing, a directory, unreadable, not an image, truncated, too large
+        raise InputError(f"cannot read image {path}: {why(e)}") from None
+
+
+def check_prompt_length(model, ids, where="the prompt"):
+    """An InputError when a prompt alone is longer than the decoder's context length (max_seq_len)."""
+    limit = model.cfg.decoder.max_seq_len
+    if len(ids) > limit:
+        raise InputError(f"{where} is {len(ids)} tokens (image patches included), over the model's context "
+                         f"length of {limit} tokens")
+
+
 def resolve_device(device="auto"):
     """'auto': the GPU if there is one, else the CPU; anything else is passed through."""
     if device == "auto":
@@ -60,8 +92,16 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
     overrides the chat template the checkpoint says it was trained with; `compile` (auto / on / off,
     resolve_compile) sets whether its decoding steps are compiled."""
     if not os.path.exists(os.path.join(ckpt, "config.json")):
-        raise FileNotFoundError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a "
-                                f"llava-hf directory")
+        raise InputError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a llava-hf directory")
+    tok_path = tokenizer or ckpt
+    tok_file = os.path.join(tok_path, "tokenizer.model") if os.path.isdir(tok_path) else tok_path
+    if not os.path.isfile(tok_file):
+        raise InputError(f"no tokenizer at {tok_file}: " + ("pass --tokenizer FILE (a tokenizer.model)"
+                                                            if not tokenizer else "pass a tokenizer.model file"))
+    try:
+        tok = load_tokenizer(tok_path)
+    except Exception as e:
+        raise InputError(f"cannot read tokenizer {tok_file}: {why(e)}") from None
     device = resolve_device(device)
     model = VTLMM.from_pretrained(ckpt, dtype=resolve_dtype(dtype, device), device=device).eval()
     if pseudo_image_features:
@@ -72,7 +112,7 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
                              f"choose one of {', '.join(conversation.TEMPLATES)}")
         model.cfg.template = template  # every prompt is rendered in model.cfg.template
     model.compile_decode = resolve_compile(compile, device)
-    return model, load_tokenizer(tokenizer or ckpt)
+    return model, tok
 
 
 def prompt_text(model, text, has_image, history=()):

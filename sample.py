@@ -81,6 +81,7 @@ def reply(model, tok, pixel_values, text, history=(), write=None, **sampling):
     there is no history), writing the answer as it comes; returns (answer text, answer ids)."""
     write = write or sys.stdout.write
     ids = prompt_ids(model, tok, text, pixel_values is not None, history)
+    inference.check_prompt_length(model, ids, "the prompt" if not history else "the chat so far")
     out = []
     for piece in stream(model, tok, ids, pixel_values, out, **sampling):
         write(piece)
@@ -281,6 +282,13 @@ def visual_token_picture(model, tok, image, out_path, nearest=False, cell=None):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except inference.InputError as e:  # one line, no traceback
+        sys.exit(f"sample.py: {e}")
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", default=None, help="one question; without it, an interactive chat")
@@ -299,7 +307,7 @@ def main(argv=None):
     inference.add_args(p)
     a = p.parse_args(argv)
     model, tok = load(a.ckpt, a.tokenizer, a.device, a.pseudo_image_features, a.dtype, a.template, a.compile)
-    image = data.load_image(a.image)
+    image = inference.read_image(a.image)
     if a.visual_tokens:
         grids = visual_token_picture(model, tok, image, a.visual_tokens, a.nearest, a.cell)
         for name, (labels, values) in grids.items():
