@@ -208,7 +208,7 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, (B, kv_heads, max_len, head_dim) each.
+    """Preallocated keys/values, a (B, kv_heads, max_len, head_dim) tensor each per layer.
 
     `valid` (B, max_len) marks real (non-padding) keys; `pos` (B,) is the next RoPE position per row;
     `index` (0-d) is the next slot, the same for every row (left padding keeps rows aligned), as a tensor
@@ -216,9 +216,11 @@ class KVCache:
     """
 
     def __init__(self, cfg: DecoderConfig, batch, max_len, dtype, device):
-        shape = (cfg.layers, batch, cfg.kv_heads, max_len, cfg.hd)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor per layer, not one stacked tensor: under torch.compile an in-place write into a view
+        # of a graph input becomes a copy of that whole input, so a stacked cache would be copied per layer
+        shape = (batch, cfg.kv_heads, max_len, cfg.hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.index = torch.zeros((), dtype=torch.long, device=device)
@@ -237,7 +239,7 @@ class KVCache:
 
     def mark_static(self):
         """Tell torch.compile these buffers keep their addresses (CUDA graphs then replay in place)."""
-        for t in (self.k, self.v, self.valid, self.pos, self.index):
+        for t in (*self.k, *self.v, self.valid, self.pos, self.index):
             torch._dynamo.mark_static_address(t)
         return self
 
@@ -270,9 +272,9 @@ class Attention(nn.Module):
             return self.o(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             s = cache.len
-            cache.k[layer, :, :, s:s + T] = k
-            cache.v[layer, :, :, s:s + T] = v
-            k, v = cache.k[layer, :, :, :s + T], cache.v[layer, :, :, :s + T]
+            cache.k[layer][:, :, s:s + T] = k
+            cache.v[layer][:, :, s:s + T] = v
+            k, v = cache.k[layer][:, :, :s + T], cache.v[layer][:, :, :s + T]
         # decoding: the key length changes every step; cuDNN's attention would build a new plan per
         # length (milliseconds of host time each, measured on an H200), the other kernels need none
         with sdpa_kernel(DECODE_SDPA) if cache is not None and q.is_cuda else contextlib.nullcontext():
