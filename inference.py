@@ -22,6 +22,38 @@ from tokenizer import load_tokenizer
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class InputError(ValueError):
+    """Bad input from the command line (a file that is missing or unreadable, a prompt over the context
+    length): sample.py and eval.py print its one-line message and exit with status 1, no traceback."""
+
+
+def why(e):
+    """A short reason for an exception while reading a file: 'no such file', 'not an image', ..."""
+    from PIL import UnidentifiedImageError
+    if isinstance(e, UnidentifiedImageError):
+        return "not an image PIL can read"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror[0].lower() + e.strerror[1:]
+    return f"{type(e).__name__}: {e}"
+
+
+def read_image(path):
+    """data.load_image, with an InputError naming the file when it cannot be read."""
+    import data
+    try:
+        return data.load_image(path)
+    except Exception as e:  # missing, a directory, unreadable, not an image, truncated, too large
+        raise InputError(f"cannot read image {path}: {why(e)}") from None
+
+
+def check_prompt_length(model, ids, where="the prompt"):
+    """An InputError when a prompt alone is longer than the decoder's context length (max_seq_len)."""
+    limit = model.cfg.decoder.max_seq_len
+    if len(ids) > limit:
+        raise InputError(f"{where} is {len(ids)} tokens (image patches included), over the model's context "
+                         f"length of {limit} tokens")
+
+
 def resolve_device(device="auto"):
     """'auto': the GPU if there is one, else the CPU; anything else is passed through."""
     if device == "auto":
@@ -40,13 +72,36 @@ def resolve_dtype(dtype="auto", device="cpu"):
     return DTYPES[dtype]
 
 
-def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_features=False, template=None):
+def resolve_compile(compile="auto", device="cpu"):
+    """Whether decoding runs its static-cache step through torch.compile. 'auto': on a GPU (CUDA
+    graphs: one replay per token instead of hundreds of kernel launches), off on a CPU, where bench.py
+    measured no gain for its compile time (README §Inference); 'on' / 'off' force it."""
+    if compile in (True, False):
+        return compile
+    if compile not in ("auto", "on", "off"):
+        raise ValueError(f"unknown compile setting {compile!r}; choose auto, on, off")
+    if compile == "auto":
+        return str(device).startswith("cuda")
+    return compile == "on"
+
+
+def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_features=False, template=None,
+               compile="off"):
     """(model in eval mode, tokenizer) from a nanoVT checkpoint or a llava-hf directory; the tokenizer
     is `tokenizer` (a tokenizer.model file or folder) or the one beside the weights. `template`
-    overrides the chat template the checkpoint says it was trained with."""
+    overrides the chat template the checkpoint says it was trained with; `compile` (auto / on / off,
+    resolve_compile) sets whether its decoding steps are compiled."""
     if not os.path.exists(os.path.join(ckpt, "config.json")):
-        raise FileNotFoundError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a "
-                                f"llava-hf directory")
+        raise InputError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a llava-hf directory")
+    tok_path = tokenizer or ckpt
+    tok_file = os.path.join(tok_path, "tokenizer.model") if os.path.isdir(tok_path) else tok_path
+    if not os.path.isfile(tok_file):
+        raise InputError(f"no tokenizer at {tok_file}: " + ("pass --tokenizer FILE (a tokenizer.model)"
+                                                            if not tokenizer else "pass a tokenizer.model file"))
+    try:
+        tok = load_tokenizer(tok_path)
+    except Exception as e:
+        raise InputError(f"cannot read tokenizer {tok_file}: {why(e)}") from None
     device = resolve_device(device)
     model = VTLMM.from_pretrained(ckpt, dtype=resolve_dtype(dtype, device), device=device).eval()
     if pseudo_image_features:
@@ -56,7 +111,8 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
             raise ValueError(f"unknown template {template!r}; "
                              f"choose one of {', '.join(conversation.TEMPLATES)}")
         model.cfg.template = template  # every prompt is rendered in model.cfg.template
-    return model, load_tokenizer(tokenizer or ckpt)
+    model.compile_decode = resolve_compile(compile, device)
+    return model, tok
 
 
 def prompt_text(model, text, has_image, history=()):
@@ -78,12 +134,14 @@ def stop_ids(tok):
 
 
 def add_args(p, device_default="auto"):
-    """The --device / --dtype / --template flags both scripts take."""
+    """The --device / --dtype / --template / --compile flags both scripts take."""
     p.add_argument("--device", default=device_default, help="auto (GPU if any), cuda, cuda:1, cpu, ...")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights' dtype: auto = bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--template", choices=conversation.TEMPLATES, default=None,
                    help="chat template (default: the one the checkpoint was trained with)")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="compile the decoding step (static KV cache; CUDA graphs on a GPU): auto = on a GPU only")
 
 
 if __name__ == "__main__":

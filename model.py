@@ -208,19 +208,40 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys/values for every layer, (B, kv_heads, max_len, head_dim) each.
+    """Preallocated keys/values, a (B, kv_heads, max_len, head_dim) tensor each per layer.
 
-    `valid` (B, max_len) marks real (non-padding) keys; `pos` (B,) is the next RoPE position per row.
+    `valid` (B, max_len) marks real (non-padding) keys; `pos` (B,) is the next RoPE position per row;
+    `index` (0-d) is the next slot, the same for every row (left padding keeps rows aligned), as a tensor
+    so that a decode step written with it has the same shapes and inputs every token (Decoder.step).
     """
 
     def __init__(self, cfg: DecoderConfig, batch, max_len, dtype, device):
-        shape = (cfg.layers, batch, cfg.kv_heads, max_len, cfg.hd)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor per layer, not one stacked tensor: under torch.compile an in-place write into a view
+        # of a graph input becomes a copy of that whole input, so a stacked cache would be copied per layer
+        shape = (batch, cfg.kv_heads, max_len, cfg.hd)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.len = 0  # filled length, the same for every row (left padding keeps rows aligned)
+        self.index = torch.zeros((), dtype=torch.long, device=device)
+        self.len = 0  # filled length as a Python int (the prefill and the dynamic decode path use it)
         self.max_len = max_len
+        self.shape = (batch, max_len, dtype, torch.device(device))
+
+    def reset(self):
+        """Empty again, for the next prompt: keys and values stay (every slot is rewritten before a
+        query can see it), the masks and counters go back to zero."""
+        self.valid.zero_()
+        self.pos.zero_()
+        self.index.zero_()
+        self.len = 0
+        return self
+
+    def mark_static(self):
+        """Tell torch.compile these buffers keep their addresses (CUDA graphs then replay in place)."""
+        for t in (*self.k, *self.v, self.valid, self.pos, self.index):
+            torch._dynamo.mark_static_address(t)
+        return self
 
 
 DECODE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -236,19 +257,24 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=False)
         self.o = nn.Linear(cfg.heads * hd, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slot=None):
         B, T, _ = x.shape
         hd = self.cfg.hd
         q = self.q(x).view(B, T, self.cfg.heads, hd).transpose(1, 2)  # (B, heads, T, hd)
         k = self.k(x).view(B, T, self.cfg.kv_heads, hd).transpose(1, 2)  # (B, kv_heads, T, hd)
         v = self.v(x).view(B, T, self.cfg.kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        gqa = self.cfg.heads != self.cfg.kv_heads
+        if slot is not None:  # static cache (Decoder.step): write at slot, attend every slot under the mask
+            cache.k[layer].index_copy_(2, slot, k)
+            cache.v[layer].index_copy_(2, slot, v)
+            y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask, enable_gqa=gqa)
+            return self.o(y.transpose(1, 2).reshape(B, T, -1))
         if cache is not None:
             s = cache.len
-            cache.k[layer, :, :, s:s + T] = k
-            cache.v[layer, :, :, s:s + T] = v
-            k, v = cache.k[layer, :, :, :s + T], cache.v[layer, :, :, :s + T]
-        gqa = self.cfg.heads != self.cfg.kv_heads
+            cache.k[layer][:, :, s:s + T] = k
+            cache.v[layer][:, :, s:s + T] = v
+            k, v = cache.k[layer][:, :, :s + T], cache.v[layer][:, :, :s + T]
         # decoding: the key length changes every step; cuDNN's attention would build a new plan per
         # length (milliseconds of host time each, measured on an H200), the other kernels need none
         with sdpa_kernel(DECODE_SDPA) if cache is not None and q.is_cuda else contextlib.nullcontext():
@@ -279,13 +305,13 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.checkpoint = False  # activation checkpointing: keep only the input, recompute in backward
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, slot=None):
         if self.checkpoint and cache is None and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(self._forward, x, cos, sin, mask, use_reentrant=False)
-        return self._forward(x, cos, sin, mask, cache, layer)
+        return self._forward(x, cos, sin, mask, cache, layer, slot)
 
-    def _forward(self, x, cos, sin, mask, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer)
+    def _forward(self, x, cos, sin, mask, cache=None, layer=0, slot=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, slot)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -344,7 +370,33 @@ class Decoder(nn.Module):
             x = block(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.len = start + T
+            cache.index.fill_(start + T)
         return self.norm(x)
+
+    def step(self, tok, cache: KVCache):
+        """One new token per row, tok (B,), into cache slot cache.index: final-norm hidden states (B, dim).
+
+        Every shape is fixed by the cache (B, max_len) and no value is read back to the host, so one
+        compiled graph (a CUDA graph under mode reduce-overhead) serves every step: the keys and values
+        are written at the slot with index_copy_, and the query attends all max_len slots under a mask
+        that keeps the filled, non-padding ones (and, with a sliding window w, those less than w back),
+        which is the mask `attention_mask` builds for the same query over the filled prefix alone.
+        """
+        slot = cache.index.view(1)
+        x = self.embed(tok[:, None])
+        cache.valid.index_fill_(1, slot, True)
+        positions = cache.pos[:, None]
+        cos, sin = rope_cos_sin(positions, self.cfg.hd, self.cfg.rope_theta, x.dtype)
+        kj = torch.arange(cache.max_len, device=x.device)
+        m = cache.valid & (kj <= cache.index)[None]
+        if self.cfg.sliding_window is not None:
+            m = m & (cache.index - kj < self.cfg.sliding_window)[None]
+        mask = m[:, None, None, :]  # (B, 1, 1, max_len)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, mask, cache, i, slot)
+        cache.pos.add_(1)
+        cache.index.add_(1)
+        return self.norm(x)[:, 0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,16 +580,56 @@ class VTLMM(nn.Module):
         p = self.mm_head.weight
         return KVCache(self.cfg.decoder, batch, max_len, p.dtype, p.device)
 
+    def decode_step(self, tok, cache):
+        """Next-token logits (B, C) of one new token per row, through the static cache (Decoder.step)."""
+        return self.mm_head(self.decoder.step(tok, cache))
+
+    # torch.compile of decode_step; "auto" (inference.resolve_compile) decides where it is worth it
+    compile_decode = False
+
+    def _compiled_step(self):
+        if getattr(self, "_step_fn", None) is None:
+            cuda = self.mm_head.weight.is_cuda
+            # one graph per (model, batch, cache length): eval's batches and a test suite's models need
+            # more than dynamo's default of 8 before it would fall back to eager without saying so
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # reduce-overhead: CUDA graphs, one replay per token instead of ~10 launches per block
+            self._step_fn = torch.compile(self.decode_step, mode="reduce-overhead" if cuda else None,
+                                          fullgraph=True, dynamic=False)
+        return self._step_fn
+
+    def _static_cache(self, batch, max_len, compiled):
+        """A cache for batch x max_len. Compiled: one kept on the model and reused while the shape
+        fits (max_len rounded up to 128), so its buffers keep their addresses and the compiled step
+        its graph; each new shape costs one compilation. Eager: a fresh one."""
+        if not compiled:
+            return self.new_cache(batch, max_len)
+        max_len = -(-max_len // 128) * 128
+        p = self.mm_head.weight
+        c = getattr(self, "_kept_cache", None)
+        if c is None or c.shape != (batch, max_len, p.dtype, p.device):
+            self._kept_cache = c = None  # free the old one first
+            c = self._kept_cache = self.new_cache(batch, max_len).mark_static()
+        return c.reset()
+
     @torch.no_grad()
     def generate_stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=128,
-                        temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None):
+                        temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None, static=True,
+                        compile=None):
         """Yields the next token of every row, (B,), one step at a time, with a KV cache.
 
         Batches are left-padded (attention_mask 0 on the left). temperature 0 = greedy. Rows that
         produced a stop id keep yielding that id; the stream ends when every row has stopped.
+        The prompt is one forward pass (the prefill); each new token then goes through decode_step
+        on a static cache (static=True), compiled when `compile` (default: self.compile_decode), or,
+        with static=False, through the decoder's forward on a cache that grows by one key a step.
+        A compiled stream reuses one cache kept on the model: finish or drop one stream before the next.
         """
         B, T = input_ids.shape
-        cache = self.new_cache(B, T + max_new_tokens)
+        compiled = static and (self.compile_decode if compile is None else compile)
+        cache = self._static_cache(B, T + max_new_tokens, compiled) if static else self.new_cache(B, T + max_new_tokens)
+        step = self._compiled_step() if compiled else self.decode_step
+        cuda_graphs = compiled and input_ids.is_cuda
         out = self(input_ids, pixel_values, attention_mask, cache=cache, logits=False)
         logits = self.mm_head(out.hidden[:, -1])
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
@@ -549,8 +641,14 @@ class VTLMM(nn.Module):
             done |= torch.isin(tok, stop)
             if bool(done.all()) or i == max_new_tokens - 1:  # no forward pass for a token never asked for
                 return
-            hidden = self.decoder(self.decoder.embed(tok[:, None]), None, cache)
-            logits = self.mm_head(hidden[:, -1])
+            if static:
+                if cuda_graphs:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
+                logits = step(tok, cache)
+                cache.len += 1
+            else:
+                hidden = self.decoder(self.decoder.embed(tok[:, None]), None, cache)
+                logits = self.mm_head(hidden[:, -1])
 
     def generate(self, input_ids, pixel_values=None, max_new_tokens=128, **kw):
         """Returns (B, T + n) with the new tokens appended (rows that stopped early repeat their stop id)."""

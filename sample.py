@@ -35,11 +35,11 @@ from inference import prompt_ids, stop_ids
 DEMO_CKPT = os.path.join("out", "shapes", "stage4", "final")  # what `python train.py configs/shapes.py` writes
 
 
-def load(ckpt, tokenizer=None, device="cpu", pseudo_image_features=False, dtype="auto", template=None):
+def load(ckpt, tokenizer=None, device="cpu", pseudo_image_features=False, dtype="auto", template=None, compile="off"):
     if not os.path.exists(os.path.join(ckpt, "config.json")):
         sys.exit(f"no model at {ckpt}: train the shapes demo with `python train.py configs/shapes.py` (it writes "
                  f"{DEMO_CKPT}), or pass --ckpt DIR (a nanoVT checkpoint or a llava-hf directory)")
-    return inference.load_model(ckpt, tokenizer, device, dtype, pseudo_image_features, template)
+    return inference.load_model(ckpt, tokenizer, device, dtype, pseudo_image_features, template, compile)
 
 
 def pixels(model, image):
@@ -81,6 +81,7 @@ def reply(model, tok, pixel_values, text, history=(), write=None, **sampling):
     there is no history), writing the answer as it comes; returns (answer text, answer ids)."""
     write = write or sys.stdout.write
     ids = prompt_ids(model, tok, text, pixel_values is not None, history)
+    inference.check_prompt_length(model, ids, "the prompt" if not history else "the chat so far")
     out = []
     for piece in stream(model, tok, ids, pixel_values, out, **sampling):
         write(piece)
@@ -281,6 +282,13 @@ def visual_token_picture(model, tok, image, out_path, nearest=False, cell=None):
 
 
 def main(argv=None):
+    try:
+        return _main(argv)
+    except inference.InputError as e:  # one line, no traceback
+        sys.exit(f"sample.py: {e}")
+
+
+def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True)
     p.add_argument("--prompt", default=None, help="one question; without it, an interactive chat")
@@ -298,8 +306,8 @@ def main(argv=None):
     p.add_argument("--cell", type=int, default=None, help="picture: pixels per patch (default 64; 32 for 24 x 24)")
     inference.add_args(p)
     a = p.parse_args(argv)
-    model, tok = load(a.ckpt, a.tokenizer, a.device, a.pseudo_image_features, a.dtype, a.template)
-    image = data.load_image(a.image)
+    model, tok = load(a.ckpt, a.tokenizer, a.device, a.pseudo_image_features, a.dtype, a.template, a.compile)
+    image = inference.read_image(a.image)
     if a.visual_tokens:
         grids = visual_token_picture(model, tok, image, a.visual_tokens, a.nearest, a.cell)
         for name, (labels, values) in grids.items():

@@ -1,10 +1,12 @@
 """GPU checks that bench/gpu.sh runs after its training runs (one GPU, a few minutes):
 
     python bench/gpu.py layers   # 7B widths cut to 2 and 4 blocks: per-block step time and memory, 16 x 2048
-    python bench/gpu.py decode   # batch-1 greedy decoding against the memory-bandwidth roofline
+    python bench/gpu.py decode   # batch-1 greedy decoding at full 7B depth: eager and compiled vs the roofline
+    python bench/gpu.py answer   # eval-style batched answering at full 7B depth: questions/s, eager and compiled
     python bench/gpu.py parity   # model vs transformers on CUDA; chunked losses vs full; no host sync per step
 
-Each prints Markdown lines; gpu.sh collects them. Needs CUDA.
+Each prints Markdown lines; gpu.sh collects them. Needs CUDA (GPU_PY_DEVICE=cpu DRY=1: a dry run of the
+code paths on a small model).
 """
 
 import os
@@ -128,45 +130,127 @@ def layers():
           f"{dm:.2f} GiB{mfu}; x 32 blocks = {32 * dt:.2f} s per micro-batch")
 
 
+def decode_cfg():
+    """Vicuna-7B shapes at DECODE_LAYERS blocks (default 32, the full depth) with the CLIP ViT-L/14-336
+    tower; DRY=1: a small model of the same kind, for a dry run of the code paths on the CPU."""
+    dec, vis = PRESETS["vicuna-7b-v1.5"], PRESETS["clip-vit-l14-336"]
+    n = int(os.environ.get("DECODE_LAYERS", 32))
+    if os.environ.get("DRY"):
+        dec = type(dec)(**{**dec.__dict__, "dim": 256, "heads": 4, "kv_heads": 4, "hidden": 512, "vocab_size": 2000})
+        vis = type(vis)(**{**vis.__dict__, "width": 64, "layers": 2, "heads": 2, "mlp": 128})
+    return VTLMMConfig(vision=vis, decoder=type(dec)(**{**dec.__dict__, "layers": n}),
+                       image_token_id=dec.vocab_size - 1)
+
+
+_DECODE_MODEL = []
+
+
 def decode_model():
-    """Vicuna-7B widths cut to DECODE_LAYERS (8) blocks, random bf16 weights, warmed up on a 64-token
-    prompt: (model, prompt ids, blocks)."""
-    dec = PRESETS["vicuna-7b-v1.5"]
-    n = int(os.environ.get("DECODE_LAYERS", 8))
-    cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
-                      image_token_id=dec.vocab_size - 1)
+    """The decode_cfg model, built once per process: bf16 from the start, random weights drawn on the
+    device (a normal of std 0.02; norms 1, biases 0), warmed up on a 64-token prompt: (model, prompt
+    ids, blocks)."""
+    if _DECODE_MODEL:
+        return _DECODE_MODEL[0]
+    cfg = decode_cfg()
     with torch.device("meta"):
-        model = VTLMM(cfg)
-    model = model.to_empty(device=DEV)
-    model.init_weights()
-    model = model.to(torch.bfloat16).eval()
+        model = VTLMM(cfg).to(torch.bfloat16)
+    model = model.to_empty(device=DEV).eval()
+    g = torch.Generator(DEV).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
     ids = torch.randint(3, cfg.decoder.vocab_size - 1, (1, 64), device=DEV)
     model.generate(ids, max_new_tokens=8)
-    return model, ids, n
+    _DECODE_MODEL.append((model, ids, cfg.decoder.layers))
+    return _DECODE_MODEL[0]
+
+
+def timed(fn):
+    sync()
+    t = time.perf_counter()
+    out = fn()
+    sync()
+    return time.perf_counter() - t, out
+
+
+PATHS = [("growing cache, eager", dict(static=False)),  # the path before the static cache
+         ("static cache, eager", dict(compile=False)),
+         ("static cache, compiled" + (" (CUDA graphs)" if CUDA else ""), dict(compile=True))]
 
 
 def decode():
-    """Greedy batch-1 decoding of the decode_model, bf16: tokens/s against the roofline
-    bandwidth / (bytes of weights read per token)."""
+    """Greedy batch-1 decoding at full 7B depth, bf16, three ways: new tokens/s after the prefill
+    (generate(n) - generate(1), best of 2) against the roofline bandwidth / (bytes of weights read per
+    token); the compiled path's first call (compilation) is timed apart."""
     model, ids, n = decode_model()
     new = int(os.environ.get("DECODE_NEW", 128))
-    sync()
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=1)
-    sync()
-    t1 = time.perf_counter() - t
-    t = time.perf_counter()
-    model.generate(ids, max_new_tokens=new)
-    sync()
-    tn = time.perf_counter() - t
-    tok_s = (new - 1) / (tn - t1)
     weight_bytes = 2 * (model.num_params("decoder") - model.decoder.embed.weight.numel() + model.mm_head.weight.numel())
     bw = bandwidth() if CUDA else None
     roof = bw / weight_bytes if bw else None
-    line = f"- batch-1 greedy decoding, Vicuna-7B widths x {n} blocks, bf16: {tok_s:.0f} tokens/s"
+    ref = None
+    rows = []
+    for name, kw in PATHS:
+        t_first, out = timed(lambda: model.generate(ids, max_new_tokens=new, **kw))
+        ref = out if ref is None else ref
+        same = int((out[0, ids.shape[1]:] == ref[0, ids.shape[1]:]).sum())
+        t1 = min(timed(lambda: model.generate(ids, max_new_tokens=1, **kw))[0] for _ in range(2))
+        tn = min(timed(lambda: model.generate(ids, max_new_tokens=new, **kw))[0] for _ in range(2))
+        tok_s = (new - 1) / (tn - t1)
+        line = f"- batch-1 greedy decoding, {name}, Vicuna-7B widths x {n} blocks, bf16: **{tok_s:.0f} tokens/s**"
+        if roof:
+            line += f" = {tok_s / roof:.0%} of the roofline"
+        line += f"; {same}/{new} tokens as the first path; first call {t_first:.1f} s"
+        rows.append(line)
     if roof:
-        line += f"; roofline {roof:.0f} tokens/s ({bw / 1e12:.2f} TB/s / {weight_bytes / 1e9:.2f} GB per token) = {tok_s / roof:.0%}"
-    print(line)
+        rows.append(f"- roofline: {roof:.0f} tokens/s ({bw / 1e12:.2f} TB/s / {weight_bytes / 1e9:.2f} GB of weights "
+                    f"per token)")
+    print("\n".join(rows), flush=True)
+
+
+def answer():
+    """eval.py's batched answering at full 7B depth, bf16: ANSWER_Q questions (default 64) in batches of
+    ANSWER_B (16), each one image (576 patches) and a question of 8 to 40 tokens, left-padded, up to
+    ANSWER_NEW (16) new tokens (no stop: random weights), static cache eager vs compiled: questions/s,
+    the compiled path's first batch (compilation) timed apart."""
+    model, _, n = decode_model()
+    cfg = model.cfg
+    B, Q, new = (int(os.environ.get(k, d)) for k, d in (("ANSWER_B", 16), ("ANSWER_Q", 64), ("ANSWER_NEW", 16)))
+    g = torch.Generator().manual_seed(3)
+    P = cfg.vision.num_patches
+    batches = []
+    for i in range(0, Q, B):
+        rows = [[1] + torch.randint(3, cfg.decoder.vocab_size - 1, (34,), generator=g).tolist() +
+                [cfg.image_token_id] * P +
+                torch.randint(3, cfg.decoder.vocab_size - 1, (int(torch.randint(8, 41, (1,), generator=g)),),
+                              generator=g).tolist() for _ in range(min(B, Q - i))]
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            ids[b, T - len(r):] = torch.tensor(r)
+            mask[b, T - len(r):] = True
+        px = torch.randn(len(rows), 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+        batches.append((ids.to(DEV), px.to(DEV, torch.bfloat16), mask.to(DEV)))
+
+    def run(kw):
+        return [model.generate(ids, px, attention_mask=mask, max_new_tokens=new, **kw) for ids, px, mask in batches]
+
+    outs = {}
+    for name, kw in PATHS[1:]:
+        t_first, _ = timed(lambda: model.generate(*batches[0][:2], attention_mask=batches[0][2], max_new_tokens=new,
+                                                  **kw))
+        t, outs[name] = min((timed(lambda: run(kw)) for _ in range(2)), key=lambda r: r[0])
+        print(f"- eval-style answering, {name}, Vicuna-7B widths x {n} blocks, bf16, {Q} questions in batches of "
+              f"{B} (one image each, up to {new} new tokens): **{Q / t:.2f} questions/s**; first batch "
+              f"{t_first:.1f} s", flush=True)
+    a, b = outs.values()
+    same = sum(int((x[:, -new:] == y[:, -new:]).sum()) for x, y in zip(a, b))  # the new tokens only
+    print(f"- the two paths' new tokens: {same}/{sum(x[:, -new:].numel() for x in a)} equal")
 
 
 def decode_profile():
@@ -265,4 +349,6 @@ def parity():
 
 
 if __name__ == "__main__":
-    {"layers": layers, "decode": decode, "decode-profile": decode_profile, "parity": parity}[sys.argv[1]]()
+    for mode in sys.argv[1:]:  # several modes share one process (decode answer: one 7B model built once)
+        {"layers": layers, "decode": decode, "answer": answer, "decode-profile": decode_profile,
+         "parity": parity}[mode]()

@@ -5,9 +5,11 @@
 # 1. tiny config, bf16 + FSDP2 on NCCL, world 1: loss, tokens/s, MFU, peak memory
 # 2. a 1B-class config (TinyLlama-1.1B decoder + CLIP ViT-L/14-336), the same
 # 3. Vicuna-7B widths cut to 2 and 4 blocks: per-block step time and memory at micro-batch 16 x 2048
-# 4. batch-1 decoding against the memory-bandwidth roofline
+# 4. decoding at full 7B depth: batch 1 (growing cache, static cache eager, compiled with CUDA graphs)
+#    against the memory-bandwidth roofline; eval-style batched answering in questions/s, eager and compiled
 # 5. parity on CUDA (vs transformers, chunked losses vs full logits) and a sync-free training micro-step
-# 6. the test suite's transformers parity tests (tests/test_model.py) with NANOVT_TEST_DEVICE=cuda
+# 6. the test suite's transformers parity tests (tests/test_model.py, tests/test_decode.py) with
+#    NANOVT_TEST_DEVICE=cuda
 # The runs' checkpoints stay in $RUNS (a temporary folder when OUT is set); their metrics and logs are
 # copied beside the results.
 set -u
@@ -54,16 +56,16 @@ section "3. per decoder block at Vicuna-7B widths, micro-batch 16 x 2048"
 timeout 120 $PY bench/gpu.py layers >> "$RES" 2> "$RUNS/layers.log" || echo "- FAILED: $(tail -3 "$RUNS/layers.log")" >> "$RES"
 echo >> "$RES"
 
-section "4. batch-1 decoding vs the memory-bandwidth roofline"
-timeout 60 $PY bench/gpu.py decode >> "$RES" 2> "$RUNS/decode.log" || echo "- FAILED: $(tail -3 "$RUNS/decode.log")" >> "$RES"
+section "4. decoding at full 7B depth (32 blocks): batch 1 vs the memory-bandwidth roofline, and eval-style batched answering"
+timeout 330 $PY bench/gpu.py decode answer >> "$RES" 2> "$RUNS/decode.log" || echo "- FAILED: $(tail -3 "$RUNS/decode.log")" >> "$RES"
 echo >> "$RES"
 
 section "5. parity and host syncs on CUDA"
 timeout 60 $PY bench/gpu.py parity >> "$RES" 2> "$RUNS/parity.log" || echo "- FAILED: $(tail -3 "$RUNS/parity.log")" >> "$RES"
 echo >> "$RES"
 
-section "6. tests/test_model.py (parity with transformers) with NANOVT_TEST_DEVICE=cuda"
-NANOVT_TEST_DEVICE=cuda timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_model.py > "$RUNS/pytest.log" 2>&1
+section "6. tests/test_model.py and tests/test_decode.py (parity with transformers; static and compiled decoding) with NANOVT_TEST_DEVICE=cuda"
+NANOVT_TEST_DEVICE=cuda timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_decode.py > "$RUNS/pytest.log" 2>&1
 echo "- $(tail -1 "$RUNS/pytest.log")" >> "$RES"
 echo >> "$RES"
 

@@ -25,7 +25,9 @@ def test_bench_quick_writes_the_table(tmp_path):
         assert re.search(r"\| " + re.escape(row) + r".*\| [\d.,]+%? \| [\d.,]+%? \| [\d.]+× \|", text), row
     diff = float(re.search(r"logits max rel diff nanoVT vs transformers: (\S+)", text).group(1))
     assert diff <= 1e-4
-    assert re.search(r"greedy tokens at batch 1: (\d+)/\1 equal", text)
+    for side in ("nano", "compiled"):  # the static-cache step, eager and compiled, decodes transformers' tokens
+        assert re.search(rf"greedy tokens at batch 1, {side} vs transformers: (\d+)/\1 equal", text), side
+    assert re.search(r"\| decoding batch 1, compiled, .*\| [\d.,]+ \| [\d.,]+ \| [\d.]+× \|", text)
     lm = re.search(r"LM loss: nanoVT (\S+), transformers (\S+)", text)
     assert abs(float(lm.group(1)) - float(lm.group(2))) <= 1e-4
 

@@ -197,3 +197,71 @@ def test_benchmark_command_on_llava_layout(setup, tmp_path, capsys):
     head, row = capsys.readouterr().out.splitlines()
     cells = dict(zip([h.strip() for h in head.split("|")], [c.strip() for c in row.split("|")]))
     assert cells["POPE"] == f"{100 * r['headline']:.1f}" and cells["VQAv2"] == "-" and cells["GQA"] == "-"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile needs a C++ compiler")
+def test_compiled_decoding_answers_as_eager(setup, tmp_path):
+    world, ckpt, _, qs = setup
+    model, tok = evaluate.load_model(ckpt)
+    fast, _ = evaluate.load_model(ckpt, compile="on")
+    assert fast.compile_decode and not model.compile_decode
+    a = evaluate.answer_file(fast, tok, qs, world, str(tmp_path / "a.jsonl"), batch_size=4, max_new_tokens=6,
+                             progress=False)  # batches of 4 and 2: two compiled shapes
+    b = evaluate.answer_file(model, tok, qs, world, str(tmp_path / "b.jsonl"), batch_size=4, max_new_tokens=6,
+                             progress=False)
+    assert [r["text"] for r in a] == [r["text"] for r in b] and len(a) == len(qs)
+
+
+def torchrun_eval(args, n=2):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                        "eval.py", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_two_processes_answer_as_one(setup, tmp_path):
+    """torchrun with 2 gloo processes: each answers every other question still to answer, the first
+    merges and scores once; the answer file and the scores are those of one process."""
+    world, ckpt, qfile, qs = setup
+    base = ["--ckpt", ckpt, "--questions", qfile, "--image-folder", world, "--metric", "pope", "--batch-size", "2",
+            "--max-new-tokens", "4", "--device", "cpu"]
+    one = evaluate.main(base + ["--answers", str(tmp_path / "one.jsonl")])
+    out = torchrun_eval(base + ["--answers", str(tmp_path / "two.jsonl")])
+    assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    assert json.loads(out[out.index("{"):]) == one  # printed once, by the first process
+    assert sorted(os.listdir(tmp_path)) == ["one.jsonl", "two.jsonl"]  # the part files are gone
+    # resumable: the answer file and a stopped run's part file (torn last line) keep their rows
+    ref = evaluate.read_jsonl(str(tmp_path / "one.jsonl"))
+    (tmp_path / "r.jsonl").write_text(json.dumps(dict(ref[0], text="kept 0")) + "\n")
+    (tmp_path / "r.jsonl.part1").write_text(json.dumps(dict(ref[3], text="kept 3")) + "\n" + '{"question_id": 4, "te')
+    torchrun_eval(base + ["--answers", str(tmp_path / "r.jsonl")])
+    rows = evaluate.read_jsonl(str(tmp_path / "r.jsonl"))
+    assert [r["question_id"] for r in rows] == [q["question_id"] for q in qs]
+    assert [r["text"] for r in rows] == ["kept 0"] + [r["text"] for r in ref[1:3]] + ["kept 3"] + \
+        [r["text"] for r in ref[4:]]
+    assert not (tmp_path / "r.jsonl.part1").exists()
+
+
+def test_benchmark_on_two_processes(setup, tmp_path):
+    world, ckpt, qfile, qs = setup
+    root = tmp_path / "eval"
+    (root / "pope" / "coco").mkdir(parents=True)
+    os.symlink(world, root / "pope" / "val2014")
+    (root / "pope" / "llava_pope_test.jsonl").write_text(
+        "".join(json.dumps({k: q[k] for k in ("question_id", "image", "text", "category")}) + "\n" for q in qs))
+    for c in ("random", "popular", "adversarial"):
+        (root / "pope" / "coco" / f"coco_pope_{c}.json").write_text(
+            "".join(json.dumps({"label": q["label"]}) + "\n" for q in qs if q["category"] == c))
+    base = ["--ckpt", ckpt, "--data", str(root), "--max-new-tokens", "4", "--device", "cpu", "--batch-size", "2",
+            "--benchmark", "pope"]
+    one = evaluate.main(base + ["--out", str(tmp_path / "one")])
+    torchrun_eval(base + ["--out", str(tmp_path / "two")])
+    two = json.load(open(tmp_path / "two" / "pope" / "result.json"))
+    assert two["scores"] == one["scores"] and two["n_questions"] == len(qs)
+    assert (tmp_path / "two" / "pope" / "answers.jsonl").read_text() == \
+        (tmp_path / "one" / "pope" / "answers.jsonl").read_text()

@@ -158,9 +158,14 @@ def test_generate_runs_one_forward_per_new_token():
     m = VTLMM(tiny_cfg()).eval()
     calls = []
     m.decoder.register_forward_hook(lambda mod, args, out: calls.append(out.shape[1]))
+    real_step = m.decoder.step
+    m.decoder.step = lambda tok, cache: calls.append("step") or real_step(tok, cache)
     with torch.no_grad():
-        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6)
-    assert calls == [5] + [1] * 5
+        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6, static=False)
+        assert calls == [5] + [1] * 5
+        calls.clear()
+        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6)  # the static cache's decode step
+        assert calls == [5] + ["step"] * 5
 
 
 def test_stop_tokens_and_sampling():

@@ -165,3 +165,19 @@ def test_regions_and_legend():
     # patches are tinted with their token's colour: sky and sun differ, two sky patches agree
     mid = lambda r, c: panel[head + r * cell + cell // 2, c * cell + cell // 2]  # noqa: E731
     assert (mid(0, 0) == mid(8, 10)).all() and not (mid(0, 0) == mid(3, 19)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("g++") is None, reason="torch.compile needs a C++ compiler")
+def test_compiled_decoding_streams_the_same_answer(ckpt, capsys):
+    path, image = ckpt
+    model, tok = sample.load(path)
+    ref = reference(model, tok, image, "What shape is in the center?", 20)  # the growing-cache path below
+    ref_dynamic = model.generate(torch.tensor([inference.prompt_ids(model, tok, "What shape is in the center?", True)]),
+                                 sample.pixels(model, data.load_image(image)), max_new_tokens=20, static=False,
+                                 stop_ids=[tok.eos_id])
+    assert ref == [t for t in ref_dynamic[0, -20:].tolist() if t != tok.eos_id][:len(ref)]
+    answer = sample.main(["--ckpt", path, "--image", image, "--prompt", "What shape is in the center?",
+                          "--max-new-tokens", "20", "--device", "cpu", "--compile", "on"])
+    assert answer == tok.decode(ref).strip()
+    assert capsys.readouterr().out == tok.decode(ref) + "\n"
