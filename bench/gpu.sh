@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU, at most about 8 minutes (the timeouts below sum to more; sections 1-2 take far less than theirs): the checks of issue 15 that need CUDA. Writes $OUT/results_gpu.md (or
-# bench/results_gpu.md when OUT is unset) and each run's metrics.jsonl beside it.
+# One GPU, about 8 minutes (the timeouts below are upper bounds and sum to more): the checks of issues 15 and
+# 21 that need CUDA. Writes $OUT/results_gpu.md (or bench/results_gpu.md when OUT is unset) and each run's metrics.jsonl beside it.
 #   bash bench/gpu.sh
 # 1. tiny config, bf16 + FSDP2 on NCCL, world 1: loss, tokens/s, MFU, peak memory
 # 2. a 1B-class config (TinyLlama-1.1B decoder + CLIP ViT-L/14-336), the same

@@ -74,7 +74,7 @@ def test_compiled_blocks_give_eager_loss_and_gradients(stage, checkpointing):
         assert abs(le.item() - lc.item()) <= 1e-5 * abs(le.item()), (T, le.item(), lc.item())
         for n in ge:
             scale = ge[n].abs().max().clamp(min=1e-12)
-            assert ((ge[n] - gc[n]).abs().max() / scale).item() <= 1e-4, (T, n)
+            assert (ge[n] - gc[n]).abs().max().item() <= 1e-4 * scale.item() + 1e-9, (T, n)  # (a key bias: ~0)
     # one graph per kind of block and mask (none / padding), not one per length or per layer
     assert counters["stats"]["unique_graphs"] <= 8, dict(counters["stats"])
 
