@@ -65,6 +65,7 @@ def worker(args):
                             max_steps=args.steps, save_every=0, overwrite=True, num_workers=0,
                             activation_checkpointing=True)
     d = train.setup_distributed(cfg)
+    os.makedirs(args.out, exist_ok=True)
     lock, run_id = (None, "bench")
     s = train.setup_stage(cfg, d, lock, run_id)
     model_bytes = 4 * sum(p.numel() for p in s.plain.parameters())
