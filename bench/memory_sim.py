@@ -61,27 +61,35 @@ def simulate(mcfg, stage, micro, world=8, seq=2048, steps=2):
     d = train.Dist(rank=0, world=world, local_rank=0, device=torch.device("cpu"))
     ids, labels, rows = fake_batch(mcfg, micro, seq, stage)
     n_lm, n_vm = rows.lm.numel() * world, rows.vm.numel() * world
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        with torch.device("meta"):
-            model = VTLMM(mcfg)
-        name = train.STAGES[stage]["objective"]
-        objective = losses.Objective(model, name)
-        train.set_trainable(model, stage)
-        model, _ = train.parallelize(model, cfg, d, root=objective)
+    with torch.device("meta"):  # sharded on meta (the device mesh is made outside the fake mode) ...
+        model = VTLMM(mcfg)
+    name = train.STAGES[stage]["objective"]
+    objective = losses.Objective(model, name)
+    train.set_trainable(model, stage)
+    model, _ = train.parallelize(model, cfg, d, root=objective)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # ... then given fake memory, as load_sharded does
         model.to_empty(device="cpu")
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = train.make_optimizer(params, cfg, d.device)
+        opt = train.make_optimizer(params, cfg, torch.device("cuda"))  # the GPUs' fused AdamW (it runs on CPUs too)
         px = torch.empty(micro, 3, mcfg.vision.image_size, mcfg.vision.image_size)
         tracker = FSDPMemTracker(objective, opt)
         tracker.track_inputs((ids, px, labels))
         with tracker:
-            for _ in range(steps):
+            for i in range(steps):
+                if i:
+                    tracker.reset_mod_stats()  # per-module stats are per iteration; the peak is kept
                 loss, lm, vm = objective(ids, px, labels, rows, n_lm / world, n_vm / world)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         peak = tracker.get_tracker_snapshot("peak")
+        local = lambda v: v._local_tensor if hasattr(v, "_local_tensor") else v  # noqa: E731
+        state_bytes = sum(local(v).numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                          if torch.is_tensor(v))
+        print(f"<!-- AdamW state held on rank 0 after the steps (local shards): {state_bytes / GIB:.2f} GiB; "
+              f"a state tensor: {[(type(v).__name__, tuple(local(v).shape)) for v in next(iter(opt.state.values())).values()]} -->",
+              file=sys.stderr)
     dev = next(k for k in peak if isinstance(k, torch.device))
     by_kind = {str(k): v for k, v in peak[dev].items()}
     return by_kind
@@ -110,10 +118,11 @@ def main():
             seq = 1 + mcfg.vision.num_patches if stage == 3 else args.seq
             t0 = time.perf_counter()
             kinds = simulate(mcfg, stage, micro, args.world, seq)
-            total = kinds.get("Total", sum(v for k, v in kinds.items() if k != "Total"))
             arith = memory_budget(mcfg, stage, args.world, micro, seq)["total"]
-            groups = (("Sharded Param", "Unsharded Param", "Buffer"), ("Sharded Grad", "Unsharded Grad"),
-                      ("OptState",), ("Activation", "Temp", "All Gather", "Reduce Scatter", "Inputs"))
+            groups = (("SHARDED_PARAM", "UNSHARDED_PARAM", "BUFFER"), ("SHARDED_GRAD", "UNSHARDED_GRAD"), ("OPT",),
+                      ("ACT", "TEMP", "ALL_GATHER", "REDUCE_SCATTER", "INP"))
+            kinds = {k.split(".")[-1]: v for k, v in kinds.items()}
+            total = kinds["Total"]
             parts = " / ".join(f"{sum(kinds.get(k, 0) for k in ks) / GIB:.1f}" for ks in groups)
             print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {total / GIB:.1f} | {parts} | "
                   f"{arith:.1f} | {total / GIB / arith:.2f} |", flush=True)

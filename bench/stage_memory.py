@@ -80,6 +80,9 @@ def worker(args):
     for i in range(args.steps):
         train.optimizer_step(s, [next(it) for _ in range(s.accum)], cfg.lr, Null())
         gc.collect()
+        if args.trim:  # hand freed heap pages back to the OS: tells allocator retention from tensors held
+            import ctypes
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
         rows.append((f"after step {i + 1}", sum(n for n, _ in live_storages().values()), proc_status()))
     top = sorted(live_storages().values(), reverse=True)[:args.top]
     opt_bytes = sum((v._local_tensor if hasattr(v, "_local_tensor") else v).untyped_storage().nbytes()
@@ -130,6 +133,7 @@ def main():
     ap.add_argument("--micro_batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--trim", action="store_true", help="malloc_trim(0) after each step")
     ap.add_argument("--world", default="")
     ap.add_argument("--ckpt", default="")
     ap.add_argument("--out", default="")
