@@ -8,6 +8,7 @@
 Each prints Markdown lines; gpu.sh collects them. Needs CUDA.
 """
 
+import json
 import os
 import sys
 import time
@@ -98,15 +99,18 @@ def layers_variant(B, T, compiled):
     res = {}
     for n in (2, 4):
         dec = PRESETS[os.environ.get("LAYERS_PRESET", "vicuna-7b-v1.5")]
-        cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
-                          image_token_id=dec.vocab_size - 1)
+        dec = type(dec)(**{**dec.__dict__, **json.loads(os.environ.get("LAYERS_DECODER", "{}")), "layers": n})
+        vis = PRESETS["clip-vit-l14-336"]  # dry runs on a CPU: LAYERS_DECODER / LAYERS_VISION, JSON as FULL_*
+        vis = type(vis)(**{**vis.__dict__, **json.loads(os.environ.get("LAYERS_VISION", "{}"))})
+        cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=dec.vocab_size - 1)
         with torch.device("meta"):
             model = VTLMM(cfg)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("decoder.", "mm_head.")))
         model.set_checkpointing(True)
         if compiled:
-            torch._dynamo.reset()
+            if n == 2:  # the 4-block model reuses the 2-block model's graphs (same widths): compiled once
+                torch._dynamo.reset()
             train.compile_blocks(model)
         objective = losses.Objective(model, "mm")
         model = fsdp_world1(model, objective)
@@ -134,7 +138,7 @@ def layers_variant(B, T, compiled):
         if CUDA:
             torch.cuda.empty_cache()
     dt, dm = (res[4][0] - res[2][0]) / 2, (res[4][1] - res[2][1]) / 2
-    c = PRESETS[os.environ.get("LAYERS_PRESET", "vicuna-7b-v1.5")]
+    c = dec
     block_params = 4 * c.dim * c.dim + 3 * c.dim * c.hidden  # q, k, v, o and the SwiGLU MLP (norms aside)
     flops = (6 * block_params + 12 * c.heads * c.hd * T) * B * T  # model FLOPs (recompute not counted)
     peak = float(os.environ.get("PEAK_FLOPS", 0)) or None
@@ -160,7 +164,7 @@ def full_step():
     for stage, sizes in ((4, os.environ.get("FULL_B", "8,6,4,2,1")), (3, os.environ.get("FULL_B3", "32,16"))):
         for B in (int(b) for b in sizes.split(",")):
             try:
-                line = full_step_one(stage, B, 1 + 576 if stage == 3 else T, n_layers, steps, compiled, train)
+                line = full_step_one(stage, B, T, n_layers, steps, compiled, train)
                 print(line)
                 break
             except torch.OutOfMemoryError:
@@ -177,9 +181,12 @@ def full_step_one(stage, B, T, n_layers, steps, compiled, train):
     if n_layers:
         dec = type(dec)(**{**dec.__dict__, "layers": n_layers})
     vis = PRESETS["clip-vit-l14-336"]
-    if os.environ.get("FULL_VISION_LAYERS"):  # dry runs: a shallower tower
-        vis = type(vis)(**{**vis.__dict__, "layers": int(os.environ["FULL_VISION_LAYERS"])})
+    # dry runs on a CPU: FULL_DECODER / FULL_VISION = JSON of fields to change, e.g. '{"dim": 256, "hidden": 512}'
+    dec = type(dec)(**{**dec.__dict__, **json.loads(os.environ.get("FULL_DECODER", "{}"))})
+    vis = type(vis)(**{**vis.__dict__, **json.loads(os.environ.get("FULL_VISION", "{}"))})
     cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=dec.vocab_size - 1)
+    if stage == 3:
+        T = 1 + cfg.vision.num_patches
     with torch.device("meta"):
         model = VTLMM(cfg)
     train.set_trainable(model, stage)
