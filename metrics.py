@@ -3,7 +3,7 @@ What a training run reports (train.py): a progress bar, and every log_every step
 record in out_dir/metrics.jsonl with the LM and VM losses, lr, gradient norm, tokens/s, MFU (model
 FLOPs utilisation: the training FLOPs of the real tokens per second, over the devices' peak FLOP/s)
 and peak GPU memory. The peak comes from a table of dense tensor-core peaks keyed by the device name
-CUDA reports (gpu_peak_flops), or from a quick matmul measurement on CPUs.
+CUDA reports (gpu_peak_flops), or from --peak_flops; on CPUs there is none, and MFU is left out.
 """
 
 import json
@@ -40,23 +40,17 @@ def gpu_peak_flops(name, dtype="bf16"):
 
 
 def peak_flops(device, dtype="bf16"):
-    """Peak FLOP/s of one device, for MFU: the table for GPUs (None if the name is not in it), a quick
-    measurement of a float32 matmul on CPUs."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name, dtype)
-        if peak is None:
-            print(f"note: no peak FLOP/s known for {name!r}; MFU is not reported (set --peak_flops=FLOPS)")
-        return peak
-    n = 2048  # big enough for the BLAS to reach its speed (1024 measured up to 2x low, MFU over 100%)
-    a, b, c = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
-    torch.mm(a, b, out=c)  # into one buffer: no fresh pages to fault in
-    best = float("inf")
-    for _ in range(5):  # the best of a few: other processes on the machine only ever slow it down
-        t = time.perf_counter()
-        torch.mm(a, b, out=c)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best  # float32 on the CPU
+    """Peak FLOP/s of one device, for MFU: the table for GPUs (None if the name is not in it). None on
+    CPUs: no table of CPU peaks is kept, and a peak timed on one matmul at start-up can sit below what
+    the run itself reaches (another process slowed it, or the run's GEMMs are faster), which read as
+    MFU over 100%; a CPU run logs tokens/s, and MFU only with --peak_flops=FLOPS."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = gpu_peak_flops(name, dtype)
+    if peak is None:
+        print(f"note: no peak FLOP/s known for {name!r}; MFU is not reported (set --peak_flops=FLOPS)")
+    return peak
 
 
 class Progress:

@@ -279,7 +279,7 @@ class Attention(nn.Module):
         # length (milliseconds of host time each, measured on an H200), the other kernels need none
         with sdpa_kernel(DECODE_SDPA) if cache is not None and q.is_cuda else contextlib.nullcontext():
             if mask is None:  # plain causal attention from position 0, no padding, no binding window
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, enable_gqa=gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))

@@ -91,7 +91,7 @@ class TrainConfig:
     dtype: str = "auto"            # bf16, fp32, or auto = bf16 on GPUs, fp32 on CPUs (FSDP policy / autocast)
     fsdp: str = "auto"             # auto (when more than one process), on, off
     activation_checkpointing: bool = True
-    compile: bool = False
+    compile: bool = False          # torch.compile each decoder and vision block (train.compile_blocks); off: see docs/training.md
     device: str = "auto"
     loss_chunk: int = 0            # rows per chunk of the fused head + loss (0: about 32 MiB of logits)
     peak_flops: float = 0.0        # FLOP/s of one device for MFU (0: from the table by device name and dtype)
@@ -265,8 +265,7 @@ def parallelize(model, cfg, d: Dist, root=None):
     if cfg.activation_checkpointing:
         model.set_checkpointing(True)
     if cfg.compile:
-        for block in model.decoder.blocks:
-            block.compile()
+        compile_blocks(model)
     if not uses_fsdp(cfg, d):
         if d.world > 1:
             raise ValueError("several processes need fsdp=on (it is what synchronises their gradients)")
@@ -283,6 +282,19 @@ def parallelize(model, cfg, d: Dist, root=None):
     root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
     fully_shard(model if root is None else root, mesh=mesh, mp_policy=root_mp)
     return model, True
+
+
+def compile_blocks(model):
+    """torch.compile each decoder block and each vision block in place (nn.Module.compile: the module
+    stays where it is, so parameter names, state dicts and FSDP2's units do not change). One block is
+    the unit, as in torchtitan: the blocks of a model share one compiled graph, so compile time does not
+    grow with depth, and FSDP2's hooks (gather before, free after) stay outside the graph. A block under
+    activation checkpointing is compiled with its checkpoint (the recompute is compiled too). The
+    sequence length varies between batches: after the second length Dynamo compiles a graph with a
+    symbolic length and reuses it (automatic dynamic shapes)."""
+    for block in list(model.decoder.blocks) + list(model.vision.blocks):
+        block.compile(dynamic=True)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """GPU checks that bench/gpu.sh runs after its training runs (one GPU, a few minutes):
 
-    python bench/gpu.py layers   # 7B widths cut to 2 and 4 blocks: per-block step time and memory, 16 x 2048
+    python bench/gpu.py layers   # 7B widths cut to 2 and 4 blocks: per-block step time and memory, 16 x 2048, eager and compiled
+    python bench/gpu.py full     # all 32 blocks, world 1: stage IV steps (largest micro-batch that fits) and stage III
     python bench/gpu.py decode   # batch-1 greedy decoding at full 7B depth: eager and compiled vs the roofline
     python bench/gpu.py answer   # eval-style batched answering at full 7B depth: questions/s, eager and compiled
     python bench/gpu.py parity   # model vs transformers on CUDA; chunked losses vs full; no host sync per step
@@ -9,6 +10,7 @@ Each prints Markdown lines; gpu.sh collects them. Needs CUDA (GPU_PY_DEVICE=cpu 
 code paths on a small model).
 """
 
+import json
 import os
 import sys
 import time
@@ -83,16 +85,35 @@ def layers():
     """Stage IV step (forward + backward, activation checkpointing, chunked loss) of a model with Vicuna-7B
     widths and 2, then 4 decoder blocks, at micro-batch 16 x 2048: the difference is two blocks' cost."""
     B, T = int(os.environ.get("LAYERS_B", 16)), int(os.environ.get("LAYERS_T", 2048))
+    variants = os.environ.get("LAYERS_VARIANTS", "eager,compiled").split(",")
+    block = {}
+    for variant in variants:
+        block[variant] = layers_variant(B, T, variant == "compiled")
+    if "eager" in block and "compiled" in block:
+        print(f"- compiled block / eager block: {block['eager'] / block['compiled']:.2f}x faster")
+
+
+def layers_variant(B, T, compiled):
+    """One variant of layers(): eager, or every block compiled (train.compile_blocks, before sharding as in
+    train.parallelize). Returns the per-block time."""
+    import train
+    tag = "compiled" if compiled else "eager"
     res = {}
     for n in (2, 4):
-        dec = PRESETS["vicuna-7b-v1.5"]
-        cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=type(dec)(**{**dec.__dict__, "layers": n}),
-                          image_token_id=dec.vocab_size - 1)
+        dec = PRESETS[os.environ.get("LAYERS_PRESET", "vicuna-7b-v1.5")]
+        dec = type(dec)(**{**dec.__dict__, **json.loads(os.environ.get("LAYERS_DECODER", "{}")), "layers": n})
+        vis = PRESETS["clip-vit-l14-336"]  # dry runs on a CPU: LAYERS_DECODER / LAYERS_VISION, JSON as FULL_*
+        vis = type(vis)(**{**vis.__dict__, **json.loads(os.environ.get("LAYERS_VISION", "{}"))})
+        cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=dec.vocab_size - 1)
         with torch.device("meta"):
             model = VTLMM(cfg)
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith(("decoder.", "mm_head.")))
         model.set_checkpointing(True)
+        if compiled:
+            if n == 2:  # the 4-block model reuses the 2-block model's graphs (same widths): compiled once
+                torch._dynamo.reset()
+            train.compile_blocks(model)
         objective = losses.Objective(model, "mm")
         model = fsdp_world1(model, objective)
         model.to_empty(device=DEV)
@@ -113,12 +134,13 @@ def layers():
             times.append(time.perf_counter() - t)
             model.zero_grad(set_to_none=True)
         res[n] = (min(times[1:]), peak_gib())
-        print(f"- {n} blocks: step {res[n][0] * 1e3:.0f} ms, peak {res[n][1]:.1f} GiB (B={B}, T={T}, stage IV)")
+        print(f"- {tag}, {n} blocks: step {res[n][0] * 1e3:.0f} ms (first, with compiles: {times[0]:.1f} s), "
+              f"peak {res[n][1]:.1f} GiB (B={B}, T={T}, stage IV)")
         del model, objective, loss
         if CUDA:
             torch.cuda.empty_cache()
     dt, dm = (res[4][0] - res[2][0]) / 2, (res[4][1] - res[2][1]) / 2
-    c = PRESETS["vicuna-7b-v1.5"]
+    c = dec
     block_params = 4 * c.dim * c.dim + 3 * c.dim * c.hidden  # q, k, v, o and the SwiGLU MLP (norms aside)
     flops = (6 * block_params + 12 * c.heads * c.hd * T) * B * T  # model FLOPs (recompute not counted)
     peak = float(os.environ.get("PEAK_FLOPS", 0)) or None
@@ -126,8 +148,98 @@ def layers():
         import metrics
         peak = metrics.gpu_peak_flops(torch.cuda.get_device_name(), "bf16") if CUDA else None
     mfu = f", block MFU {flops / dt / peak:.1%}" if peak else ""
-    print(f"- per decoder block (Vicuna-7B widths, {B} x {T}, fwd + bwd with recompute): {dt * 1e3:.1f} ms, "
+    print(f"- {tag}: per decoder block (Vicuna-7B widths, {B} x {T}, fwd + bwd with recompute): {dt * 1e3:.1f} ms, "
           f"{dm:.2f} GiB{mfu}; x 32 blocks = {32 * dt:.2f} s per micro-batch")
+    return dt
+
+
+def full_step():
+    """Full depth: every block of Vicuna-7B (FULL_LAYERS to cut it for a dry run), FSDP2 world 1, bf16 policy,
+    activation checkpointing, fused AdamW: stage IV optimizer steps at the largest micro-batch of FULL_B
+    (tried largest first) that fits, then stage III (the VM head alone trains, BOS + 576 patches) at
+    micro-batch 32. Prints step time, tokens/s, MFU (model FLOPs as train.py counts them) and peak memory."""
+    import train
+    T = int(os.environ.get("FULL_T", 2048))
+    n_layers = int(os.environ.get("FULL_LAYERS", 0))
+    steps = int(os.environ.get("FULL_STEPS", 3))
+    compiled = os.environ.get("FULL_COMPILE", "0") == "1"
+    for stage, sizes in ((4, os.environ.get("FULL_B", "8,6,4,2,1")), (3, os.environ.get("FULL_B3", "32,16"))):
+        for B in (int(b) for b in sizes.split(",")):
+            try:
+                line = full_step_one(stage, B, T, n_layers, steps, compiled, train)
+                print(line)
+                break
+            except torch.OutOfMemoryError:
+                print(f"- stage {'III' if stage == 3 else 'IV'}, micro-batch {B}: out of memory, trying smaller")
+            finally:
+                import gc
+                gc.collect()
+                if CUDA:
+                    torch.cuda.empty_cache()
+
+
+def full_step_one(stage, B, T, n_layers, steps, compiled, train):
+    dec = PRESETS[os.environ.get("FULL_PRESET", "vicuna-7b-v1.5")]
+    if n_layers:
+        dec = type(dec)(**{**dec.__dict__, "layers": n_layers})
+    vis = PRESETS["clip-vit-l14-336"]
+    # dry runs on a CPU: FULL_DECODER / FULL_VISION = JSON of fields to change, e.g. '{"dim": 256, "hidden": 512}'
+    dec = type(dec)(**{**dec.__dict__, **json.loads(os.environ.get("FULL_DECODER", "{}"))})
+    vis = type(vis)(**{**vis.__dict__, **json.loads(os.environ.get("FULL_VISION", "{}"))})
+    cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=dec.vocab_size - 1)
+    if stage == 3:
+        T = 1 + cfg.vision.num_patches
+    with torch.device("meta"):
+        model = VTLMM(cfg)
+    train.set_trainable(model, stage)
+    model.set_checkpointing(True)
+    if compiled:
+        torch._dynamo.reset()
+        train.compile_blocks(model)
+    objective = losses.Objective(model, train.STAGES[stage]["objective"])
+    model = fsdp_world1(model, objective)
+    model.to_empty(device=DEV)
+    model.init_weights()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.make_optimizer(params, train.TrainConfig(lr=1e-5), DEV)
+    ids, px, labels = batch_7b(cfg, B, T) if stage == 4 else stage3_batch(cfg, B)
+    rows = losses.batch_rows(labels, ids == cfg.image_token_id)
+    ids, px, labels = ids.to(DEV), px.to(DEV), labels.to(DEV)
+    counts = (float(max(rows.lm.numel(), 1)), float(rows.vm.numel()))
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps + 1):  # the first step allocates AdamW's state (and compiles): not timed
+        sync()
+        t = time.perf_counter()
+        loss, _, _ = objective(ids, px, labels, rows.to(DEV), counts[0], counts[1])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t)
+    dt = min(times[1:])
+    fpt = {3: 2 / 6}.get(stage, 1.0) * model.flops_per_token(T)  # train.Stage.flops_per_token
+    import metrics
+    peak = float(os.environ.get("PEAK_FLOPS", 0)) or (metrics.gpu_peak_flops(torch.cuda.get_device_name(), "bf16")
+                                                       if CUDA else None)
+    mfu = f", MFU {fpt * B * T / dt / peak:.1%}" if peak else ""
+    n = model.num_params()
+    del model, objective, opt, params, loss
+    return (f"- stage {'III' if stage == 3 else 'IV'}, {dec.layers} blocks ({n / 1e9:.2f}B parameters), "
+            f"{'compiled' if compiled else 'eager'}, micro-batch {B} x {T}: step {dt:.2f} s "
+            f"(first {times[0]:.1f} s), {B * T / dt:,.0f} tokens/s{mfu}, peak {peak_gib():.1f} GiB")
+
+
+def stage3_batch(cfg, B):
+    """Stage III's samples: BOS + the image's patches, no text (Eq. 9 on every image position)."""
+    P = cfg.vision.num_patches
+    ids = torch.full((B, 1 + P), cfg.image_token_id)
+    ids[:, 0] = 1
+    labels = torch.full_like(ids, -100)
+    px = torch.randn(B, 3, cfg.vision.image_size, cfg.vision.image_size)
+    return ids, px, labels
 
 
 def decode_cfg():
@@ -350,5 +462,5 @@ def parity():
 
 if __name__ == "__main__":
     for mode in sys.argv[1:]:  # several modes share one process (decode answer: one 7B model built once)
-        {"layers": layers, "decode": decode, "answer": answer, "decode-profile": decode_profile,
+        {"layers": layers, "full": full_step, "decode": decode, "answer": answer, "decode-profile": decode_profile,
          "parity": parity}[mode]()

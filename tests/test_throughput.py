@@ -1,6 +1,9 @@
 """Issue 15's throughput work, checked on CPU: no host sync in a training micro-step, AdamW's fast
 paths give the plain update, MFU counts real tokens, peak FLOP/s by exact device name."""
 
+import json
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -130,6 +133,30 @@ def test_peak_flops_by_exact_device_name(name, dtype, tflops):
     import metrics
     peak = metrics.gpu_peak_flops(name, dtype)
     assert peak == (tflops * 1e12 if tflops else None)
+
+
+def test_cpu_logs_tokens_per_s_and_no_mfu(tmp_path):
+    """On a CPU no peak is guessed (a matmul timed at start-up gave "mfu 104%"): the record has tokens/s
+    and mfu None; a peak given with --peak_flops is used as it is (FLOPs per second over it)."""
+    import types
+
+    import metrics
+    import train
+    assert metrics.peak_flops(torch.device("cpu"), "fp32") is None and metrics.peak_flops(torch.device("cpu")) is None
+    records = {}
+    for peak in (0.0, 1e9):
+        cfg = train.TrainConfig(out_dir=str(tmp_path / f"p{peak:g}"), log_every=1, peak_flops=peak)
+        os.makedirs(cfg.out_dir)
+        s = types.SimpleNamespace(cfg=cfg, d=train.Dist(), total=1, step=0, skipped=0, model=torch.nn.Linear(1, 1))
+        p = metrics.Progress(s, "fp32")
+        p.count(1000, 5e9)
+        s.step = 1
+        p.log_step(s, 1e-3, 1.0, 0.5, 2.0)
+        with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+            records[peak] = json.loads(f.readline())
+    assert records[0.0]["mfu"] is None and records[0.0]["tokens_per_s"] > 0
+    r = records[1e9]  # 5e9 FLOPs in dt seconds, over 1e9 FLOP/s: 5 / dt, with dt = 1000 tokens / tokens_per_s
+    assert r["mfu"] == pytest.approx(5 * r["tokens_per_s"] / 1000, rel=1e-2)
 
 
 @pytest.mark.parametrize("stage", [3, 4])

@@ -1,0 +1,134 @@
+"""
+The 7B stages on 8 GPUs, simulated on the CPU: train.py's own parallelize (FSDP2, bf16 policy, activation
+checkpointing) over a fake 8-rank process group, then two optimizer steps (forward through the stage's
+losses.Objective, backward, gradient clip, AdamW) with every tensor a FakeTensor, so nothing is computed
+and no memory is taken. torch.distributed._tools.FSDPMemTracker counts each allocation rank 0 would make
+and reports the peak, by kind. Printed beside bench/memory_budget.py's arithmetic.
+
+    python bench/memory_sim.py                          # Vicuna-7B and Mistral-7B, stages I-IV, the configs' micro-batches
+    python bench/memory_sim.py --decoders vicuna-7b-v1.5 --stages 4 --micro 8
+
+The simulated device is "cpu" (no GPU here): the counts are the same tensors a GPU would hold, without
+the CUDA caching allocator's rounding and fragmentation, NCCL's buffers or the CUDA context (a few GiB
+on a real GPU, measured by bench/gpu.sh).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import losses  # noqa: E402
+import train  # noqa: E402
+from memory_budget import memory_budget  # noqa: E402  (bench/ is the script's folder)
+from model import PRESETS, VTLMM, VTLMMConfig  # noqa: E402
+
+MICRO = {1: 32, 2: 16, 3: 32, 4: 16}  # configs/stage{1..4}_*.py
+GIB = 2 ** 30
+
+
+def init_fake_group(world):
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    if not dist.is_initialized():
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+
+
+def fake_batch(mcfg, B, T, stage):
+    """Real CPU ids/labels/rows (small) as the loader makes them: one image at position 1, text after it;
+    stage III: BOS + the patches only. The pixels are a FakeTensor (made inside the mode)."""
+    P = mcfg.vision.num_patches
+    ids = torch.randint(3, mcfg.decoder.vocab_size - 1, (B, T))
+    ids[:, 0] = 1
+    ids[:, 1:1 + P] = mcfg.image_token_id
+    labels = ids.clone()
+    labels[:, :1 + P + (0 if stage == 3 else 20)] = -100
+    if stage == 3:
+        labels[:] = -100
+    rows = losses.batch_rows(labels, ids == mcfg.image_token_id)
+    return ids, labels, rows
+
+
+def simulate(mcfg, stage, micro, world=8, seq=2048, steps=2):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    init_fake_group(world)
+    cfg = train.TrainConfig(stage=stage, fsdp="on", dtype="bf16", activation_checkpointing=True, micro_batch=micro)
+    d = train.Dist(rank=0, world=world, local_rank=0, device=torch.device("cpu"))
+    ids, labels, rows = fake_batch(mcfg, micro, seq, stage)
+    n_lm, n_vm = rows.lm.numel() * world, rows.vm.numel() * world
+    with torch.device("meta"):  # sharded on meta (the device mesh is made outside the fake mode) ...
+        model = VTLMM(mcfg)
+    name = train.STAGES[stage]["objective"]
+    objective = losses.Objective(model, name)
+    train.set_trainable(model, stage)
+    model, _ = train.parallelize(model, cfg, d, root=objective)
+    with FakeTensorMode(allow_non_fake_inputs=True):  # ... then given fake memory, as load_sharded does
+        model.to_empty(device="cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = train.make_optimizer(params, cfg, torch.device("cuda"))  # the GPUs' fused AdamW (it runs on CPUs too)
+        px = torch.empty(micro, 3, mcfg.vision.image_size, mcfg.vision.image_size)
+        tracker = FSDPMemTracker(objective, opt)
+        tracker.track_inputs((ids, px, labels))
+        with tracker:
+            for i in range(steps):
+                if i:
+                    tracker.reset_mod_stats()  # per-module stats are per iteration; the peak is kept
+                loss, lm, vm = objective(ids, px, labels, rows, n_lm / world, n_vm / world)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        peak = tracker.get_tracker_snapshot("peak")
+        local = lambda v: v._local_tensor if hasattr(v, "_local_tensor") else v  # noqa: E731
+        state_bytes = sum(local(v).numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                          if torch.is_tensor(v))
+        print(f"<!-- AdamW state held on rank 0 after the steps (local shards): {state_bytes / GIB:.2f} GiB; "
+              f"a state tensor: {[(type(v).__name__, tuple(local(v).shape)) for v in next(iter(opt.state.values())).values()]} -->",
+              file=sys.stderr)
+    dev = next(k for k in peak if isinstance(k, torch.device))
+    by_kind = {str(k): v for k, v in peak[dev].items()}
+    return by_kind
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--decoders", default="vicuna-7b-v1.5,mistral-7b-instruct-v0.2")
+    ap.add_argument("--stages", default="1,2,3,4")
+    ap.add_argument("--micro", type=int, default=0, help="micro-batch for every stage (0: the configs')")
+    ap.add_argument("--world", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=0, help="cut the decoder to this many blocks (a quick dry run)")
+    ap.add_argument("--seq", type=int, default=2048)
+    args = ap.parse_args()
+    import dataclasses
+    print("| decoder | stage | micro-batch | simulated peak GiB/GPU | of which: params / grads / optimizer / "
+          "activations + temporaries | arithmetic (memory_budget.py) | simulated / arithmetic |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.decoders.split(","):
+        dec = PRESETS[name]
+        if args.layers:
+            dec = dataclasses.replace(dec, layers=args.layers)
+        mcfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=dec)
+        for stage in (int(s) for s in args.stages.split(",")):
+            micro = args.micro or MICRO[stage]
+            seq = 1 + mcfg.vision.num_patches if stage == 3 else args.seq
+            t0 = time.perf_counter()
+            kinds = simulate(mcfg, stage, micro, args.world, seq)
+            arith = memory_budget(mcfg, stage, args.world, micro, seq)["total"]
+            groups = (("SHARDED_PARAM", "UNSHARDED_PARAM", "BUFFER"), ("SHARDED_GRAD", "UNSHARDED_GRAD"), ("OPT",),
+                      ("ACT", "TEMP", "ALL_GATHER", "REDUCE_SCATTER", "INP"))
+            kinds = {k.split(".")[-1]: v for k, v in kinds.items()}
+            total = kinds["Total"]
+            parts = " / ".join(f"{sum(kinds.get(k, 0) for k in ks) / GIB:.1f}" for ks in groups)
+            print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {total / GIB:.1f} | {parts} | "
+                  f"{arith:.1f} | {total / GIB / arith:.2f} |", flush=True)
+            print(f"<!-- {name} stage {stage}: {time.perf_counter() - t0:.0f} s; {kinds} -->", file=sys.stderr)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
