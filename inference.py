@@ -74,8 +74,9 @@ def resolve_dtype(dtype="auto", device="cpu"):
 
 def resolve_compile(compile="auto", device="cpu"):
     """Whether decoding runs its static-cache step through torch.compile. 'auto': on a GPU (CUDA
-    graphs: one replay per token instead of hundreds of kernel launches), off on a CPU, where bench.py
-    measured no gain for its compile time (README §Inference); 'on' / 'off' force it."""
+    graphs: one replay per token instead of hundreds of kernel launches), off on a CPU, where a chat
+    answer of a few tokens does not win back the 11-17 s the first call spends compiling (bench.py
+    --decode; README §Talking to a model, docs/eval.md §Decoding); 'on' / 'off' force it."""
     if compile in (True, False):
         return compile
     if compile not in ("auto", "on", "off"):
