@@ -185,9 +185,9 @@ def return_large_frees_to_os(threshold=1 << 20):
     mapping of its own, handed back to the OS when freed. By default glibc raises that threshold each time
     a mapped block is freed (up to 32 MiB), so after the first unshard a block's all-gathered weights come
     from the heap; freed there, they are split for other sizes, the heap grows block after block, and the
-    process keeps the pages: a stage III step on 2 gloo ranks peaked at about the float32 model on a rank
-    holding half of it, and kept most of that (bench/stage_memory.py, docs/training.md §Host memory).
-    Setting the threshold fixes it (no more raising). Smaller allocations stay on the heap. Does nothing
+    process keeps the pages: a stage III step on 2 gloo ranks peaked at 1.0-1.5x the float32 model on a
+    rank holding half of it, and kept a third of that (bench/stage_memory.py; docs/training.md §Host memory
+    (FSDP on CPUs)). Setting the threshold fixes it (no more raising). Smaller allocations stay on the heap. Does nothing
     off glibc or when MALLOC_MMAP_THRESHOLD_ is set in the environment (the user's choice wins). Returns
     whether it was set."""
     if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:

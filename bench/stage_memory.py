@@ -6,6 +6,12 @@ the steps, with their shapes, so that whatever is held can be named.
 
     python bench/stage_memory.py --stage 3                 # builds a small world and checkpoint, runs 2 ranks
     python bench/stage_memory.py --stage 2 --dim 512 --layers 8
+    python bench/stage_memory.py --preset 160m --phases    # the setup; each phase's own peak
+
+Sizes are given above "the start": the process's RSS before any weight (after building the model once on
+the meta device, which loads torch's meta kernels). VmHWM is reset (/proc/self/clear_refs) before the
+first step, so the rows after it show the steps' own peak. --json writes rank 1's numbers
+(tests/test_stage_memory.py reads them).
 
 Runs train.py's own setup (train.setup_stage: sharded loading, parallelize, the optimizer) and step
 (train.optimizer_step). Prints Markdown from rank 1 (rank 0 does the same work).

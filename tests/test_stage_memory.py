@@ -4,7 +4,7 @@ it, written in the llava-hf layout, loaded shard by shard, micro-batch 1) and re
 
 Before the fix (train.return_large_frees_to_os, FSDP2's forward buffers freed after copy-out on CPUs) the
 steps peaked at 1.02x / 1.19x the float32 model above the process's start and kept 0.26-0.36x after them;
-with it 0.81x / 0.83x, keeping 0.07x (docs/training.md §Host memory)."""
+with it 0.81x / 0.83x, keeping 0.07x (docs/training.md §Host memory (FSDP on CPUs))."""
 
 import ctypes
 import json
