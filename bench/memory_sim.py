@@ -15,6 +15,7 @@ on a real GPU, measured by bench/gpu.sh).
 
 import argparse
 import os
+import weakref
 import sys
 import time
 
@@ -30,6 +31,101 @@ from model import PRESETS, VTLMM, VTLMMConfig  # noqa: E402
 
 MICRO = {1: 32, 2: 16, 3: 32, 4: 16}  # configs/stage{1..4}_*.py
 GIB = 2 ** 30
+
+
+class LocalBytes:
+    """Bytes that rank 0 holds, counted under the DTensor layer: a FakeTensorMode whose dispatch sees the
+    plain (local) tensors DTensor computes with, never a DTensor's global shape. Each storage an op makes is
+    counted once (views share it) from its creation until it dies; FSDP2's frees and re-allocations by
+    UntypedStorage.resize_ are followed too. DTensor's sharding propagation runs each op it has not seen yet
+    on global-shape fake tensors to learn the output's shape (under the active fake mode, which here is this
+    one; in a real run a fresh one): metadata only, so nothing made inside it is counted. That shadow work is
+    what made FSDPMemTracker report full-size AdamW and gradient-clip transients on the first step only.
+    `peak` is the largest sum seen, `phase_peaks` the largest in each phase named by mark(), `now` the
+    bytes alive now."""
+
+    def __init__(self):
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        tracker = self
+        self.live, self.now, self.peak, self.phase_peak, self.phase_peaks = {}, 0, 0, 0, []
+        self.paused = 0
+
+        class Mode(FakeTensorMode):
+            def dispatch(self, func, types, args=(), kwargs=None):
+                out = super().dispatch(func, types, args, kwargs)
+                tracker._count(out)
+                return out
+
+        self.mode = Mode(allow_non_fake_inputs=True)
+
+    def _add(self, storage):
+        key = storage._cdata
+        if key in self.live:
+            return
+        n = storage.nbytes()
+        self.live[key] = n
+        weakref.finalize(storage, self._gone, key)
+        self._move(n)
+
+    def _gone(self, key):
+        self._move(-self.live.pop(key, 0))
+
+    def _move(self, delta):
+        self.now += delta
+        if self.now > self.peak:
+            self.peak = self.now
+        if self.now > self.phase_peak:
+            self.phase_peak = self.now
+
+    def _count(self, out):
+        if self.paused:
+            return
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and not hasattr(t, "_local_tensor"):
+                self._add(t.untyped_storage())
+
+    def _resized(self, storage, old, new):
+        key = storage._cdata
+        if key in self.live:
+            self.live[key] = new
+            self._move(new - old)
+        elif new:
+            self._add(storage)
+
+    def mark(self, phase):
+        self.phase_peaks.append((phase, self.phase_peak))
+        self.phase_peak = self.now
+
+    def __enter__(self):
+        orig = self._orig_resize = torch.UntypedStorage.resize_
+        tracker = self
+
+        def resize_(storage, size):
+            old = storage.nbytes()
+            out = orig(storage, size)
+            tracker._resized(storage, old, storage.nbytes())
+            return out
+
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+        meta = self._orig_meta = ShardingPropagator._propagate_tensor_meta_non_cached
+
+        def shape_only(prop, *a, **k):
+            tracker.paused += 1
+            try:
+                return meta(prop, *a, **k)
+            finally:
+                tracker.paused -= 1
+
+        torch.UntypedStorage.resize_ = resize_
+        ShardingPropagator._propagate_tensor_meta_non_cached = shape_only
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+        self.mode.__exit__(*exc)
+        torch.UntypedStorage.resize_ = self._orig_resize
+        ShardingPropagator._propagate_tensor_meta_non_cached = self._orig_meta
 
 
 def init_fake_group(world):
@@ -95,6 +191,54 @@ def simulate(mcfg, stage, micro, world=8, seq=2048, steps=2):
     return by_kind
 
 
+def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2):
+    """As `simulate`, counted by LocalBytes (local shards only) instead of FSDPMemTracker. Returns the peak,
+    the phase it fell in, each phase's peak, and what rank 0 holds: the parameter shards, the gradient
+    shards (after the backward of the last step) and the AdamW state (after its update), in bytes."""
+    init_fake_group(world)
+    cfg = train.TrainConfig(stage=stage, fsdp="on", dtype="bf16", activation_checkpointing=True, micro_batch=micro)
+    d = train.Dist(rank=0, world=world, local_rank=0, device=torch.device("cpu"))
+    ids, labels, rows = fake_batch(mcfg, micro, seq, stage)
+    n_lm, n_vm = rows.lm.numel() * world, rows.vm.numel() * world
+    with torch.device("meta"):
+        model = VTLMM(mcfg)
+    objective = losses.Objective(model, train.STAGES[stage]["objective"])
+    train.set_trainable(model, stage)
+    model, _ = train.parallelize(model, cfg, d, root=objective)
+    local = lambda v: v._local_tensor if hasattr(v, "_local_tensor") else v  # noqa: E731
+    def nbytes(ts):  # each storage once: FSDP2's gradient shards are views of one reduce-scatter output
+        seen = {}
+        for t in ts:
+            st = local(t).untyped_storage()
+            seen[st._cdata] = st.nbytes()
+        return sum(seen.values())
+    counter = LocalBytes()
+    with counter:
+        model.to_empty(device="cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = train.make_optimizer(params, cfg, torch.device("cuda"))  # the GPUs' fused AdamW (it runs on CPUs too)
+        px = torch.empty(micro, 3, mcfg.vision.image_size, mcfg.vision.image_size)
+        counter.mark("setup")
+        grads = 0
+        for i in range(steps):
+            loss, lm, vm = objective(ids, px, labels, rows, n_lm / world, n_vm / world)
+            counter.mark(f"forward {i + 1}")
+            loss.backward()
+            counter.mark(f"backward {i + 1}")
+            grads = nbytes(p.grad for p in params if p.grad is not None)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            counter.mark(f"clip {i + 1}")
+            opt.step()
+            counter.mark(f"optimizer step {i + 1}")
+            opt.zero_grad(set_to_none=True)
+            del loss, lm, vm
+        state = nbytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim())
+        weights = nbytes(model.parameters())
+    phase = max(counter.phase_peaks[1:], key=lambda x: x[1])[0]
+    return dict(peak=counter.peak, phase=phase, phases=counter.phase_peaks, weights=weights, grads=grads,
+                state=state, end=counter.now)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--decoders", default="vicuna-7b-v1.5,mistral-7b-instruct-v0.2")
@@ -103,8 +247,12 @@ def main():
     ap.add_argument("--world", type=int, default=8)
     ap.add_argument("--layers", type=int, default=0, help="cut the decoder to this many blocks (a quick dry run)")
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--counter", default="local", choices=["local", "tracker"],
+                    help="local: LocalBytes (local shards under the DTensor layer); tracker: FSDPMemTracker")
     args = ap.parse_args()
     import dataclasses
+    if args.counter == "local":
+        return main_local(args)
     print("| decoder | stage | micro-batch | simulated peak GiB/GPU | of which: params / grads / optimizer / "
           "activations + temporaries | arithmetic (memory_budget.py) | simulated / arithmetic |")
     print("|---|---|---|---|---|---|---|")
@@ -127,6 +275,35 @@ def main():
             print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {total / GIB:.1f} | {parts} | "
                   f"{arith:.1f} | {total / GIB / arith:.2f} |", flush=True)
             print(f"<!-- {name} stage {stage}: {time.perf_counter() - t0:.0f} s; {kinds} -->", file=sys.stderr)
+    dist.destroy_process_group()
+
+
+def main_local(args):
+    """The table with LocalBytes: the simulated peak beside memory_budget.py's parts and total."""
+    import dataclasses
+    print("| decoder | stage | micro-batch | simulated peak GiB/GPU | peak in | held: weights / grads / AdamW | "
+          "the rest at the peak | arithmetic total (memory_budget.py) | simulated / arithmetic |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name in args.decoders.split(","):
+        dec = PRESETS[name]
+        if args.layers:
+            dec = dataclasses.replace(dec, layers=args.layers)
+        mcfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=dec)
+        for stage in (int(s) for s in args.stages.split(",")):
+            micro = args.micro or MICRO[stage]
+            seq = 1 + mcfg.vision.num_patches if stage == 3 else args.seq
+            t0 = time.perf_counter()
+            r = simulate_local(mcfg, stage, micro, args.world, seq)
+            b = memory_budget(mcfg, stage, args.world, micro, seq)
+            # what else is alive at the peak: gathered weights, activations, the loss's buffers, temporaries
+            held = r["weights"] + r["state"] + (r["grads"] if not r["phase"].startswith("forward") else 0)
+            print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {r['peak'] / GIB:.1f} | {r['phase']} | "
+                  f"{r['weights'] / GIB:.1f} / {r['grads'] / GIB:.1f} / {r['state'] / GIB:.1f} | "
+                  f"{(r['peak'] - held) / GIB:.1f} | {b['total']:.1f} | {r['peak'] / GIB / b['total']:.2f} |", flush=True)
+            print(f"<!-- {name} stage {stage}: {time.perf_counter() - t0:.0f} s; arithmetic parts "
+                  f"{ {k: round(v, 2) for k, v in b.items()} }; phase peaks GiB "
+                  f"{[(ph, round(v / GIB, 2)) for ph, v in r['phases']]}; alive after the steps "
+                  f"{r['end'] / GIB:.2f} GiB -->", file=sys.stderr)
     dist.destroy_process_group()
 
 
