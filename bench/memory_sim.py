@@ -39,7 +39,8 @@ class LocalBytes:
     counted once (views share it) from its creation until it dies; FSDP2's frees and re-allocations by
     UntypedStorage.resize_ are followed too. DTensor's sharding propagation runs each op it has not seen yet
     on global-shape fake tensors to learn the output's shape (under the active fake mode, which here is this
-    one; in a real run a fresh one): metadata only, so nothing made inside it is counted. That shadow work is
+    one; in a real run a fresh one): metadata only, so nothing made inside it is counted; nor are the
+    intermediates of an op's fake implementation (only each op's outputs are). That shadow work is
     what made FSDPMemTracker report full-size AdamW and gradient-clip transients on the first step only.
     `peak` is the largest sum seen, `phase_peaks` the largest in each phase named by mark(), `now` the
     bytes alive now."""
@@ -48,12 +49,20 @@ class LocalBytes:
         from torch._subclasses.fake_tensor import FakeTensorMode
         tracker = self
         self.live, self.now, self.peak, self.phase_peak, self.phase_peaks = {}, 0, 0, 0, []
-        self.paused = 0
+        self.paused = self.depth = 0
 
         class Mode(FakeTensorMode):
             def dispatch(self, func, types, args=(), kwargs=None):
-                out = super().dispatch(func, types, args, kwargs)
-                tracker._count(out)
+                # only the outermost op: an op the fake mode has not cached yet runs through its Python
+                # reference (prims), whose intermediate tensors come back here too; a real kernel makes
+                # only the output
+                tracker.depth += 1
+                try:
+                    out = super().dispatch(func, types, args, kwargs)
+                finally:
+                    tracker.depth -= 1
+                if not tracker.depth:
+                    tracker._count(out)
                 return out
 
         self.mode = Mode(allow_non_fake_inputs=True)
