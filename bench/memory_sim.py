@@ -50,6 +50,8 @@ class LocalBytes:
         tracker = self
         self.live, self.now, self.peak, self.phase_peak, self.phase_peaks = {}, 0, 0, 0, []
         self.paused = self.depth = 0
+        self.what, self.func = {}, None  # storage -> the op and shape that made it (for snapshot)
+        self.snapshot_at, self.snapshot = None, None  # a byte count: the live storages when it is first reached
 
         class Mode(FakeTensorMode):
             def dispatch(self, func, types, args=(), kwargs=None):
@@ -62,36 +64,40 @@ class LocalBytes:
                 finally:
                     tracker.depth -= 1
                 if not tracker.depth:
-                    tracker._count(out)
+                    tracker._count(out, func)
                 return out
 
         self.mode = Mode(allow_non_fake_inputs=True)
 
-    def _add(self, storage):
+    def _add(self, storage, what=""):
         key = storage._cdata
         if key in self.live:
             return
         n = storage.nbytes()
         self.live[key] = n
+        self.what[key] = what
         weakref.finalize(storage, self._gone, key)
         self._move(n)
 
     def _gone(self, key):
+        self.what.pop(key, None)
         self._move(-self.live.pop(key, 0))
 
     def _move(self, delta):
         self.now += delta
+        if self.snapshot_at is not None and self.snapshot is None and self.now >= self.snapshot_at:
+            self.snapshot = [(self.live[k], self.what.get(k, "")) for k in self.live]
         if self.now > self.peak:
             self.peak = self.now
         if self.now > self.phase_peak:
             self.phase_peak = self.now
 
-    def _count(self, out):
+    def _count(self, out, func=None):
         if self.paused:
             return
         for t in (out if isinstance(out, (tuple, list)) else [out]):
             if isinstance(t, torch.Tensor) and not hasattr(t, "_local_tensor"):
-                self._add(t.untyped_storage())
+                self._add(t.untyped_storage(), f"{func} {str(t.dtype)[6:]}")
 
     def _resized(self, storage, old, new):
         key = storage._cdata
@@ -99,7 +105,7 @@ class LocalBytes:
             self.live[key] = new
             self._move(new - old)
         elif new:
-            self._add(storage)
+            self._add(storage, "resize_ (FSDP2 all-gather output)")
 
     def mark(self, phase):
         self.phase_peaks.append((phase, self.phase_peak))
@@ -200,7 +206,7 @@ def simulate(mcfg, stage, micro, world=8, seq=2048, steps=2):
     return by_kind
 
 
-def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2):
+def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2, snapshot_at=None):
     """As `simulate`, counted by LocalBytes (local shards only) instead of FSDPMemTracker. Returns the peak,
     the phase it fell in, each phase's peak, and what rank 0 holds: the parameter shards, the gradient
     shards (after the backward of the last step) and the AdamW state (after its update), in bytes."""
@@ -222,6 +228,7 @@ def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2):
             seen[st._cdata] = st.nbytes()
         return sum(seen.values())
     counter = LocalBytes()
+    counter.snapshot_at = snapshot_at
     with counter:
         model.to_empty(device="cpu")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -245,7 +252,17 @@ def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2):
         weights = nbytes(model.parameters())
     phase = max(counter.phase_peaks[1:], key=lambda x: x[1])[0]
     return dict(peak=counter.peak, phase=phase, phases=counter.phase_peaks, weights=weights, grads=grads,
-                state=state, end=counter.now)
+                state=state, end=counter.now, snapshot=counter.snapshot)
+
+
+def explain(mcfg, stage, micro, world, seq, peak):
+    """What is alive at the peak (a second run, stopped at the first moment the peak is reached): bytes by the
+    op that made each storage, largest first."""
+    r = simulate_local(mcfg, stage, micro, world, seq, snapshot_at=peak)
+    by = {}
+    for n, what in r["snapshot"] or []:
+        by[what] = by.get(what, 0) + n
+    return sorted(by.items(), key=lambda kv: -kv[1])
 
 
 def main():
@@ -256,6 +273,8 @@ def main():
     ap.add_argument("--world", type=int, default=8)
     ap.add_argument("--layers", type=int, default=0, help="cut the decoder to this many blocks (a quick dry run)")
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--json", default="", help="also write the results (bytes) to this file")
+    ap.add_argument("--explain", type=int, default=0, help="list the N largest kinds of storage alive at the peak")
     ap.add_argument("--counter", default="local", choices=["local", "tracker"],
                     help="local: LocalBytes (local shards under the DTensor layer); tracker: FSDPMemTracker")
     args = ap.parse_args()
@@ -293,6 +312,7 @@ def main_local(args):
     print("| decoder | stage | micro-batch | simulated peak GiB/GPU | peak in | held: weights / grads / AdamW | "
           "the rest at the peak | arithmetic total (memory_budget.py) | simulated / arithmetic |")
     print("|---|---|---|---|---|---|---|---|---|")
+    results = []
     for name in args.decoders.split(","):
         dec = PRESETS[name]
         if args.layers:
@@ -303,6 +323,10 @@ def main_local(args):
             seq = 1 + mcfg.vision.num_patches if stage == 3 else args.seq
             t0 = time.perf_counter()
             r = simulate_local(mcfg, stage, micro, args.world, seq)
+            with torch.device("meta"):
+                n_params = sum(p.numel() for p in VTLMM(mcfg).parameters())
+            results.append({k: v for k, v in r.items() if k != "snapshot"} | {"decoder": name, "stage": stage,
+                                                                               "micro": micro, "params": n_params})
             b = memory_budget(mcfg, stage, args.world, micro, seq)
             # what else is alive at the peak: gathered weights, activations, the loss's buffers, temporaries
             held = r["weights"] + r["state"] + (r["grads"] if not r["phase"].startswith("forward") else 0)
@@ -313,6 +337,14 @@ def main_local(args):
                   f"{ {k: round(v, 2) for k, v in b.items()} }; phase peaks GiB "
                   f"{[(ph, round(v / GIB, 2)) for ph, v in r['phases']]}; alive after the steps "
                   f"{r['end'] / GIB:.2f} GiB -->", file=sys.stderr)
+            if args.explain:
+                top = explain(mcfg, stage, micro, args.world, seq, r["peak"])[:args.explain]
+                print(f"<!-- {name} stage {stage}, alive at the peak, by the op that made it (GiB): "
+                      + "; ".join(f"{w} {n / GIB:.2f}" for w, n in top) + " -->", file=sys.stderr)
+    if args.json:
+        import json
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     dist.destroy_process_group()
 
 
