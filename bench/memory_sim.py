@@ -2,15 +2,19 @@
 The 7B stages on 8 GPUs, simulated on the CPU: train.py's own parallelize (FSDP2, bf16 policy, activation
 checkpointing) over a fake 8-rank process group, then two optimizer steps (forward through the stage's
 losses.Objective, backward, gradient clip, AdamW) with every tensor a FakeTensor, so nothing is computed
-and no memory is taken. torch.distributed._tools.FSDPMemTracker counts each allocation rank 0 would make
-and reports the peak, by kind. Printed beside bench/memory_budget.py's arithmetic.
+and no memory is taken. LocalBytes counts each storage rank 0 would allocate at its local (sharded) size,
+from the op that makes it to its release, and reports the peak and the phase it falls in, beside
+bench/memory_budget.py's arithmetic (README §7B).
 
     python bench/memory_sim.py                          # Vicuna-7B and Mistral-7B, stages I-IV, the configs' micro-batches
     python bench/memory_sim.py --decoders vicuna-7b-v1.5 --stages 4 --micro 8
+    python bench/memory_sim.py --stages 3 --explain 10  # what is alive at the peak, by the op that made it
+    python bench/memory_sim.py --counter tracker        # the same steps under FSDPMemTracker (see LocalBytes)
 
-The simulated device is "cpu" (no GPU here): the counts are the same tensors a GPU would hold, without
-the CUDA caching allocator's rounding and fragmentation, NCCL's buffers or the CUDA context (a few GiB
-on a real GPU, measured by bench/gpu.sh).
+The simulated device is "cpu" (no GPU here), with FSDP2's GPU behaviour in forward restored (one unit's
+all-gather buffer kept until the next's): the counts are the tensors a GPU would hold, without the CUDA
+caching allocator's rounding and fragmentation, NCCL's buffers or the CUDA context (a few GiB on a real
+GPU, measured by bench/gpu.sh).
 """
 
 import argparse
@@ -220,6 +224,9 @@ def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2, snapshot_at=N
     objective = losses.Objective(model, train.STAGES[stage]["objective"])
     train.set_trainable(model, stage)
     model, _ = train.parallelize(model, cfg, d, root=objective)
+    # parallelize frees each forward all-gather buffer early on CPUs (train.py); GPUs keep FSDP2's default,
+    # one unit's buffer held until the next all-gather, and the simulation stands for the GPUs
+    objective._set_unshard_async_op(False)
     local = lambda v: v._local_tensor if hasattr(v, "_local_tensor") else v  # noqa: E731
     def nbytes(ts):  # each storage once: FSDP2's gradient shards are views of one reduce-scatter output
         seen = {}
