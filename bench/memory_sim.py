@@ -316,7 +316,7 @@ def main():
 def main_local(args):
     """The table with LocalBytes: the simulated peak beside memory_budget.py's parts and total."""
     import dataclasses
-    print("| decoder | stage | micro-batch | simulated peak GiB/GPU | peak in | held: weights / grads / AdamW | "
+    print("| decoder | stage | micro-batch | simulated peak GiB/GPU | peak in | weights / gradients / AdamW (shards) | "
           "the rest at the peak | arithmetic total (memory_budget.py) | simulated / arithmetic |")
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
@@ -335,8 +335,9 @@ def main_local(args):
             results.append({k: v for k, v in r.items() if k != "snapshot"} | {"decoder": name, "stage": stage,
                                                                                "micro": micro, "params": n_params})
             b = memory_budget(mcfg, stage, args.world, micro, seq)
-            # what else is alive at the peak: gathered weights, activations, the loss's buffers, temporaries
-            held = r["weights"] + r["state"] + (r["grads"] if not r["phase"].startswith("forward") else 0)
+            # what else is alive at the peak: the gradient shards made so far, gathered weights, activations,
+            # the loss's buffers, temporaries (AdamW's state exists from the first update on)
+            held = r["weights"] + (r["state"] if not r["phase"].endswith(" 1") else 0)
             print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {r['peak'] / GIB:.1f} | {r['phase']} | "
                   f"{r['weights'] / GIB:.1f} / {r['grads'] / GIB:.1f} / {r['state'] / GIB:.1f} | "
                   f"{(r['peak'] - held) / GIB:.1f} | {b['total']:.1f} | {r['peak'] / GIB / b['total']:.2f} |", flush=True)
