@@ -306,13 +306,14 @@ def parallelize(model, cfg, d: Dist, root=None):
     # the root: embedding, adapter, heads, final norm. It keeps its inputs' dtypes: the loss's counts must
     # not be rounded to bf16 (each part below casts what it receives itself)
     root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
-    fully_shard(model if root is None else root, mesh=mesh, mp_policy=root_mp)
-    if d.device.type == "cpu":
+    unit = model if root is None else root
+    fully_shard(unit, mesh=mesh, mp_policy=root_mp)
+    if d.device.type == "cpu" and hasattr(unit, "_set_unshard_async_op"):
         # In forward FSDP2 keeps each all-gather's flat output until the next unit's all-gather has
         # finished, so that on a GPU the copy-out overlaps it on another stream. A CPU has no such stream,
         # and the kept buffer is one more unsharded block at the peak; waiting on the all-gather instead
         # frees it right after its copy-out (FSDPModule._set_unshard_async_op; the order is unchanged).
-        (model if root is None else root)._set_unshard_async_op(True)
+        unit._set_unshard_async_op(True)
     return model, True
 
 
