@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 import losses  # noqa: E402
 import train  # noqa: E402
 from memory_budget import memory_budget  # noqa: E402  (bench/ is the script's folder)
-from model import PRESETS, VTLMM, VTLMMConfig  # noqa: E402
+from model import PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig  # noqa: E402
 
 MICRO = {1: 32, 2: 16, 3: 32, 4: 16}  # configs/stage{1..4}_*.py
 GIB = 2 ** 30
@@ -210,12 +210,12 @@ def simulate(mcfg, stage, micro, world=8, seq=2048, steps=2):
     return by_kind
 
 
-def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2, snapshot_at=None):
+def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2, snapshot_at=None, dtype="bf16"):
     """As `simulate`, counted by LocalBytes (local shards only) instead of FSDPMemTracker. Returns the peak,
     the phase it fell in, each phase's peak, and what rank 0 holds: the parameter shards, the gradient
     shards (after the backward of the last step) and the AdamW state (after its update), in bytes."""
     init_fake_group(world)
-    cfg = train.TrainConfig(stage=stage, fsdp="on", dtype="bf16", activation_checkpointing=True, micro_batch=micro)
+    cfg = train.TrainConfig(stage=stage, fsdp="on", dtype=dtype, activation_checkpointing=True, micro_batch=micro)
     d = train.Dist(rank=0, world=world, local_rank=0, device=torch.device("cpu"))
     ids, labels, rows = fake_batch(mcfg, micro, seq, stage)
     n_lm, n_vm = rows.lm.numel() * world, rows.vm.numel() * world
@@ -262,6 +262,90 @@ def simulate_local(mcfg, stage, micro, world=8, seq=2048, steps=2, snapshot_at=N
                 state=state, end=counter.now, snapshot=counter.snapshot)
 
 
+# a model small enough to train for real on a CPU in seconds, large enough that tensors dominate its memory
+SMALL = VTLMMConfig(vision=VisionConfig(image_size=224, patch_size=16, width=512, layers=4, heads=8, mlp=2048),
+                    decoder=DecoderConfig(vocab_size=8192, dim=1024, layers=4, heads=8, kv_heads=8, hidden=2816,
+                                          max_seq_len=1024))
+
+
+def measure_real(mcfg, stage, micro, seq, steps=2, dtype="fp32"):
+    """The same steps for real on this CPU (the check of the simulation): FSDP2 over a gloo group of one
+    process, glibc told to return large frees (train.return_large_frees_to_os, so RSS follows the tensors).
+    Each phase's VmHWM (reset through /proc/self/clear_refs) minus the RSS with the model still on meta."""
+    import gc
+    train.return_large_frees_to_os()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    cfg = train.TrainConfig(stage=stage, fsdp="on", dtype=dtype, activation_checkpointing=True, micro_batch=micro)
+    d = train.Dist(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
+    ids, labels, rows = fake_batch(mcfg, micro, seq, stage)
+    with torch.device("meta"):
+        model = VTLMM(mcfg)
+    objective = losses.Objective(model, train.STAGES[stage]["objective"])
+    train.set_trainable(model, stage)
+    model, _ = train.parallelize(model, cfg, d, root=objective)
+    px = torch.randn(micro, 3, mcfg.vision.image_size, mcfg.vision.image_size)
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    def mark(name):
+        phases.append((name, status("VmHWM") - start))
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    gc.collect()
+    start, phases = status("VmRSS"), []
+    mark("start")
+    model.to_empty(device="cpu")
+    model.init_weights()  # writes every shard: untouched pages would not count
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = train.make_optimizer(params, cfg, torch.device("cuda"))  # fused AdamW, as simulated
+    mark("setup")
+    for i in range(steps):
+        loss, lm, vm = objective(ids, px, labels, rows, float(rows.lm.numel()), float(rows.vm.numel()))
+        mark(f"forward {i + 1}")
+        loss.backward()
+        mark(f"backward {i + 1}")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        mark(f"clip {i + 1}")
+        opt.step()
+        mark(f"optimizer step {i + 1}")
+        opt.zero_grad(set_to_none=True)
+        del loss, lm, vm
+    dist.destroy_process_group()
+    return phases[1:]
+
+
+def validate(args):
+    """SMALL at world 1 simulated here and trained for real in a subprocess; each phase's peak side by side."""
+    import json
+    import subprocess
+    stage, micro, seq = int(args.stages.split(",")[0]), args.micro or 2, args.seq
+    if args.real:
+        print(json.dumps(measure_real(SMALL, stage, micro, seq)))
+        return
+    r = simulate_local(SMALL, stage, micro, 1, seq, dtype="fp32")
+    dist.destroy_process_group()
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--validate", "--real", "--stages", str(stage),
+                          "--micro", str(micro), "--seq", str(seq)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    real = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    mib = 2 ** 20
+    with torch.device("meta"):
+        n = sum(p.numel() for p in VTLMM(SMALL).parameters())
+    print(f"SMALL ({n / 1e6:.0f}M parameters: decoder dim 1024 x 4 blocks, vision 512 x 4, vocabulary 8192), "
+          f"stage {stage}, micro-batch {micro} x {seq}, float32, FSDP2 world 1\n")
+    print("| phase | simulated MiB | measured MiB (VmHWM above the start) | measured / simulated |")
+    print("|---|---|---|---|")
+    rows = [(phase, sim, real[phase]) for phase, sim in r["phases"] if phase in real]
+    for phase, sim, got in rows:
+        print(f"| {phase} | {sim / mib:.0f} | {got / mib:.0f} | {got / sim:.2f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
+
+
 def explain(mcfg, stage, micro, world, seq, peak):
     """What is alive at the peak (a second run, stopped at the first moment the peak is reached): bytes by the
     op that made each storage, largest first."""
@@ -284,8 +368,13 @@ def main():
     ap.add_argument("--explain", type=int, default=0, help="list the N largest kinds of storage alive at the peak")
     ap.add_argument("--counter", default="local", choices=["local", "tracker"],
                     help="local: LocalBytes (local shards under the DTensor layer); tracker: FSDPMemTracker")
+    ap.add_argument("--validate", action="store_true",
+                    help="check the count: a small model at world 1, simulated and trained for real, phase by phase")
+    ap.add_argument("--real", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     import dataclasses
+    if args.validate:
+        return validate(args)
     if args.counter == "local":
         return main_local(args)
     print("| decoder | stage | micro-batch | simulated peak GiB/GPU | of which: params / grads / optimizer / "
