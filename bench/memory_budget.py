@@ -4,6 +4,7 @@ sharding over 8 GPUs with bf16 compute. Prints the README's memory table (tests/
 that they agree; tests/test_throughput.py checks the loss column against the measured peak).
 
     python bench/memory_budget.py
+    python bench/memory_budget.py --simulate   # the simulated peak beside it (bench/memory_sim.py, README §7B)
 """
 
 import os
@@ -74,4 +75,10 @@ def print_memory_budgets():
 
 
 if __name__ == "__main__":
-    print_memory_budgets()
+    if "--simulate" in sys.argv[1:]:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import memory_sim
+        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--simulate"]
+        memory_sim.main()
+    else:
+        print_memory_budgets()
