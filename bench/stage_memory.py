@@ -72,7 +72,6 @@ class PhasePeaks:
     wrapping what the step calls from outside; the step itself runs unchanged."""
 
     def __init__(self, s):
-        import train
         self.rows, self.s = [], s
         objective, clip, step = s.objective, torch.nn.utils.clip_grad_norm_, s.optimizer.step
 
@@ -95,7 +94,6 @@ class PhasePeaks:
         s.objective = fwd
         torch.nn.utils.clip_grad_norm_ = clip_
         s.optimizer.step = step_
-        self.train = train
 
     def mark(self, phase):
         st = proc_status()
