@@ -21,6 +21,7 @@ after the last of `stages`. `--hook.dir=x` sets one entry.
 """
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import functools
@@ -164,6 +165,8 @@ def setup_distributed(cfg):
         # float32 matmuls (fp32 runs, anything outside the bf16 policy) may use TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if dev_type == "cpu" and (cfg.fsdp == "on" or (cfg.fsdp == "auto" and world > 1)):
+        return_large_frees_to_os()  # before any weight is read: sharded loading is the first to allocate
     if (world > 1 or cfg.fsdp == "on") and not dist.is_initialized():
         backend = "nccl" if dev_type == "cuda" else "gloo"
         timeout = datetime.timedelta(minutes=cfg.dist_timeout_min)
@@ -172,6 +175,29 @@ def setup_distributed(cfg):
         else:
             dist.init_process_group(backend, timeout=timeout)
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_large_frees_to_os(threshold=1 << 20):
+    """Host memory of FSDP2 on CPUs: make glibc serve every allocation of `threshold` bytes or more with a
+    mapping of its own, handed back to the OS when freed. By default glibc raises that threshold each time
+    a mapped block is freed (up to 32 MiB), so after the first unshard a block's all-gathered weights come
+    from the heap; freed there, they are split for other sizes, the heap grows block after block, and the
+    process keeps the pages: a stage III step on 2 gloo ranks peaked at 1.0-1.5x the float32 model on a
+    rank holding half of it, and kept a third of that (bench/stage_memory.py; docs/training.md §Host memory
+    (FSDP on CPUs)). Setting the threshold fixes it (no more raising). Smaller allocations stay on the heap.
+    Does nothing off glibc or when MALLOC_MMAP_THRESHOLD_ is set in the environment (the user's choice
+    wins). Returns whether it was set."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, threshold) == 1
 
 
 def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
@@ -280,7 +306,14 @@ def parallelize(model, cfg, d: Dist, root=None):
     # the root: embedding, adapter, heads, final norm. It keeps its inputs' dtypes: the loss's counts must
     # not be rounded to bf16 (each part below casts what it receives itself)
     root_mp = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype, cast_forward_inputs=False)
-    fully_shard(model if root is None else root, mesh=mesh, mp_policy=root_mp)
+    unit = model if root is None else root
+    fully_shard(unit, mesh=mesh, mp_policy=root_mp)
+    if d.device.type == "cpu" and hasattr(unit, "_set_unshard_async_op"):
+        # In forward FSDP2 keeps each all-gather's flat output until the next unit's all-gather has
+        # finished, so that on a GPU the copy-out overlaps it on another stream. A CPU has no such stream,
+        # and the kept buffer is one more unsharded block at the peak; waiting on the all-gather instead
+        # frees it right after its copy-out (FSDPModule._set_unshard_async_op; the order is unchanged).
+        unit._set_unshard_async_op(True)
     return model, True
 
 

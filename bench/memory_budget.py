@@ -4,6 +4,7 @@ sharding over 8 GPUs with bf16 compute. Prints the README's memory table (tests/
 that they agree; tests/test_throughput.py checks the loss column against the measured peak).
 
     python bench/memory_budget.py
+    python bench/memory_budget.py --simulate   # the simulated peak beside it (bench/memory_sim.py, README §7B)
 """
 
 import os
@@ -18,28 +19,48 @@ from model import PRESETS, VTLMM, VTLMMConfig  # noqa: E402
 
 
 def memory_budget(mcfg: VTLMMConfig, stage, world=8, micro_batch=16, seq_len=2048):
-    """Estimated GiB per GPU of one stage under FSDP2 full sharding with bf16 compute:
-    fp32 sharded weights, fp32 gradients and AdamW moments of the trained modules (sharded),
-    bf16 copies of two gathered blocks (one in use, one prefetched), and activations with
-    per-block checkpointing (every block's bf16 input, plus one block recomputed at a time)."""
+    """Estimated GiB per GPU at the peak of one stage's step under FSDP2 full sharding with bf16 compute, each
+    term as bench/memory_sim.py finds it alive at the peak (`--explain`):
+    fp32 sharded weights; the AdamW moments of the trained modules (sharded) and, of the gradients, only one
+    block's unsharded float32 gradient before its reduce-scatter (the peak is at the start of the backward,
+    when few gradient shards exist yet; on few GPUs, where the shards outweigh the activations, at its end,
+    with every shard and no checkpoint); bf16 gathered weights: the root's (embedding, adapter, both heads,
+    held through the step) and two blocks (one in use, one kept by FSDP2 until the next all-gather);
+    activations with per-block checkpointing: every block's bf16 input, plus the one block whose recompute its
+    backward holds; the chunked loss's buffers. Stage III runs the model without gradients: its peak is one
+    block's forward or the loss, whichever is larger, never both."""
     with torch.device("meta"):
         m = VTLMM(mcfg)
     counts = {name: sum(p.numel() for p in mod.parameters()) for name, mod in m.named_children()}
     trained = sum(counts[n] for n in train.STAGES[stage]["train"])
     d, dec = mcfg.decoder.dim, mcfg.decoder
-    block = counts["decoder"] // max(dec.layers, 1)
+    kv = dec.kv_heads * dec.hd
+    block = sum(p.numel() for p in m.decoder.blocks[0].parameters()) if dec.layers else 0
+    root = counts["decoder"] - block * dec.layers + sum(counts[n] for n in ("adapter", "mm_head", "vm_head"))
     gib = 2 ** 30
     tokens = micro_batch * seq_len
+    decoder_trains = "decoder" in train.STAGES[stage]["train"]
+    # one block's recompute as its backward holds it, bytes per token: the two RMSNorms' float32 copies of
+    # the input (2 x 4d), q and k after the rotation, v, the attention output and the normed input (bf16),
+    # and the MLP's gate, up, SiLU and product tensors with their gradients (6 hidden-sized, bf16)
+    held_by_backward = 8 * d + 2 * d + 2 * kv + 2 * kv + 2 * d + 2 * d + 12 * dec.hidden
+    activations = 2 * tokens * dec.layers * d + tokens * held_by_backward
+    # the backward's peak is at its start (every checkpoint, one block's gradient) or, when the gradient
+    # shards outweigh the activations (few GPUs), at its end (every gradient shard, the checkpoints freed)
+    at_start, at_end = (4 * block if decoder_trains else 0) + activations, 4 * trained / world
+    grads, activations = (at_start - activations, activations) if at_start >= at_end else (at_end, 0)
     parts = {
         "weights": 4 * sum(counts.values()) / world,
-        "grads+adam": (4 + 8) * trained / world,
-        "gathered": 2 * 2 * max(block, counts["mm_head"]),
-        # checkpointed block inputs (bf16) and one block's recompute: q,k,v,o, norms, MLP (3 x hidden)
-        "activations": 0 if stage == 3 else 2 * tokens * (dec.layers * d + 8 * d + 3 * dec.hidden),
+        "grads+adam": 8 * trained / world + grads,
+        "gathered": 2 * root + 2 * 2 * block,
+        "activations": activations,
         "loss": loss_buffers(mcfg, stage, tokens),
     }
-    if stage == 3:  # no backward through the decoder: activations of one block, no grads kept
-        parts["activations"] = 2 * tokens * (8 * d + 3 * dec.hidden)
+    if stage == 3:  # no backward through the decoder: one block's forward (its input, the residual, the MLP's
+        # gate, up, SiLU and product) or the loss, whichever is larger
+        parts["activations"] = tokens * (2 * 2 * d + 2 * 4 * dec.hidden)
+        parts["activations"], parts["loss"] = (parts["activations"], 0) if parts["activations"] >= parts["loss"] \
+            else (0, parts["loss"])
     return {k: v / gib for k, v in parts.items()} | {"total": sum(parts.values()) / gib}
 
 
@@ -74,4 +95,10 @@ def print_memory_budgets():
 
 
 if __name__ == "__main__":
-    print_memory_budgets()
+    if "--simulate" in sys.argv[1:]:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import memory_sim
+        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--simulate"]
+        memory_sim.main()
+    else:
+        print_memory_budgets()
