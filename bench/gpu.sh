@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One GPU, about 8 minutes (the timeouts below are upper bounds and sum to more): the checks of issues 15 and
-# 21 that need CUDA. Writes $OUT/results_gpu.md (or bench/results_gpu.md when OUT is unset) and each run's metrics.jsonl beside it.
+# One GPU, at most GPU_BUDGET_S seconds (default 480): the checks of issues 15, 21 and 22 that need CUDA,
+# most important first; each section's timeout is cut to the budget left, and a section is skipped (and
+# says so) once less than 20 s are left. Writes $OUT/results_gpu.md (or bench/results_gpu.md when OUT is
+# unset) and each run's metrics.jsonl beside it.
 #   bash bench/gpu.sh
 # 1. tiny config, bf16 + FSDP2 on NCCL, world 1: loss, tokens/s, MFU, peak memory
-# 2. a 1B-class config (TinyLlama-1.1B decoder + CLIP ViT-L/14-336), the same
-# 3. Vicuna-7B widths cut to 2 and 4 blocks: per-block step time and memory at micro-batch 16 x 2048, eager
-#    and compiled (train.compile_blocks); 3b. all 32 blocks, world 1: stage IV MFU and peak, stage III's peak
-# 4. decoding at full 7B depth: batch 1 (growing cache, static cache eager, compiled with CUDA graphs)
+# 2. full depth: all 32 Vicuna-7B blocks, world 1: stage IV MFU and peak (largest micro-batch that fits),
+#    stage III's peak
+# 3. decoding at full 7B depth: batch 1 (growing cache, static cache eager, compiled with CUDA graphs)
 #    against the memory-bandwidth roofline; eval-style batched answering in questions/s, eager and compiled
-# 5. parity on CUDA (vs transformers, chunked losses vs full logits) and a sync-free training micro-step
-# 6. the test suite's transformers parity tests (tests/test_model.py, tests/test_decode.py) with
+# 4. parity on CUDA (vs transformers, chunked losses vs full logits) and a sync-free training micro-step
+# 5. the test suite's transformers parity tests (tests/test_model.py, tests/test_decode.py) with
 #    NANOVT_TEST_DEVICE=cuda
+# 6. Vicuna-7B widths cut to 2 and 4 blocks: per-block step time and memory at micro-batch 16 x 2048, eager
+#    and compiled (train.compile_blocks)
+# 7. a 1B-class config (TinyLlama-1.1B decoder + CLIP ViT-L/14-336), as 1
 # The runs' checkpoints stay in $RUNS (a temporary folder when OUT is set); their metrics and logs are
 # copied beside the results.
 set -u
@@ -31,6 +35,13 @@ export NANOVT_PROGRESS=
 } > "$RES"
 
 section() { echo "## $1" >> "$RES"; echo >> "$RES"; }
+START=$(date +%s)
+BUDGET=${GPU_BUDGET_S:-480}
+limit() {  # limit N: N seconds, or the budget left if that is less; 0 when under 20 s are left
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -lt 20 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+skipped() { echo "- skipped: the ${BUDGET} s budget (GPU_BUDGET_S) is spent" >> "$RES"; echo >> "$RES"; }
 last_metrics() {  # the last log record of a run: loss, tokens/s, MFU, peak memory
   $PY - "$1" <<'PYEOF' >> "$RES"
 import json, sys
@@ -44,36 +55,57 @@ PYEOF
 }
 
 section "1. tiny config, bf16 + FSDP2 (NCCL, world 1)"
-timeout 90 $TORCHRUN train.py configs/tiny.py --fsdp=on --dtype=bf16 \
+T=$(limit 90)
+if [ "$T" = 0 ]; then skipped; else
+timeout $T $TORCHRUN train.py configs/tiny.py --fsdp=on --dtype=bf16 \
   --max_steps=24 --log_every=8 --save_every=0 --out_dir="$RUNS/tiny" > "$RUNS/tiny.log" 2>&1 \
   && last_metrics "$RUNS/tiny" || { echo "- FAILED: $(tail -3 "$RUNS/tiny.log")" >> "$RES"; echo >> "$RES"; }
+fi
 
-section "2. 1B-class config (bench/gpu_1b.py), bf16 + FSDP2 (NCCL, world 1)"
-timeout 180 $TORCHRUN train.py bench/gpu_1b.py --out_dir="$RUNS/1b" \
-  > "$RUNS/1b.log" 2>&1 \
-  && last_metrics "$RUNS/1b" || { echo "- FAILED: $(tail -3 "$RUNS/1b.log")" >> "$RES"; echo >> "$RES"; }
-
-section "3. per decoder block at Vicuna-7B widths, micro-batch 16 x 2048, eager and compiled"
-timeout 180 $PY bench/gpu.py layers >> "$RES" 2> "$RUNS/layers.log" || echo "- FAILED: $(tail -3 "$RUNS/layers.log")" >> "$RES"
-echo >> "$RES"
-
-section "3b. full depth: all 32 Vicuna-7B blocks, FSDP2 world 1, bf16, activation checkpointing (stage IV, then III)"
+section "2. full depth: all 32 Vicuna-7B blocks, FSDP2 world 1, bf16, activation checkpointing (stage IV, then III)"
+T=$(limit 150)
+if [ "$T" = 0 ]; then skipped; else
 echo "- simulated on 8 ranks for comparison: python bench/memory_sim.py (README's 7B memory table)" >> "$RES"
-timeout 150 $PY bench/gpu.py full >> "$RES" 2> "$RUNS/full.log" || echo "- FAILED: $(tail -3 "$RUNS/full.log")" >> "$RES"
+timeout $T $PY bench/gpu.py full >> "$RES" 2> "$RUNS/full.log" || echo "- FAILED: $(tail -3 "$RUNS/full.log")" >> "$RES"
 echo >> "$RES"
+fi
 
-section "4. decoding at full 7B depth (32 blocks): batch 1 vs the memory-bandwidth roofline, and eval-style batched answering"
-timeout 330 $PY bench/gpu.py decode answer >> "$RES" 2> "$RUNS/decode.log" || echo "- FAILED: $(tail -3 "$RUNS/decode.log")" >> "$RES"
+section "3. decoding at full 7B depth (32 blocks): batch 1 vs the memory-bandwidth roofline, and eval-style batched answering"
+T=$(limit 330)
+if [ "$T" = 0 ]; then skipped; else
+timeout $T $PY bench/gpu.py decode answer >> "$RES" 2> "$RUNS/decode.log" || echo "- FAILED: $(tail -3 "$RUNS/decode.log")" >> "$RES"
 echo >> "$RES"
+fi
 
-section "5. parity and host syncs on CUDA"
-timeout 60 $PY bench/gpu.py parity >> "$RES" 2> "$RUNS/parity.log" || echo "- FAILED: $(tail -3 "$RUNS/parity.log")" >> "$RES"
+section "4. parity and host syncs on CUDA"
+T=$(limit 60)
+if [ "$T" = 0 ]; then skipped; else
+timeout $T $PY bench/gpu.py parity >> "$RES" 2> "$RUNS/parity.log" || echo "- FAILED: $(tail -3 "$RUNS/parity.log")" >> "$RES"
 echo >> "$RES"
+fi
 
-section "6. tests/test_model.py and tests/test_decode.py (parity with transformers; static and compiled decoding) with NANOVT_TEST_DEVICE=cuda"
-NANOVT_TEST_DEVICE=cuda timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_decode.py > "$RUNS/pytest.log" 2>&1
+section "5. tests/test_model.py and tests/test_decode.py (parity with transformers; static and compiled decoding) with NANOVT_TEST_DEVICE=cuda"
+T=$(limit 180)
+if [ "$T" = 0 ]; then skipped; else
+NANOVT_TEST_DEVICE=cuda timeout $T $PY -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_decode.py > "$RUNS/pytest.log" 2>&1
 echo "- $(tail -1 "$RUNS/pytest.log")" >> "$RES"
 echo >> "$RES"
+fi
+
+section "6. per decoder block at Vicuna-7B widths, micro-batch 16 x 2048, eager and compiled"
+T=$(limit 180)
+if [ "$T" = 0 ]; then skipped; else
+timeout $T $PY bench/gpu.py layers >> "$RES" 2> "$RUNS/layers.log" || echo "- FAILED: $(tail -3 "$RUNS/layers.log")" >> "$RES"
+echo >> "$RES"
+fi
+
+section "7. 1B-class config (bench/gpu_1b.py), bf16 + FSDP2 (NCCL, world 1)"
+T=$(limit 180)
+if [ "$T" = 0 ]; then skipped; else
+timeout $T $TORCHRUN train.py bench/gpu_1b.py --out_dir="$RUNS/1b" \
+  > "$RUNS/1b.log" 2>&1 \
+  && last_metrics "$RUNS/1b" || { echo "- FAILED: $(tail -3 "$RUNS/1b.log")" >> "$RES"; echo >> "$RES"; }
+fi
 
 for r in tiny 1b; do [ -f "$RUNS/$r/metrics.jsonl" ] && cp "$RUNS/$r/metrics.jsonl" "$OUTDIR/metrics_$r.jsonl"; done
 for f in "$RUNS"/*.log; do echo "==== $f"; tail -40 "$f"; done > "$OUTDIR/gpu_logs.txt"
