@@ -372,7 +372,6 @@ def main():
                     help="check the count: a small model at world 1, simulated and trained for real, phase by phase")
     ap.add_argument("--real", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    import dataclasses
     if args.validate:
         return validate(args)
     if args.counter == "local":
@@ -380,64 +379,62 @@ def main():
     print("| decoder | stage | micro-batch | simulated peak GiB/GPU | of which: params / grads / optimizer / "
           "activations + temporaries | arithmetic (memory_budget.py) | simulated / arithmetic |")
     print("|---|---|---|---|---|---|---|")
+    for name, mcfg, stage, micro, seq in cases(args):
+        t0 = time.perf_counter()
+        kinds = simulate(mcfg, stage, micro, args.world, seq)
+        arith = memory_budget(mcfg, stage, args.world, micro, seq)["total"]
+        groups = (("SHARDED_PARAM", "UNSHARDED_PARAM", "BUFFER"), ("SHARDED_GRAD", "UNSHARDED_GRAD"), ("OPT",),
+                  ("ACT", "TEMP", "ALL_GATHER", "REDUCE_SCATTER", "INP"))
+        kinds = {k.split(".")[-1]: v for k, v in kinds.items()}
+        total = kinds["Total"]
+        parts = " / ".join(f"{sum(kinds.get(k, 0) for k in ks) / GIB:.1f}" for ks in groups)
+        print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {total / GIB:.1f} | {parts} | "
+              f"{arith:.1f} | {total / GIB / arith:.2f} |", flush=True)
+        print(f"<!-- {name} stage {stage}: {time.perf_counter() - t0:.0f} s; {kinds} -->", file=sys.stderr)
+    dist.destroy_process_group()
+
+
+def cases(args):
+    """(decoder name, model config, stage, micro-batch, sequence length) for every row of the table."""
+    import dataclasses
     for name in args.decoders.split(","):
         dec = PRESETS[name]
         if args.layers:
             dec = dataclasses.replace(dec, layers=args.layers)
         mcfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=dec)
         for stage in (int(s) for s in args.stages.split(",")):
-            micro = args.micro or MICRO[stage]
             seq = 1 + mcfg.vision.num_patches if stage == 3 else args.seq
-            t0 = time.perf_counter()
-            kinds = simulate(mcfg, stage, micro, args.world, seq)
-            arith = memory_budget(mcfg, stage, args.world, micro, seq)["total"]
-            groups = (("SHARDED_PARAM", "UNSHARDED_PARAM", "BUFFER"), ("SHARDED_GRAD", "UNSHARDED_GRAD"), ("OPT",),
-                      ("ACT", "TEMP", "ALL_GATHER", "REDUCE_SCATTER", "INP"))
-            kinds = {k.split(".")[-1]: v for k, v in kinds.items()}
-            total = kinds["Total"]
-            parts = " / ".join(f"{sum(kinds.get(k, 0) for k in ks) / GIB:.1f}" for ks in groups)
-            print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {total / GIB:.1f} | {parts} | "
-                  f"{arith:.1f} | {total / GIB / arith:.2f} |", flush=True)
-            print(f"<!-- {name} stage {stage}: {time.perf_counter() - t0:.0f} s; {kinds} -->", file=sys.stderr)
-    dist.destroy_process_group()
+            yield name, mcfg, stage, args.micro or MICRO[stage], seq
 
 
 def main_local(args):
     """The table with LocalBytes: the simulated peak beside memory_budget.py's parts and total."""
-    import dataclasses
     print("| decoder | stage | micro-batch | simulated peak GiB/GPU | peak in | weights / gradients / AdamW (shards) | "
           "the rest at the peak | arithmetic total (memory_budget.py) | simulated / arithmetic |")
     print("|---|---|---|---|---|---|---|---|---|")
     results = []
-    for name in args.decoders.split(","):
-        dec = PRESETS[name]
-        if args.layers:
-            dec = dataclasses.replace(dec, layers=args.layers)
-        mcfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=dec)
-        for stage in (int(s) for s in args.stages.split(",")):
-            micro = args.micro or MICRO[stage]
-            seq = 1 + mcfg.vision.num_patches if stage == 3 else args.seq
-            t0 = time.perf_counter()
-            r = simulate_local(mcfg, stage, micro, args.world, seq)
-            with torch.device("meta"):
-                n_params = sum(p.numel() for p in VTLMM(mcfg).parameters())
-            results.append({k: v for k, v in r.items() if k != "snapshot"} | {"decoder": name, "stage": stage,
-                                                                               "micro": micro, "params": n_params})
-            b = memory_budget(mcfg, stage, args.world, micro, seq)
-            # what else is alive at the peak: the gradient shards made so far, gathered weights, activations,
-            # the loss's buffers, temporaries (AdamW's state exists from the first update on)
-            held = r["weights"] + (r["state"] if not r["phase"].endswith(" 1") else 0)
-            print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {r['peak'] / GIB:.1f} | {r['phase']} | "
-                  f"{r['weights'] / GIB:.1f} / {r['grads'] / GIB:.1f} / {r['state'] / GIB:.1f} | "
-                  f"{(r['peak'] - held) / GIB:.1f} | {b['total']:.1f} | {r['peak'] / GIB / b['total']:.2f} |", flush=True)
-            print(f"<!-- {name} stage {stage}: {time.perf_counter() - t0:.0f} s; arithmetic parts "
-                  f"{ {k: round(v, 2) for k, v in b.items()} }; phase peaks GiB "
-                  f"{[(ph, round(v / GIB, 2)) for ph, v in r['phases']]}; alive after the steps "
-                  f"{r['end'] / GIB:.2f} GiB -->", file=sys.stderr)
-            if args.explain:
-                top = explain(mcfg, stage, micro, args.world, seq, r["peak"])[:args.explain]
-                print(f"<!-- {name} stage {stage}, alive at the peak, by the op that made it (GiB): "
-                      + "; ".join(f"{w} {n / GIB:.2f}" for w, n in top) + " -->", file=sys.stderr)
+    for name, mcfg, stage, micro, seq in cases(args):
+        t0 = time.perf_counter()
+        r = simulate_local(mcfg, stage, micro, args.world, seq)
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in VTLMM(mcfg).parameters())
+        results.append({k: v for k, v in r.items() if k != "snapshot"} | {"decoder": name, "stage": stage,
+                                                                           "micro": micro, "params": n_params})
+        b = memory_budget(mcfg, stage, args.world, micro, seq)
+        # what else is alive at the peak: the gradient shards made so far, gathered weights, activations,
+        # the loss's buffers, temporaries (AdamW's state exists from the first update on)
+        held = r["weights"] + (r["state"] if not r["phase"].endswith(" 1") else 0)
+        print(f"| {name} | {'I II III IV'.split()[stage - 1]} | {micro} | {r['peak'] / GIB:.1f} | {r['phase']} | "
+              f"{r['weights'] / GIB:.1f} / {r['grads'] / GIB:.1f} / {r['state'] / GIB:.1f} | "
+              f"{(r['peak'] - held) / GIB:.1f} | {b['total']:.1f} | {r['peak'] / GIB / b['total']:.2f} |", flush=True)
+        print(f"<!-- {name} stage {stage}: {time.perf_counter() - t0:.0f} s; arithmetic parts "
+              f"{ {k: round(v, 2) for k, v in b.items()} }; phase peaks GiB "
+              f"{[(ph, round(v / GIB, 2)) for ph, v in r['phases']]}; alive after the steps "
+              f"{r['end'] / GIB:.2f} GiB -->", file=sys.stderr)
+        if args.explain:
+            top = explain(mcfg, stage, micro, args.world, seq, r["peak"])[:args.explain]
+            print(f"<!-- {name} stage {stage}, alive at the peak, by the op that made it (GiB): "
+                  + "; ".join(f"{w} {n / GIB:.2f}" for w, n in top) + " -->", file=sys.stderr)
     if args.json:
         import json
         with open(args.json, "w") as f:

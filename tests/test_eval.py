@@ -163,12 +163,9 @@ def _pope_mean_f1(answers, qs):
     return sum(f1s) / len(f1s)
 
 
-def test_benchmark_command_on_llava_layout(setup, tmp_path, capsys):
-    # POPE and VQAv2 laid out as LLaVA-1.5's playground/data/eval: pope/llava_pope_test.jsonl with its
-    # images in pope/val2014 and labels in pope/coco/coco_pope_<category>.json; vqav2 without answers (test-dev)
-    world, ckpt, _, _ = setup
-    qs = [json.loads(line) for line in open(os.path.join(world, "eval_pope.jsonl"))][:9]
-    root = tmp_path / "eval"
+def pope_layout(root, world, qs):
+    """POPE laid out as LLaVA-1.5's playground/data/eval: pope/llava_pope_test.jsonl, its images in
+    pope/val2014 and the labels in pope/coco/coco_pope_<category>.json."""
     (root / "pope" / "coco").mkdir(parents=True)
     os.symlink(world, root / "pope" / "val2014")
     (root / "pope" / "llava_pope_test.jsonl").write_text(
@@ -176,6 +173,15 @@ def test_benchmark_command_on_llava_layout(setup, tmp_path, capsys):
     for c in ("random", "popular", "adversarial"):
         (root / "pope" / "coco" / f"coco_pope_{c}.json").write_text(
             "".join(json.dumps({"label": q["label"]}) + "\n" for q in qs if q["category"] == c))
+
+
+def test_benchmark_command_on_llava_layout(setup, tmp_path, capsys):
+    # POPE and VQAv2 laid out as LLaVA-1.5's playground/data/eval: pope/llava_pope_test.jsonl with its
+    # images in pope/val2014 and labels in pope/coco/coco_pope_<category>.json; vqav2 without answers (test-dev)
+    world, ckpt, _, _ = setup
+    qs = [json.loads(line) for line in open(os.path.join(world, "eval_pope.jsonl"))][:9]
+    root = tmp_path / "eval"
+    pope_layout(root, world, qs)
     (root / "vqav2").mkdir()
     os.symlink(world, root / "vqav2" / "test2015")
     (root / "vqav2" / "llava_vqav2_mscoco_test-dev2015.jsonl").write_text(
@@ -250,13 +256,7 @@ def test_two_processes_answer_as_one(setup, tmp_path):
 def test_benchmark_on_two_processes(setup, tmp_path):
     world, ckpt, qfile, qs = setup
     root = tmp_path / "eval"
-    (root / "pope" / "coco").mkdir(parents=True)
-    os.symlink(world, root / "pope" / "val2014")
-    (root / "pope" / "llava_pope_test.jsonl").write_text(
-        "".join(json.dumps({k: q[k] for k in ("question_id", "image", "text", "category")}) + "\n" for q in qs))
-    for c in ("random", "popular", "adversarial"):
-        (root / "pope" / "coco" / f"coco_pope_{c}.json").write_text(
-            "".join(json.dumps({"label": q["label"]}) + "\n" for q in qs if q["category"] == c))
+    pope_layout(root, world, qs)
     base = ["--ckpt", ckpt, "--data", str(root), "--max-new-tokens", "4", "--device", "cpu", "--batch-size", "2",
             "--benchmark", "pope"]
     one = evaluate.main(base + ["--out", str(tmp_path / "one")])
