@@ -72,8 +72,10 @@ def parse_args(argv):
             config = a
         else:
             rest.append(a)
-    if config == default and not any(a.startswith("--out_dir=") for a in rest):
-        rest.append("--out_dir=" + os.path.join("out", "ablate"))  # not the demo's own out/shapes
+    if os.path.abspath(config) == default and not any(a.startswith("--out_dir=") for a in rest):
+        # however the demo's config is named (configs/shapes.py, ./configs/shapes.py): never its own
+        # out/shapes, where train.py's stages would be mistaken for the ablation's or resumed by it
+        rest.append("--out_dir=" + os.path.join("out", "ablate"))
     cfg = train.load_config([config] + rest)
     stages = {s["stage"] for s in cfg.stages}
     if not {0, 1, 2, 3, 4} <= stages:

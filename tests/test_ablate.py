@@ -30,3 +30,15 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
     ablate.run(*ablate.parse_args(argv), argv=argv)  # resumed: nothing left to do
     assert " steps -> " not in capsys.readouterr().out  # no stage trained again
     assert json.loads((out / "times.json").read_text()) == times
+
+
+def test_demo_config_never_writes_into_the_demos_out_dir(monkeypatch, tmp_path):
+    """`python ablate.py configs/shapes.py` (the README's command, a relative path) goes to out/ablate,
+    as the bare `python ablate.py` does, not into train.py's out/shapes."""
+    monkeypatch.chdir(ablate.ROOT)
+    for argv in ([], ["configs/shapes.py"], ["./configs/shapes.py"], [os.path.join(ablate.ROOT, "configs", "shapes.py")]):
+        cfg, seeds = ablate.parse_args(argv + ["--seeds=0"])
+        assert cfg.out_dir == os.path.join("out", "ablate"), argv
+        assert seeds == [0]
+    cfg, _ = ablate.parse_args(["configs/shapes.py", f"--out_dir={tmp_path}"])
+    assert cfg.out_dir == str(tmp_path)
