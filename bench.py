@@ -265,6 +265,26 @@ def bench_train(nano, hf, cfg, s, device, peak, log):
     ], dict(lm_loss_diff=abs(lm_nano - lm_hf))
 
 
+def matvec_floor(nano, B, device):
+    """One decoding step's weight products alone: every decoder matrix and the MM head applied to B
+    rows, in the forward's order, with nothing else (no attention over the cache, norms, rotary,
+    sampling or host work). Reading the weights is what bounds a step at small batches, so no
+    implementation of the same step with the same kernels can beat this by much: tokens/s from
+    it are the ceiling the decoding rows are read against."""
+    F = torch.nn.functional
+    mats = [m.weight for m in nano.decoder.blocks.modules() if isinstance(m, torch.nn.Linear)]
+    mats.append(nano.mm_head.weight)
+    xs = {n: torch.randn(B, n, device=device, dtype=mats[0].dtype) for n in {w.shape[1] for w in mats}}
+
+    def tokens(k):  # k steps; made to fit generate(k)'s timing: (time(n) - time(1)) / (n - 1) per step
+        with torch.no_grad():
+            for _ in range(k):
+                for w in mats:  # inputs made beforehand: only the products and their weight traffic count
+                    y = F.linear(xs[w.shape[1]], w)
+        return y
+    return tokens
+
+
 def bench_decode(nano, hf, cfg, s, device, log, batches=(1, 8), compiled=True):
     """Greedy decoding at each batch size, three ways on the same weights, timed interleaved (best of
     reps): nanoVT's static-cache step eager, the same step through torch.compile (its compile time is
@@ -283,9 +303,10 @@ def bench_decode(nano, hf, cfg, s, device, log, batches=(1, 8), compiled=True):
                                             min_new_tokens=k)}
         if not compiled:
             del gens["compiled"]
+        gens["floor"] = matvec_floor(nano, B, device)
         with torch.no_grad():
             want = gens["hf"](n)[:, T:]  # warm-up, and the greedy tokens must agree
-            for side in [k for k in gens if k != "hf"]:
+            for side in [k for k in gens if k not in ("hf", "floor")]:
                 t_first, out = timed(lambda: gens[side](n), device)
                 got = int((out[:, T:] == want).sum())
                 log(f"greedy tokens at batch {B}, {side} vs transformers: {got}/{want.numel()} equal"
@@ -311,6 +332,8 @@ def bench_decode(nano, hf, cfg, s, device, log, batches=(1, 8), compiled=True):
                          res[side][1], res["hf"][1], target))
             rows.append((f"generate batch {B}, {label}, new tokens/s incl. prefill ({n} new tokens)",
                          res[side][0], res["hf"][0], ""))
+        rows.append((f"decoding batch {B}, the weight products alone (ceiling: no attention, norms or host "
+                     f"work), tokens/s", res["floor"][1], res["hf"][1], ""))
     return rows, match
 
 
@@ -657,6 +680,9 @@ def comparison_doc(args, rows, lines, size, device, device_name, dtype, elapsed,
         "nanoVT's training step computes the stage IV loss (LM + VM, Eq. 7); transformers' only the LM loss.",
         "MFU: 6 × (non-embedding decoder + MM head weights) + attention FLOPs per token, against the "
         "measured matmul peak.",
+        "Weight products alone (bench.matvec_floor): one decoding step's decoder matrices and MM head applied "
+        "to the batch's rows and nothing else, timed interleaved with the others; its ratio is how far past "
+        "transformers any step that reads the same weights with the same kernels could go.",
         "Peak memory: bytes of tensor storage created during the step (activations, logits, gradients) and "
         "alive at once; " + ("torch.cuda.max_memory_allocated." if device.type == "cuda" else
                              "on CPU tracked op by op with a TorchDispatchMode (bench.LiveBytes)."),

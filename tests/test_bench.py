@@ -22,7 +22,8 @@ def test_bench_quick_writes_the_table(tmp_path):
     text = out.read_text()
     assert "Command: `python bench.py --quick`" in text
     for row in ("training step, tokens/s", "training step MFU", "peak memory of a stage IV step",
-                "decoding batch 1", "decoding batch 8", "peak memory of the loss alone"):
+                "decoding batch 1", "decoding batch 8", "peak memory of the loss alone",
+                "decoding batch 1, the weight products alone"):
         assert re.search(r"\| " + re.escape(row) + r".*\| [\d.,]+%? \| [\d.,]+%? \| [\d.]+× \|", text), row
     diff = float(re.search(r"logits max rel diff nanoVT vs transformers: (\S+)", text).group(1))
     assert diff <= 1e-4
@@ -31,6 +32,38 @@ def test_bench_quick_writes_the_table(tmp_path):
     assert re.search(r"\| decoding batch 1, compiled, .*\| [\d.,]+ \| [\d.,]+ \| [\d.]+× \|", text)
     lm = re.search(r"LM loss: nanoVT (\S+), transformers (\S+)", text)
     assert abs(float(lm.group(1)) - float(lm.group(2))) <= 1e-4
+
+
+def test_matvec_floor_reads_every_decoder_matrix_and_the_head_once_per_step():
+    """The ceiling row of the decoding table: one step = one product with each of the decoder's linear
+    weights and the MM head (the bytes a decoding step must read), and nothing more."""
+    import bench
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    _, _, nano = bench.build_pair("quick", torch.float32, torch.device("cpu"))
+    want = [m.weight for m in nano.decoder.modules() if isinstance(m, torch.nn.Linear)] + [nano.mm_head.weight]
+    assert len(want) == 7 * len(nano.decoder.blocks) + 1
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ptrs, self.ops = [], set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(func.overloadpacket.__name__)
+            if func.overloadpacket.__name__ in ("mm", "addmm", "linear"):  # a weight, or its transposed view
+                self.ptrs += [a.data_ptr() for a in args if isinstance(a, torch.Tensor) and a.dim() == 2
+                              and a.data_ptr() in weights]
+            return func(*args, **(kwargs or {}))
+
+    weights = {w.data_ptr() for w in want}
+    assert len(weights) == len(want)
+    step = bench.matvec_floor(nano, 3, torch.device("cpu"))
+    with Reads() as r:
+        y = step(2)
+    assert y.shape == (3, nano.mm_head.weight.shape[0])
+    assert sorted(r.ptrs) == sorted(w.data_ptr() for w in want * 2)
+    assert r.ops <= {"mm", "t", "linear", "matmul", "view", "_unsafe_view", "addmm", "reshape"}, r.ops
 
 
 def loss_problem(T=512, C=4000, d=64, n_img=144, seed=0):
