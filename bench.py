@@ -659,7 +659,8 @@ def comparison_doc(args, rows, lines, size, device, device_name, dtype, elapsed,
     print("\n" + "\n".join(table))
     cmd = "python bench.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
         (f" --threads {args.threads}" if args.threads else "") + (" --decode" if args.decode else "") + \
-        (" --no-compile" if args.no_compile else "")
+        (" --no-compile" if args.no_compile else "") + \
+        (f" --dtype {args.dtype}" if args.dtype != "auto" else "")
     doc = [
         f"# nanoVT vs transformers: speed and memory ({device.type})",
         "",
@@ -710,6 +711,9 @@ def main(argv=None):
                     help="decoding only (eager and compiled static cache vs transformers, batch 1 and 8), no "
                          "training or loss rows: bench/results_<device>_decode.md")
     ap.add_argument("--no-compile", action="store_true", help="leave out the compiled decoding rows")
+    ap.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="weights and activations of both sides (default auto: bf16 on a GPU, fp32 on a CPU); "
+                         "another than auto's goes to a results file named after it")
     ap.add_argument("--load-rank", nargs=3, metavar=("MODE", "CKPT", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.load_rank:
@@ -721,9 +725,11 @@ def main(argv=None):
         return throughput_main(args.quick, out, [])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     size = "quick" if args.quick else (args.size or ("1b" if device.type == "cuda" else "100m"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    auto = "bf16" if device.type == "cuda" else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[auto if args.dtype == "auto" else args.dtype]
     out_path = args.out or os.path.join("bench", f"results_{device.type}{'_quick' if size == 'quick' else ''}"
-                                                 f"{'_decode' if args.decode else ''}.md")
+                                                 f"{'_decode' if args.decode else ''}"
+                                                 f"{'_' + args.dtype if args.dtype not in ('auto', auto) else ''}.md")
     s = SIZES[size]
     if args.threads or size == "quick":
         torch.set_num_threads(args.threads or 1)
