@@ -1,0 +1,12 @@
+# The demo's recipe with half its training (every stage's epochs x 2 of configs/shapes_v3.py instead
+# of x 4), on the demo's world: about 40 minutes on 2 CPU cores. It was the demo before the x 4
+# recipe was measured on 2 cores; Table 5 on the shapes world (three seeds) is measured on it:
+#   python train.py configs/shapes_x2.py
+#   python ablate.py configs/shapes_x2.py      # Table 5, about 2.5 hours -> out/ablate/shapes_x2
+# (docs/experiments.md §The demo's budget and §The demo's recipe).
+import os
+
+exec(open(os.path.join(os.path.dirname(__file__), "shapes.py")).read())  # the demo's world and model
+out_dir = "out/shapes_x2"
+stages = [dict(s, epochs=s["epochs"] / 2, out_dir=s["out_dir"].replace("out/shapes", out_dir))
+          for s in stages]  # noqa: F821  (stages comes from the demo's config)
