@@ -2,8 +2,9 @@
 The ablation of Table 5 on the shapes world: does the VM loss (Eq. 6) help, and is it the VM loss
 or just the extra epoch of stage IV?
 
-    python ablate.py                          # the demo's config, seeds 0 1 2 -> out/ablate/ablation.md
-                                              # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate)
+    python ablate.py configs/shapes_x2.py     # Table 5 as measured (x 2 recipe), seeds 0 1 2 -> out/ablate/shapes_x2
+    python ablate.py                          # the demo's config (x 4), seeds 0 1 2 -> out/ablate/shapes/ablation.md
+                                              # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate/shapes)
     python ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
 
 Stage 0 (the toy stand-in for pretrained CLIP and Vicuna; each of the config's stage-0 entries in
@@ -72,10 +73,11 @@ def parse_args(argv):
             config = a
         else:
             rest.append(a)
-    if os.path.abspath(config) == default and not any(a.startswith("--out_dir=") for a in rest):
-        # however the demo's config is named (configs/shapes.py, ./configs/shapes.py): never its own
-        # out/shapes, where train.py's stages would be mistaken for the ablation's or resumed by it
-        rest.append("--out_dir=" + os.path.join("out", "ablate"))
+    if not any(a.startswith("--out_dir=") for a in rest):
+        # never the config's own out_dir, where train.py's stages of the same names (stage0, stage1, ...)
+        # would be mistaken for the ablation's or resumed by it: out/ablate/<config name>, however the
+        # config's path is spelled (configs/shapes.py, ./configs/shapes.py -> out/ablate/shapes)
+        rest.append("--out_dir=" + os.path.join("out", "ablate", os.path.splitext(os.path.basename(config))[0]))
     cfg = train.load_config([config] + rest)
     stages = {s["stage"] for s in cfg.stages}
     if not {0, 1, 2, 3, 4} <= stages:

@@ -2,7 +2,8 @@
 # predicted in raster order, so that visual tokens can name what they show.
 #   python train.py configs/shapes_v3.py
 # 17.5 min on 2 cores: 67.6% short answers, 55.3% POPE. The demo (configs/shapes.py) is this recipe
-# with every stage's epochs x 2, configs/shapes_v3_long.py x 4 (docs/experiments.md §The demo's budget).
+# with every stage's epochs x 4 (as configs/shapes_v3_long.py is, on this world's own copy),
+# configs/shapes_x2.py x 2 (docs/experiments.md §The demo's budget).
 # No pretrained CLIP or LLM can be downloaded here, so a toy stage 0 stands in for them, in three
 # steps: the vision tower first learns what each patch shows (a supervised stand-in for CLIP's
 # pretraining, shapes.pretrain_vision); then, with the tower frozen, the decoder, adapter and MM head

@@ -4,6 +4,7 @@ import json
 import os
 
 import ablate
+import train
 from tiny_ckpt import make_world
 
 
@@ -33,12 +34,15 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
 
 
 def test_demo_config_never_writes_into_the_demos_out_dir(monkeypatch, tmp_path):
-    """`python ablate.py configs/shapes.py` (the README's command, a relative path) goes to out/ablate,
-    as the bare `python ablate.py` does, not into train.py's out/shapes."""
+    """`python ablate.py configs/shapes.py` (a relative path) goes to out/ablate/shapes, as the bare
+    `python ablate.py` does, not into train.py's out/shapes; any other config to out/ablate/<its name>."""
     monkeypatch.chdir(ablate.ROOT)
     for argv in ([], ["configs/shapes.py"], ["./configs/shapes.py"], [os.path.join(ablate.ROOT, "configs", "shapes.py")]):
         cfg, seeds = ablate.parse_args(argv + ["--seeds=0"])
-        assert cfg.out_dir == os.path.join("out", "ablate"), argv
+        assert cfg.out_dir == os.path.join("out", "ablate", "shapes"), argv
         assert seeds == [0]
+    for name in ("shapes_x2", "shapes_v3"):  # train.py writes these to out/<name>
+        cfg, _ = ablate.parse_args([f"configs/{name}.py"])
+        assert cfg.out_dir == os.path.join("out", "ablate", name) != train.load_config([f"configs/{name}.py"]).out_dir
     cfg, _ = ablate.parse_args(["configs/shapes.py", f"--out_dir={tmp_path}"])
     assert cfg.out_dir == str(tmp_path)
