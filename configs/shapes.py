@@ -11,8 +11,8 @@
 # tokens of 100 held-out images are scored, and out/shapes/results.md holds the table and a transcript.
 # The recipe: configs/shapes_v3.py's with every stage's epochs x 4 (vision pretraining unchanged), in
 # float32: the shortest recipe measured that reaches the demo's targets (85% short answers, 90% POPE,
-# 90% of object patches named). It takes about an hour on 2 CPU cores (59 min from a fresh clone of a
-# 2-core Xeon); configs/shapes_x2.py is the same with half the epochs, about 40 minutes, and answers
+# 90% of object patches named). It takes about an hour on 2 CPU cores (55-59 min from a fresh clone
+# on a 2-core Xeon); configs/shapes_x2.py is the same with half the epochs, about 40 minutes, and answers
 # POPE well below the targets (docs/experiments.md §The demo's budget: accuracy against minutes).
 # shapes.py does the toy's part (the world, stage 0's vision pretraining, the report): train.py calls
 # it through `hook`, whose entries are shapes.ShapesConfig's fields.
