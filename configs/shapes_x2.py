@@ -3,7 +3,7 @@
 # recipe was measured on 2 cores; Table 5 on the shapes world (three seeds) is measured on it:
 #   python train.py configs/shapes_x2.py
 #   python ablate.py configs/shapes_x2.py      # Table 5, about 2.5 hours -> out/ablate/shapes_x2
-# (docs/experiments.md §The demo's budget and §The demo's recipe).
+# (docs/experiments.md §The demo's budget and §The x 2 recipe, three seeds).
 import os
 
 exec(open(os.path.join(os.path.dirname(__file__), "shapes.py")).read())  # the demo's world and model
