@@ -29,6 +29,25 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 IMAGE_TOKEN_ID = -200  # sentinel placeholder id for nanoVT's own models: never looked up in the embedding
 
 
+CPU_TRAINING_ATTENTION_FP32 = True  # attend's switch; bench/demo_speed.py times the step without it
+
+
+def attend(q, k, v, **kw):
+    """F.scaled_dot_product_attention, except when training in bf16 (or fp16) on a CPU: then in float32.
+    PyTorch's CPU flash-attention backward is slower in bf16 than in float32 (on a 2-core AMX Xeon, at
+    the demo's 32 x 6 heads x 192 tokens x 32: 31 ms against 15 ms, while the forwards take 4 and 6 ms),
+    and it was half of a compiled bf16 training step (docs/experiments.md §The speed levers). CPU autocast
+    would cast the inputs back to bf16, so it is switched off around the call. Inference (no grad) and
+    GPUs keep the half-precision kernels. (Under autocast q and k arrive in float32, RoPE's product with
+    float32 tables promotes them, and v in bf16: the autocast state, not q, says what SDPA would run in.)"""
+    if CPU_TRAINING_ATTENTION_FP32 and q.device.type == "cpu" and torch.is_grad_enabled():
+        low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
+        if low in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", enabled=False):
+                return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kw).to(low)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configs
 
@@ -121,7 +140,7 @@ class CLIPAttention(nn.Module):
     def forward(self, x):
         B, T, W = x.shape
         q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim), no mask
+        y = attend(q, k, v)  # (B, heads, T, head_dim), no mask
         return self.o(y.transpose(1, 2).reshape(B, T, W))
 
 
@@ -279,9 +298,9 @@ class Attention(nn.Module):
         # length (milliseconds of host time each, measured on an H200), the other kernels need none
         with sdpa_kernel(DECODE_SDPA) if cache is not None and q.is_cuda else contextlib.nullcontext():
             if mask is None:  # plain causal attention from position 0, no padding, no binding window
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or T > 1, enable_gqa=gqa)
+                y = attend(q, k, v, is_causal=cache is None or T > 1, enable_gqa=gqa)
             else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                y = attend(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -389,3 +389,49 @@ def test_bin_weights_load_without_unpickling(ref, tmp_path):
     ids, px = batch()
     with torch.no_grad():
         assert rel_err(VTLMM.from_pretrained(str(d))(ids, px).logits, hf(input_ids=ids, pixel_values=px).logits) <= 1e-4
+
+
+def _sdpa_dtypes(monkeypatch):
+    """Record the dtypes every F.scaled_dot_product_attention call in model.py receives."""
+    import model as model_lib
+    seen, real = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kw)
+    monkeypatch.setattr(model_lib.F, "scaled_dot_product_attention", spy)
+    return seen
+
+
+def test_bf16_training_on_the_cpu_attends_in_float32(monkeypatch):
+    """model.attend: under CPU bf16 autocast with gradients on, every attention of the decoder and the
+    vision tower runs in float32 (PyTorch's CPU flash-attention backward is slower in bf16), and its
+    result equals float32 attention rounded to bf16; without gradients (inference) it stays in bf16.
+    Under autocast q and k arrive in float32 and v in bf16, so a check of q's dtype alone would miss it."""
+    import model as model_lib
+    seen = _sdpa_dtypes(monkeypatch)
+    torch.manual_seed(0)
+    m = VTLMM(VTLMMConfig(vision=VisionConfig(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp=64),
+                          decoder=DecoderConfig(dim=64, layers=2, heads=4, kv_heads=2, hidden=128,
+                                                max_seq_len=64, vocab_size=100)))
+    ids, px = torch.randint(0, 100, (2, 20)), torch.randn(2, 3, 32, 32)
+    m(ids)
+    m.vision(px)
+    calls = len(seen)  # one per decoder block and per vision block the features come through
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(ids).logits.float().sum().backward()
+        m.vision(px).float().sum().backward()
+    assert len(seen) == calls >= 3 and all(d == (torch.float32,) * 3 for d in seen), seen
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        m(ids)
+    assert seen and all(torch.bfloat16 in d for d in seen), seen  # inference: SDPA left to autocast
+    q, k = torch.randn(2, 4, 20, 16), torch.randn(2, 4, 20, 16)
+    v = torch.randn(2, 4, 20, 16, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model_lib.attend(q, k, v, is_causal=True)
+    ref = F.scaled_dot_product_attention(q, k, v.float(), is_causal=True).to(torch.bfloat16)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+    y32 = model_lib.attend(q, k, v.float(), is_causal=True)  # float32 training: untouched
+    assert torch.equal(y32, F.scaled_dot_product_attention(q, k, v.float(), is_causal=True))
