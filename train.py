@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -291,7 +292,11 @@ def parallelize(model, cfg, d: Dist, root=None):
     if cfg.activation_checkpointing:
         model.set_checkpointing(True)
     if cfg.compile:
-        compile_blocks(model)
+        if can_compile(d.device):
+            compile_blocks(model)
+        elif d.main:
+            print("compile: no C++ compiler found (g++, clang++ or $CXX), which torch.compile needs on a CPU; "
+                  "training without it", flush=True)
     if not uses_fsdp(cfg, d):
         if d.world > 1:
             raise ValueError("several processes need fsdp=on (it is what synchronises their gradients)")
@@ -315,6 +320,14 @@ def parallelize(model, cfg, d: Dist, root=None):
         # frees it right after its copy-out (FSDPModule._set_unshard_async_op; the order is unchanged).
         unit._set_unshard_async_op(True)
     return model, True
+
+
+def can_compile(device):
+    """Whether torch.compile can work here: on a CPU inductor writes C++ and needs a compiler for it;
+    without one the first compiled step would fail, so train.py trains eagerly instead (and says so)."""
+    if device.type != "cpu":
+        return True
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "clang++", "c++") if c)
 
 
 def compile_blocks(model):

@@ -95,3 +95,17 @@ def test_compiled_training_run_follows_eager(world, tmp_path):
     for k in wa:
         scale = wa[k].abs().max().clamp(min=1e-12)
         assert ((wa[k] - wb[k]).abs().max() / scale).item() <= 1e-3, k
+
+
+def test_no_cpp_compiler_trains_eagerly(monkeypatch, capsys):
+    """compile=True on a CPU without a C++ compiler (inductor needs one): the blocks stay eager and the
+    run says why, instead of failing at its first step."""
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    model = VTLMM(CFG)
+    cfg = train.TrainConfig(compile=True, activation_checkpointing=False, fsdp="off")
+    train.parallelize(model, cfg, train.Dist())
+    assert all(b._compiled_call_impl is None for b in model.decoder.blocks)
+    assert "no C++ compiler" in capsys.readouterr().out
+    monkeypatch.undo()
+    train.parallelize(model, cfg, train.Dist())  # with the compiler this machine has: compiled
+    assert all(b._compiled_call_impl is not None for b in model.decoder.blocks)
