@@ -5,7 +5,8 @@ What a training step of the shapes demo costs under each speed lever, side by si
     python bench/demo_speed.py --variants 'fp32;bf16' --stages 4 --rounds 3
 
 Each variant is train.py's own stage setup (train.setup_stage) with one setting changed: dtype (fp32 or
-bf16 autocast on the CPU), compile (torch.compile of the decoder blocks), intra-op threads. Every variant
+bf16 autocast on the CPU), compile (torch.compile of the decoder blocks), intra-op threads, and whether
+training attention runs in float32 under bf16 (model.attend; "bf16 attention" variants switch it off). Every variant
 takes the same real micro-batches of the demo's data (length-grouped, as training draws them), is warmed
 up on all of them first (so compiling stays out of the times), and then the variants are timed in turn,
 round after round; the median round gives tokens/s (non-padding tokens, as train.py counts them).
@@ -26,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import configurator  # noqa: E402
+import model as model_lib  # noqa: E402
 import train  # noqa: E402
 
 VARIANTS = {  # name: (TrainConfig overrides, intra-op threads (None: the default), loader)
@@ -35,6 +37,9 @@ VARIANTS = {  # name: (TrainConfig overrides, intra-op threads (None: the defaul
     "bf16": ({"dtype": "bf16"}, None, None),
     "fp32+compile": ({"dtype": "fp32", "compile": "on"}, None, None),
     "bf16+compile": ({"dtype": "bf16", "compile": "on"}, None, None),
+    # attention in bf16 as PyTorch's autocast would run it (model.attend's float32 path switched off)
+    "bf16, bf16 attention": ({"dtype": "bf16"}, None, None),
+    "bf16+compile, bf16 attention": ({"dtype": "bf16", "compile": "on"}, None, None),
     "fp32, 1 thread": ({"dtype": "fp32"}, 1, None),
     "bf16, 1 thread": ({"dtype": "bf16"}, 1, None),
     "bf16, loading in the main process": ({"dtype": "bf16", "num_workers": 0}, None, 0),
@@ -107,7 +112,7 @@ def main():
             return (next(live[name]) for _ in range(args.batches))
 
         for name in names:  # warm-up: every shape once (compiles happen here)
-            with threads_ctx(VARIANTS[name][1]):
+            with threads_ctx(VARIANTS[name][1]), attention_ctx(name):
                 t0 = time.perf_counter()
                 for b in feed(name):
                     step(stages[name], [b])
@@ -116,7 +121,7 @@ def main():
         counted = {n: [] for n in names}
         for _ in range(args.rounds):
             for name in names:
-                with threads_ctx(VARIANTS[name][1]):
+                with threads_ctx(VARIANTS[name][1]), attention_ctx(name):
                     t0, n_real = time.perf_counter(), 0
                     for b in feed(name):
                         step(stages[name], [b])
@@ -133,6 +138,17 @@ def main():
         for name in names:
             print(f"| {name} | {tps[name]:,.0f} | {tps[name] / base:.2f}x | {', '.join(f'{t:.2f}' for t in times[name])} |")
         print()
+
+
+@contextlib.contextmanager
+def attention_ctx(name):
+    """The variants named "... bf16 attention" run with model.attend's float32 path switched off."""
+    old = model_lib.CPU_TRAINING_ATTENTION_FP32
+    model_lib.CPU_TRAINING_ATTENTION_FP32 = not name.endswith("bf16 attention")
+    try:
+        yield
+    finally:
+        model_lib.CPU_TRAINING_ATTENTION_FP32 = old
 
 
 @contextlib.contextmanager
