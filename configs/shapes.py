@@ -9,11 +9,11 @@
 # stage III fits the VM head to them. Then the adapter and VM head start afresh and stages I-IV run as
 # in the paper (docs/method.md §Stages). At the end the two held-out sets are answered, the visual
 # tokens of 100 held-out images are scored, and out/shapes/results.md holds the table and a transcript.
-# The recipe: configs/shapes_v3.py's with every stage's epochs x 4 (vision pretraining unchanged), in
-# float32: the shortest recipe measured that reaches the demo's targets (85% short answers, 90% POPE,
-# 90% of object patches named). It takes about an hour on 2 CPU cores (55-59 min from a fresh clone
-# on a 2-core Xeon); configs/shapes_x2.py is the same with half the epochs, about 40 minutes, and answers
-# POPE well below the targets (docs/experiments.md §The demo's budget: accuracy against minutes).
+# The recipe: configs/shapes_v3.py's with every stage's epochs x 4 (vision pretraining unchanged): the
+# shortest recipe measured that reaches the demo's short-answer and POPE targets (85%, 90%). It trains
+# in bf16 autocast with compiled blocks, 2.0x the tokens/s of float32 eager on a 2-core AMX Xeon
+# (bench/results_demo_speed.md), which halves the hour it took in float32; configs/shapes_x2.py is
+# half the epochs in float32 (docs/experiments.md §The demo's budget: accuracy against minutes).
 # shapes.py does the toy's part (the world, stage 0's vision pretraining, the report): train.py calls
 # it through `hook`, whose entries are shapes.ShapesConfig's fields.
 hook = dict(module="shapes", dir="data/shapes", version=3, images=10000, image_size=48,
@@ -24,7 +24,8 @@ hook = dict(module="shapes", dir="data/shapes", version=3, images=10000, image_s
             transcript_images=3)               # and a transcript of three of them
 tokenizer = "data/shapes/tokenizer.model"
 out_dir = "out/shapes"
-dtype = "fp32"             # --dtype=bf16: CPU autocast; 1.09x the tokens/s on a 2-core AMX Xeon (bench/demo_speed.py)
+dtype = "bf16"             # CPU autocast: float32 weights, softmax and loss sums; attention in float32 (model.attend)
+compile = True             # every decoder and vision block through torch.compile (needs a C++ compiler, else eager)
 # 8-pixel patches: 6 x 6 image tokens per picture, each shape covers the 2 x 2 patches of its cell
 model = dict(vision=dict(image_size=48, patch_size=8, width=128, layers=3, heads=4, mlp=256),
              decoder=dict(dim=192, layers=4, heads=6, kv_heads=6, hidden=512, max_seq_len=512),
