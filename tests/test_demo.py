@@ -31,29 +31,36 @@ def test_the_demo_is_world_version_3():
     assert v2.version == 2 and v2.dir != toy.dir  # version 2 keeps its own config and world
 
 
-def test_the_demo_is_the_x4_recipe_and_shapes_x2_half_of_it(tmp_path, monkeypatch):
+def test_the_demo_is_the_x4_recipe_shapes_x3_and_x2_fractions_of_it(tmp_path, monkeypatch):
     """configs/shapes.py is configs/shapes_v3.py's recipe with every stage's epochs x 4 (the recipe
     docs/experiments.md measured as configs/shapes_v3_long.py), on its own world, trained in bf16 with
     compiled blocks; configs/shapes_x2.py (Table 5's x 2 recipe) is the demo with half the epochs in
-    float32 eager, as it was measured, on the demo's world, writing elsewhere."""
+    float32 eager, as it was measured, on the demo's world, writing elsewhere; configs/shapes_x3.py
+    (the budget table's 20-minute point) is the demo with three quarters of the epochs, in the demo's
+    precision."""
     monkeypatch.chdir(tmp_path)  # shapes_x2 finds the demo's config beside itself
     load = lambda name: train.load_config([os.path.join(ROOT, "configs", name)])  # noqa: E731
     demo, v3, long, x2 = load("shapes.py"), load("shapes_v3.py"), load("shapes_v3_long.py"), load("shapes_x2.py")
+    x3 = load("shapes_x3.py")
     fields = lambda c: {k: v for k, v in dataclasses.asdict(c).items()  # noqa: E731
                         if k not in ("stages", "out_dir", "tokenizer", "hook", "dtype", "compile", "save_every")}
-    assert fields(demo) == fields(v3) == fields(long) == fields(x2)
+    assert fields(demo) == fields(v3) == fields(long) == fields(x2) == fields(x3)
+    assert (x3.dtype, x3.compile) == (demo.dtype, demo.compile)
     assert (demo.dtype, demo.compile) == ("bf16", True) and (x2.dtype, x2.compile) == ("fp32", False)
     assert long.dtype in ("fp32", "auto") and not long.compile  # "auto" is float32 on a CPU
     assert [4 * s["epochs"] for s in v3.stages] == [s["epochs"] for s in demo.stages] == \
         [s["epochs"] for s in long.stages] == [2 * s["epochs"] for s in x2.stages]
+    assert [3 * s["epochs"] for s in v3.stages] == [s["epochs"] for s in x3.stages]
     strip = lambda c: [{k: v for k, v in s.items() if k not in ("epochs", "out_dir", "data_path")}  # noqa: E731
                        for s in c.stages]
-    assert strip(demo) == strip(v3) == strip(long) == strip(x2)
+    assert strip(demo) == strip(v3) == strip(long) == strip(x2) == strip(x3)
     assert [s["data_path"] for s in x2.stages] == [s["data_path"] for s in demo.stages]
-    assert x2.hook == demo.hook and x2.tokenizer == demo.tokenizer
+    assert x2.hook == demo.hook == x3.hook and x2.tokenizer == demo.tokenizer == x3.tokenizer
+    assert [s["data_path"] for s in x3.stages] == [s["data_path"] for s in demo.stages]
     assert {k: v for k, v in demo.hook.items() if k not in ("dir", "report_sets", "transcript_images")} == \
         {k: v for k, v in long.hook.items() if k != "dir"}
     assert all(s["out_dir"].startswith("out/shapes_x2/") for s in x2.stages) and x2.out_dir == "out/shapes_x2"
+    assert all(s["out_dir"].startswith("out/shapes_x3/") for s in x3.stages) and x3.out_dir == "out/shapes_x3"
 
 
 @pytest.fixture(scope="module")
