@@ -12,8 +12,9 @@
 # The recipe: configs/shapes_v3.py's with every stage's epochs x 4 (vision pretraining unchanged): the
 # shortest recipe measured that reaches the demo's short-answer and POPE targets (85%, 90%). It trains
 # in bf16 autocast with compiled blocks, 2.0x the tokens/s of float32 eager on a 2-core AMX Xeon
-# (bench/results_demo_speed.md), which halves the hour it took in float32; configs/shapes_x2.py is
-# half the epochs in float32 (docs/experiments.md §The demo's budget: accuracy against minutes).
+# (bench/results_demo_speed.md), which halves the hour it took in float32 (25 minutes from a fresh
+# clone); configs/shapes_x3.py is three quarters of the epochs (20 minutes, fewer right short answers),
+# configs/shapes_x2.py half of them in float32 (docs/experiments.md §The demo's budget).
 # shapes.py does the toy's part (the world, stage 0's vision pretraining, the report): train.py calls
 # it through `hook`, whose entries are shapes.ShapesConfig's fields.
 hook = dict(module="shapes", dir="data/shapes", version=3, images=10000, image_size=48,
