@@ -600,10 +600,21 @@ def pretrain_vision(model, cfg, d):
 # 4. The held-out report, as the demo prints it
 
 
+def set_images(world, name="held-out"):
+    """Where the images of a question set (QUESTION_SETS) are, as make_shapes_world drew them:
+    (folder, scene seed, image indices). held-out: the world's last eval_images images; validation:
+    as many further scenes of the world's seed; held-out 2: as many scenes of seed + 1."""
+    n, n_eval, seed = world["n_images"], world["counts"]["eval_images"], world["seed"]
+    where = {"held-out": ("images", seed, range(n - n_eval, n)), "validation": ("val", seed, range(n, n + n_eval)),
+             "held-out 2": ("heldout2", seed + 1, range(n_eval))}
+    if name not in where:
+        raise ValueError(f"unknown question set {name!r}; the sets are {', '.join(where)}")
+    return where[name]
+
+
 def held_out_images(world):
     """The indices of a world's held-out images (the last eval_images of them)."""
-    n, n_eval = world["n_images"], world["counts"]["eval_images"]
-    return range(n - n_eval, n)
+    return set_images(world)[2]
 
 
 def token_word(tok, i):
@@ -639,36 +650,38 @@ def naming_counts(words, labels, backgrounds, top=5):
             "background_top": [(w, share(c, bg)) for w, c in bg_words.most_common(top)]}
 
 
-def _held_out_naming(model, tok, shapes_dir, n_images, batch_size, top1):
-    """naming_counts over the first n_images held-out images of the world in shapes_dir (0: all), each
-    patch labelled by what the generator put there; top1(pixel_values, g) gives each image's g * g
-    token ids, one per patch in raster order."""
+def _held_out_naming(model, tok, shapes_dir, n_images, batch_size, top1, split="held-out"):
+    """naming_counts over the first n_images images of question set `split` (set_images; 0: all) of
+    the world in shapes_dir, each patch labelled by what the generator put there; top1(pixel_values, g)
+    gives each image's g * g token ids, one per patch in raster order."""
     world = json.loads((Path(shapes_dir) / "world.json").read_text())
     vc = model.cfg.vision
     g = vc.image_size // vc.patch_size
-    idx = list(held_out_images(world))[:n_images or None]
-    scenes = [scene_of(world["seed"], i, world.get("version", 2)) for i in idx]
+    folder, seed, images = set_images(world, split)
+    idx = list(images)[:n_images or None]
+    scenes = [scene_of(seed, i, world.get("version", 2)) for i in idx]
     device = next(model.parameters()).device
     dtype = next(model.vision.parameters()).dtype
     words = []
     for k in range(0, len(idx), batch_size):
-        px = torch.stack([process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
+        px = torch.stack([process_image(Image.open(os.path.join(shapes_dir, f"{folder}/{i:06d}.png")), vc.image_size)
                           for i in idx[k:k + batch_size]]).to(device, dtype)
         words += [[token_word(tok, t) for t in row.tolist()] for row in top1(px, g)]
     result = naming_counts(words, [patch_labels(s, g) for s in scenes], [s["background"] for s in scenes])
-    return {**result, "images": len(idx), "grid": g}
+    return {**result, "images": len(idx), "grid": g, "set": split}
 
 
 @torch.no_grad()
-def visual_token_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
+def visual_token_naming(model, tok, shapes_dir, n_images=100, batch_size=50, split="held-out"):
     """How often the top-1 visual token (Eq. 5) of a held-out object patch names the object's colour
-    or shape, and what background patches get (naming_counts)."""
+    or shape, and what background patches get (naming_counts); `split` picks the question set whose
+    images are scored (set_images)."""
     return _held_out_naming(model, tok, shapes_dir, n_images, batch_size,
-                            lambda px, g: model.visual_tokens(px)[0][..., 0])
+                            lambda px, g: model.visual_tokens(px)[0][..., 0], split)
 
 
 @torch.no_grad()
-def prediction_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
+def prediction_naming(model, tok, shapes_dir, n_images=100, batch_size=50, split="held-out"):
     """The same share for what Eq. 9 fits the VM head to: the MM head's top-1 prediction Q_t at every
     position of stage III's input (BOS, then the patches), scored against the patch at t+1 that it
     predicts (docs/method.md §Index convention): does the prediction inside an image name what comes
@@ -676,12 +689,12 @@ def prediction_naming(model, tok, shapes_dir, n_images=100, batch_size=50):
     def top1(px, g):
         ids = torch.tensor([[tok.bos_id] + [model.cfg.image_token_id] * g * g] * len(px), device=px.device)
         return model(ids, px).logits.argmax(-1)[:, :g * g]  # position t predicts patch t (t = 0: BOS)
-    return _held_out_naming(model, tok, shapes_dir, n_images, batch_size, top1)
+    return _held_out_naming(model, tok, shapes_dir, n_images, batch_size, top1, split)
 
 
 def naming_line(n, what="visual tokens"):
     top = lambda pairs: ", ".join(f"{w or repr(w)} {v:.0%}" for w, v in pairs[:3])
-    return (f"{what} of {n['images']} held-out images: {n['named']:.1%} of {n['object_patches']} object "
+    return (f"{what} of {n['images']} {n.get('set', 'held-out')} images: {n['named']:.1%} of {n['object_patches']} object "
             f"patches name their object's colour or shape (colour {n['named_color']:.1%}, shape "
             f"{n['named_shape']:.1%}); background patches: {n['background_named_background']:.1%} name the "
             f"background, {n['background_color_or_shape']:.1%} a colour or shape; most frequent on objects: "
@@ -728,8 +741,9 @@ def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, pro
     """Answer and score the shapes world's question sets (QUESTION_SETS; those the world has): the short
     answers (VQA accuracy) and POPE. report["short"] and report["pope"] are the first set's, report[name]
     holds each set's. With naming_images, also the visual-token naming share (visual_token_naming) on that
-    many held-out images; with transcript_images, a transcript of that many held-out images (transcript).
-    Prints the results table."""
+    many images of the first set; with transcript_images, a transcript of that many of its images
+    (transcript): a run scored on the validation split alone looks at no held-out image. Prints the
+    results table."""
     if model is None:
         model, tok = evaluate.load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
     answers_dir = os.path.dirname(out_path) if out_path else ckpt
@@ -739,17 +753,17 @@ def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, pro
         if not os.path.exists(os.path.join(shapes_dir, f"{prefix}_short.jsonl")):
             continue  # an older world has only the held-out set
         report[name] = score_set(model, tok, shapes_dir, prefix, limit, answers_dir, batch_size, progress)
-    first = report[next(iter(report))]
-    report["short"], report["pope"] = first["short"], first["pope"]
+    first_set = next(iter(report))
+    report["short"], report["pope"] = report[first_set]["short"], report[first_set]["pope"]
     if naming_images:
-        report["naming"] = visual_token_naming(model, tok, shapes_dir, naming_images)
-        report["prediction_naming"] = prediction_naming(model, tok, shapes_dir, naming_images)
+        report["naming"] = visual_token_naming(model, tok, shapes_dir, naming_images, split=first_set)
+        report["prediction_naming"] = prediction_naming(model, tok, shapes_dir, naming_images, split=first_set)
     md = [results_table(report, [n for n in sets if n in report])]
     if naming_images:
         md += ["", naming_line(report["naming"]),
                "", naming_line(report["prediction_naming"], "MM-head predictions of the next patch")]
     if transcript_images:
-        report["transcript"] = transcript(model, tok, shapes_dir, transcript_images)
+        report["transcript"] = transcript(model, tok, shapes_dir, transcript_images, split=first_set)
         md += ["", "```", transcript_text(report["transcript"]), "```"]
     print("\n".join(md))
     if out_path:
@@ -773,16 +787,18 @@ def results_table(report, sets):
     return "\n".join(rows)
 
 
-def transcript(model, tok, shapes_dir, n_images=3, first=0):
-    """A few held-out images with one question of each kind that applies (short-answer form) and a POPE
-    question, the model's greedy answer beside the truth (from the scene itself)."""
+def transcript(model, tok, shapes_dir, n_images=3, first=0, split="held-out"):
+    """A few held-out images (of question set `split`, set_images) with one question of each kind that
+    applies (short-answer form) and a POPE question, the model's greedy answer beside the truth (from
+    the scene itself)."""
     world = json.loads((Path(shapes_dir) / "world.json").read_text())
+    folder, seed, images = set_images(world, split)
     rng = random.Random(f"{world['seed']}/transcript")
     vc = model.cfg.vision
     model.eval()
     out = []
-    for i in list(held_out_images(world))[first:first + n_images]:
-        scene = scene_of(world["seed"], i, world.get("version", 2))
+    for i in list(images)[first:first + n_images]:
+        scene = scene_of(seed, i, world.get("version", 2))
         qa = questions(scene, rng, [(c, s) for c in COLORS for s in SHAPES])  # its POPE items are not used
         picked, seen = [], set()
         for q, short, _, kind in qa:
@@ -793,10 +809,10 @@ def transcript(model, tok, shapes_dir, n_images=3, first=0):
                      and any(o[0] == c or o[1] == s for o in scene["objects"])))
         picked.append((f"Is there {article(c)} {s} in the image?", "No"))
         picked.append((f"Is there {article(scene['objects'][0][0])} {scene['objects'][0][1]} in the image?", "Yes"))
-        px = process_image(Image.open(os.path.join(shapes_dir, f"images/{i:06d}.png")), vc.image_size)
+        px = process_image(Image.open(os.path.join(shapes_dir, f"{folder}/{i:06d}.png")), vc.image_size)
         prompts = [evaluate.prompt_ids(model, tok, f"{q}\n{SHORT}", True) for q, _ in picked]
         answers = evaluate.answer_batch(model, tok, prompts, torch.stack([px] * len(picked)), max_new_tokens=16)
-        out.append({"image": f"images/{i:06d}.png", "caption": caption(scene),
+        out.append({"image": f"{folder}/{i:06d}.png", "caption": caption(scene),
                     "turns": [{"question": q, "truth": t, "answer": a} for (q, t), a in zip(picked, answers)]})
     return out
 

@@ -281,3 +281,43 @@ def test_long_recipe_is_the_v3_recipe_with_four_times_the_epochs(tmp_path, monke
         [{k: v for k, v in s.items() if k not in ("epochs", "out_dir")} for s in long.stages]
     assert all(s["out_dir"].startswith("out/shapes_v3_long/") for s in long.stages)
     assert (long.hook, long.model, long.lr) == (base.hook, base.model, base.lr)
+
+
+def test_each_question_set_lies_where_set_images_says(world3):
+    """set_images, checked against the files the generator wrote: every POPE question of a set is about an
+    image in the set's folder with one of its indices, and its "yes"/"no" agrees with the scene drawn
+    from the set's seed (a wrong seed or index range would give other scenes)."""
+    w = json.loads((world3 / "world.json").read_text())
+    for name, prefix in shapes.QUESTION_SETS.items():
+        folder, seed, idx = shapes.set_images(w, name)
+        pope = [json.loads(x) for x in (world3 / f"{prefix}_pope.jsonl").read_text().splitlines()]
+        assert {p["image"] for p in pope} == {f"{folder}/{i:06d}.png" for i in idx}, name
+        for p in pope:
+            colour, shape = p["text"].split(" in the image?")[0].split()[-2:]
+            scene = shapes.scene_of(seed, int(p["image"][-10:-4]), 3)
+            assert ((colour, shape) in {o[:2] for o in scene["objects"]}) == (p["label"] == "yes"), (name, p)
+    with pytest.raises(ValueError, match="unknown question set 'test'"):
+        shapes.set_images(w, "test")
+
+
+def test_a_validation_report_looks_at_no_held_out_image(world3, tmp_path, monkeypatch):
+    """Recipes are chosen on the validation split: a report scored on it alone takes the naming share and
+    the transcript from validation images too, and opens no held-out image."""
+    ckpt = make_checkpoint(str(world3), tmp_path / "ckpt")
+
+    def answer(model, tok, qs, folder, path, **kw):
+        return [{"question_id": q["question_id"], "text": "Yes."} for q in qs]
+
+    opened, open_image = [], shapes.Image.open
+    monkeypatch.setattr(evaluate, "answer_file", answer)
+    monkeypatch.setattr(shapes.Image, "open", lambda p, *a, **k: opened.append(str(p)) or open_image(p, *a, **k))
+    out = tmp_path / "run" / "eval.json"
+    out.parent.mkdir()
+    r = shapes.held_out_report(ckpt, str(world3), limit=4, out_path=str(out), progress=False, naming_images=2,
+                               sets=("validation",), transcript_images=1)
+    w = json.loads((world3 / "world.json").read_text())
+    first_val = shapes.set_images(w, "validation")[2][0]
+    assert r["naming"]["set"] == r["prediction_naming"]["set"] == "validation" and r["naming"]["images"] == 2
+    assert [t["image"] for t in r["transcript"]] == [f"val/{first_val:06d}.png"]
+    assert opened and all(os.path.relpath(p, world3).startswith("val" + os.sep) for p in opened), opened
+    assert "visual tokens of 2 validation images" in (out.parent / "results.md").read_text()
