@@ -2,7 +2,7 @@
 The ablation of Table 5 on the shapes world: does the VM loss (Eq. 6) help, and is it the VM loss
 or just the extra epoch of stage IV?
 
-    python ablate.py configs/shapes_x2.py     # Table 5 as measured (x 2 recipe), seeds 0 1 2 -> out/ablate/shapes_x2
+    python ablate.py configs/shapes_x2.py     # Table 5 on the x 2 recipe, seeds 0 1 2 -> out/ablate/shapes_x2
     python ablate.py                          # the demo's config (x 4), seeds 0 1 2 -> out/ablate/shapes/ablation.md
                                               # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate/shapes)
     python ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
