@@ -35,7 +35,7 @@ CPU_TRAINING_ATTENTION_FP32 = True  # attend's switch; bench/demo_speed.py times
 def attend(q, k, v, **kw):
     """F.scaled_dot_product_attention, except when training in bf16 (or fp16) on a CPU: then in float32.
     PyTorch's CPU flash-attention backward is slower in bf16 than in float32 (on a 2-core AMX Xeon, at
-    the demo's 32 x 6 heads x 192 tokens x 32: 31 ms against 15 ms, while the forwards take 4 and 6 ms),
+    the demo's 32 x 6 heads x 208 tokens x 32: 44 ms against 19 ms, while the forwards take 4 and 6 ms),
     and it was half of a compiled bf16 training step (docs/experiments.md §The speed levers). CPU autocast
     would cast the inputs back to bf16, so it is switched off around the call. Inference (no grad) and
     GPUs keep the half-precision kernels. (Under autocast q and k arrive in float32, RoPE's product with
