@@ -11,7 +11,6 @@ field is added where question_ids repeat by design (TextVQA: one id per image).
 
 import base64
 import csv
-import io
 import json
 import os
 import sys
@@ -191,13 +190,13 @@ def read_mmvet(path):
     return read_jsonl(path)
 
 
-def image_of(q, folder):
-    """A question's image as a PIL image (from its file, or decoded from the tsv's base64)."""
+def image_of(q, folder, allow_outside=False):
+    """A question's image as a PIL image, through the image gate (data.open_image) either way: from its
+    file (inside `folder` unless allow_outside: data.image_path) or decoded from the tsv's base64."""
     import data
     if q.get("image_b64"):
-        from PIL import Image
-        return data.to_rgb(Image.open(io.BytesIO(base64.b64decode(q["image_b64"]))))
-    return data.load_image(os.path.join(folder, q["image"]))
+        return data.open_image(base64.b64decode(q["image_b64"]))
+    return data.open_image(data.image_path(folder, q["image"], allow_outside))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,21 +27,29 @@ the file is read, before step 1, so the sampler only ever serves usable samples:
                               to the first human turn (the JSON says the image belongs there)
   - missing image files       a parallel scan of every path; skipped, with one summary "N of M
                               images missing, by folder" (a missing sub-folder never stops a run)
+  - image paths outside image_folder (absolute, or climbing out with ..) unless allow_outside
+  - more than `max_missing` of the image samples missing (an unmounted folder): an InputError
+    naming the folder, before step 1
 Found when an item is loaded; the loader then serves the next sample instead, so a run never
 crashes at step 40,000 (strict: raise), and the skip reaches the main process with the batch:
-  - corrupt or truncated image file, an image over `max_pixels` (decompression bomb)
+  - whatever the image gate refuses (open_image): a special file (FIFO, device), a corrupt or
+    truncated image, one over `max_pixels` decoded or padded to its square (decompression bomb),
+    a symlink that leaves image_folder
   - a sample whose image block does not fit in max_len, or with no answer left after truncation
 """
 
 import array
 import codecs
+import errno
 import hashlib
+import io
 import json
 import logging
 import math
 import mmap
 import os
 import socket
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -57,6 +65,7 @@ from conversation import (
     repair_conversations,
     tokenize_conversation,
 )
+from errors import InputError
 
 log = logging.getLogger("nanovt.data")
 
@@ -87,8 +96,15 @@ def expand_to_square(image, background=CLIP_MEAN_RGB):
     return canvas
 
 
-def process_image(image, size, pad_to_square=True):
-    """PIL image -> float tensor (3, size, size): CLIPImageProcessor's steps after LLaVA's padding."""
+def process_image(image, size, pad_to_square=True, max_pixels=MAX_PIXELS):
+    """PIL image -> float tensor (3, size, size): CLIPImageProcessor's steps after LLaVA's padding.
+    Refuses (ImageRefused) an image whose padded square, or unpadded resize, would exceed max_pixels."""
+    w, h = image.size
+    if pad_to_square:
+        check_square(w, h, max_pixels)
+    elif size * size * max(w, h) > max_pixels * min(w, h):  # the resize below keeps the aspect ratio
+        raise ImageRefused(f"decompression bomb: {w}x{h} resized to a short side of {size} is over "
+                           f"{max_pixels} pixels")
     image = to_rgb(image)
     if pad_to_square:
         image = expand_to_square(image)
@@ -102,16 +118,101 @@ def process_image(image, size, pad_to_square=True):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))  # (3, size, size)
 
 
-def load_image(path, max_pixels=MAX_PIXELS):
-    """Open, fully decode and convert an image file; raises on missing, corrupt, truncated, or too large."""
+class ImageRefused(InputError):
+    """The image gate's refusal (open_image): the reason, e.g. "decompression bomb: ...", "not a regular
+    file: ... is a FIFO". A dataset skips the sample with it; eval.py and sample.py print it."""
+
+
+def check_square(w, h, max_pixels=MAX_PIXELS):
+    """Pad-to-square allocates max(w, h)^2 pixels: a 20000 x 1 image, 20000 pixels decoded, would cost
+    400 million (1.2 GB in RGB) once padded. Refuse it like any other decompression bomb."""
+    if max(w, h) ** 2 > max_pixels:
+        raise ImageRefused(f"decompression bomb: {w}x{h} pads to a {max(w, h)}x{max(w, h)} square, over "
+                           f"{max_pixels} pixels")
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(mode, path):
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _SPECIAL if test(mode)), "not a plain file")
+        raise ImageRefused(f"not a regular file: {path} is {kind}")
+
+
+def open_regular(path):
+    """A binary file object for `path` if it is a regular file (symlinks followed). A FIFO, device or
+    socket is refused from its stat, never opened: opening a FIFO for reading blocks until someone
+    writes, and reading /dev/zero never ends. The open itself does not block (O_NONBLOCK) and its
+    fstat is checked again, in case the path was swapped between the two."""
+    _check_regular(os.stat(path).st_mode, path)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _check_regular(os.fstat(fd).st_mode, path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_image(source, max_pixels=MAX_PIXELS, pad_to_square=True):
+    """The image gate every reader passes: training (both datasets), eval.py (files and base64),
+    sample.py, and a server. `source`: a path, or the image file's bytes. Before any pixel is
+    decoded it refuses (ImageRefused) a special file, and from the header an image whose width x
+    height, or (pad_to_square, LLaVA's recipe) whose padded square, is over max_pixels; then it
+    decodes fully, so a truncated file fails here (LOAD_TRUNCATED_IMAGES stays off), and converts to
+    RGB. Other errors are PIL's and the OS's (missing, not an image, truncated). The largest buffer
+    it lets through is max_pixels x 4 bytes (about 360 MB at the default)."""
     import warnings
-    with warnings.catch_warnings():
+    f = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray, memoryview)) else open_regular(source)
+    with f, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning is a refusal here
-        with Image.open(path) as im:
-            if im.width * im.height > max_pixels:  # checked from the header, before decoding
-                raise ValueError(f"decompression bomb: {im.width}x{im.height} > {max_pixels} pixels")
-            im.load()  # decode now, so truncated files fail here (LOAD_TRUNCATED_IMAGES stays off)
+        try:
+            im = Image.open(f)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise ImageRefused(f"decompression bomb: {e}") from None
+        with im:
+            w, h = im.size
+            if w * h > max_pixels:  # checked from the header, before decoding
+                raise ImageRefused(f"decompression bomb: {w}x{h} > {max_pixels} pixels")
+            if pad_to_square:
+                check_square(w, h, max_pixels)
+            im.load()  # decode now
             return to_rgb(im)
+
+
+def load_image(path, max_pixels=MAX_PIXELS):
+    """Open, fully decode and convert an image file through the gate (open_image); raises on missing,
+    special, corrupt, truncated, or too large."""
+    return open_image(path, max_pixels)
+
+
+def image_path(image_folder, image, allow_outside=False):
+    """Where a sample's `image` field points: image_folder/image. Unless allow_outside, the path must
+    stay inside image_folder once resolved (.. and symlinks followed): a JSON that names
+    ../../etc/passwd, an absolute path, or a symlink leading out is refused (ImageRefused). Symlinks
+    that stay inside are followed; a symlinked image_folder itself is fine (its target is the root)."""
+    path = os.path.join(str(image_folder), image)
+    if allow_outside:
+        return path
+    root = os.path.realpath(str(image_folder))
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root.rstrip(os.sep) + os.sep):
+        raise ImageRefused(f"image outside image_folder: {image} resolves to {real}, not under {root} "
+                           f"(allow_outside_images=True if the dataset means it)")
+    return path
+
+
+def leaves_folder(image):
+    """Whether a relative image path names a place outside its folder by its text alone: absolute, or
+    climbing out with .. (symlinks are resolved when the image is opened, image_path)."""
+    norm = os.path.normpath(image)
+    return os.path.isabs(image) or norm == ".." or norm.startswith(".." + os.sep)
 
 
 # -----------------------------------------------------------------------------
@@ -128,7 +229,7 @@ def read_text_utf8(path):
     except UnicodeDecodeError as e:
         at = skip + e.start
         line = raw[:at].count(b"\n") + 1
-        raise ValueError(f"{path}: not UTF-8 text: byte 0x{raw[at]:02x} at byte offset {at} (line {line}); "
+        raise InputError(f"{path}: not UTF-8 text: byte 0x{raw[at]:02x} at byte offset {at} (line {line}); "
                          f"save the file as UTF-8") from None
 
 
@@ -140,16 +241,16 @@ def read_json(path):
             return json.loads(text)
         except json.JSONDecodeError as e:
             if e.msg == "Extra data":  # one whole JSON value, then more: most likely one sample per line
-                raise ValueError(
+                raise InputError(
                     f"{path}: a second JSON value starts at line {e.lineno}, column {e.colno}; this looks like "
                     f"JSON Lines (one sample per line): name the file .jsonl, or write one JSON list") from None
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+            raise InputError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         try:
             rows += [json.loads(line)] if line.strip() else []
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {n}, column {e.colno}: {e.msg}") from None
+            raise InputError(f"{path}: malformed JSON at line {n}, column {e.colno}: {e.msg}") from None
     return rows
 
 
@@ -173,6 +274,16 @@ def missing_summary(paths, total):
     by_folder = Counter(os.path.dirname(p) or "." for p in paths)
     return (f"{len(paths)} of {total} images missing, by folder: "
             + ", ".join(f"{folder} {n}" for folder, n in sorted(by_folder.items(), key=lambda x: (-x[1], x[0]))))
+
+
+def file_hash(path, block=1 << 24):
+    """blake2b (16 bytes, hex) of a file's bytes, read in 16 MiB blocks: about a second per GB, less
+    than parsing the JSON costs."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def write_atomic(path, write):
@@ -271,10 +382,11 @@ class _SkippingDataset(torch.utils.data.Dataset):
     def _init_skips(self, strict):
         self.strict, self.skipped, self._counted = strict, Counter(), {}
         self.repaired, self.missing = Counter(), ""
+        self.missing_paths, self.image_samples = [], 0  # the image paths found missing, of how many
 
     def _skip(self, key, sample_id, reason, warn=True):
         if self.strict:
-            raise ValueError(f"sample {sample_id}: {reason}")
+            raise InputError(f"sample {sample_id}: {reason}")
         if key not in self._counted:  # count each bad sample once, however many epochs
             self._counted[key] = (sample_id, reason)
             self.skipped[reason.split(":")[0]] += 1
@@ -315,8 +427,8 @@ class _SkippingDataset(torch.utils.data.Dataset):
                 item = self._load(j)
                 item["skipped"] = skipped  # lets the main process count skips made in workers
                 return item
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-                    Image.DecompressionBombWarning) as e:  # what PIL and our checks raise on bad data
+            except (OSError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as e:  # what PIL, the image gate and our checks raise
                 sid = str(self.samples[j].get("id", j))
                 bomb = isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning))
                 reason = (f"decompression bomb: {e}" if bomb else str(e) if isinstance(e, ValueError)
@@ -326,68 +438,97 @@ class _SkippingDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.max_tries} bad samples in a row from index {index}: {self.report()}")
 
     def _drop_missing_images(self, rows, where):
-        """Read-time check: skip the samples in `rows` [(key, id, sample)] whose image file is
-        missing; return the others. Logs one summary by folder."""
+        """Read-time check: skip the samples in `rows` [(key, id, sample)] whose image path leaves
+        image_folder (unless allow_outside) or whose image file is missing; return the others. Logs
+        one summary by folder and counts what check_missing_share() judges."""
         with_image = [r for r in rows if r[2].get("image")]
-        gone = set(find_missing_images(self.image_folder, [r[2]["image"] for r in with_image]))
-        if not gone:
+        self.image_samples = len(with_image)
+        outside = set() if self.allow_outside else {k for k, r in enumerate(with_image) if leaves_folder(r[2]["image"])}
+        for k in sorted(outside):
+            key, sid, sample = with_image[k]
+            self._skip(key, sid, f"image outside image_folder: {sample['image']} (allow_outside_images=True "
+                                 f"if the dataset means it)")
+        scan = [k for k in range(len(with_image)) if k not in outside]
+        gone = {scan[k] for k in find_missing_images(self.image_folder, [with_image[k][2]["image"] for k in scan])}
+        self.missing_paths = [with_image[k][2]["image"] for k in sorted(gone)]
+        if not gone and not outside:
             return rows
-        self.missing = missing_summary([with_image[k][2]["image"] for k in sorted(gone)], len(with_image))
-        log.warning("%s: %s (under %s)", where, self.missing, self.image_folder)
+        if gone:
+            self.missing = missing_summary(self.missing_paths, len(with_image))
+            log.warning("%s: %s (under %s)", where, self.missing, self.image_folder)
+        dropped = {with_image[k][0] for k in gone | outside}
         gone_keys = {with_image[k][0] for k in gone}
         for key, sid, sample in rows:
             if key in gone_keys:
                 self._skip(key, sid, f"missing image file: {Path(self.image_folder) / sample['image']}",
                            warn=len(gone) <= 20)  # past that, the summary says it better than warnings
-        return [r for r in rows if r[0] not in gone_keys]
+        return [r for r in rows if r[0] not in dropped]
+
+    def check_missing_share(self, max_missing):
+        """An InputError when more than `max_missing` (a share, 0-1) of the image samples have no image
+        file: most likely the image folder is wrong or not mounted, and training on what is left (the
+        text-only samples, say) would succeed quietly at the wrong thing. None: no check."""
+        n, total = len(self.missing_paths), self.image_samples
+        if max_missing is None or not total or n <= max_missing * total:
+            return
+        raise InputError(f"{n} of {total} image samples have no image file under {os.path.abspath(self.image_folder)} "
+                         f"(more than {max_missing:.0%}): is image_folder right, is its disk mounted? To train on "
+                         f"the rest anyway, set max_missing_images=1.0")
 
     def _pixels(self, image_file):
-        path = Path(self.image_folder) / image_file
-        if not path.is_file():
+        path = image_path(self.image_folder, image_file, self.allow_outside)
+        if not os.path.exists(path):
             raise ValueError(f"missing image file: {path}")
-        return process_image(load_image(path, self.max_pixels), self.image_size)
+        return process_image(open_image(path, self.max_pixels), self.image_size)
 
 
 class LlavaDataset(_SkippingDataset):
     """LLaVA JSON conversations (stage I with template "plain", II and IV with a chat template).
 
     Items: {"input_ids": (T,) long, "labels": (T,) long, "pixel_values": (3, H, W) float or None,
-    "id": str}. Image paths are relative to `image_folder` (default: the JSON's directory).
-    JSON and text checks run at init; images are read lazily.
+    "id": str}. Image paths are relative to `image_folder` (default: the JSON's directory) and stay
+    inside it unless allow_outside (image_path). JSON and text checks run at init; images are read
+    lazily. max_missing: the largest share of image samples that may lack their file (None: any).
     """
 
     def __init__(self, json_path, image_folder, tokenizer, template, image_size, num_patches,
                  image_token_id=IMAGE_TOKEN_ID, max_len=2048, strict=False, max_pixels=MAX_PIXELS,
-                 cache_dir=None, write_cache=True):
+                 cache_dir=None, write_cache=True, allow_outside=False, max_missing=None):
         assert template in TEMPLATES, f"unknown template {template!r}"
         self._init_skips(strict)
         self.image_folder = image_folder if image_folder is not None else Path(json_path).parent
         self.tokenizer, self.template, self.image_size = tokenizer, template, image_size
         self.num_patches, self.image_token_id = num_patches, image_token_id
-        self.max_len, self.max_pixels = max_len, max_pixels
+        self.max_len, self.max_pixels, self.allow_outside = max_len, max_pixels, allow_outside
         # cache_dir: keep what the read found there (data.ReadCache), or take it from there; with
         # write_cache=False a missing cache is read here but not written (another process writes it)
         self.from_cache = False
         cache = ReadCache(cache_dir, self._cache_key(json_path)) if cache_dir is not None else None
         if cache and cache.load(self):
             log.info("%s: taken from the read cache %s (%s)", json_path, cache.folder / cache.stem, self.report())
-            return
-        if cache and not write_cache:
-            log.warning("%s: no valid read cache in %s (the node's first process writes it); reading the file here",
-                        json_path, cache_dir)
-        self._read(json_path)
-        if cache and write_cache:
-            cache.save(self)
-            if not cache.load(self):  # serve from the files, as the other processes do
-                raise RuntimeError(f"{cache_dir}: the read cache just written does not load")
+            if self.missing:  # said where it shows: a list from an earlier run must not pass unnoticed
+                log.warning("%s: %s (under %s), as recorded in the read cache %s and checked again now",
+                            json_path, self.missing, self.image_folder, cache.folder / cache.stem)
+        else:
+            if cache and not write_cache:
+                log.warning("%s: no valid read cache in %s (the node's first process writes it); reading the file "
+                            "here", json_path, cache_dir)
+            self._read(json_path)
+            if cache and write_cache:
+                cache.save(self)
+                if not cache.load(self):  # serve from the files, as the other processes do
+                    raise RuntimeError(f"{cache_dir}: the read cache just written does not load")
+        self.check_missing_share(max_missing)
 
     def _cache_key(self, json_path):
-        """What the read-time result depends on: the file (path, size, mtime), the image folder
-        (scanned for missing files), num_patches (lengths) and strict. Not the template, the
-        tokenizer or max_len: they only act when an item is loaded."""
+        """What the read-time result depends on: the file (path, size, mtime and a hash of its bytes:
+        an edit that keeps size and mtime, as `cp -p` or `rsync -t` can, is still seen), the image
+        folder (scanned for missing files), allow_outside, num_patches (lengths) and strict. Not the
+        template, the tokenizer or max_len: they only act when an item is loaded."""
         st = os.stat(json_path)
         return {"version": ReadCache.version, "kind": "llava", "source": str(Path(json_path).resolve()),
-                "size": st.st_size, "mtime_ns": st.st_mtime_ns, "image_folder": str(Path(self.image_folder).resolve()),
+                "size": st.st_size, "mtime_ns": st.st_mtime_ns, "blake2b": file_hash(json_path),
+                "image_folder": str(Path(self.image_folder).resolve()), "allow_outside": self.allow_outside,
                 "num_patches": self.num_patches, "strict": self.strict}
 
     def _read(self, json_path):
@@ -396,7 +537,7 @@ class LlavaDataset(_SkippingDataset):
         num_patches = self.num_patches
         data = read_json(json_path)
         if not isinstance(data, list):
-            raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(data).__name__}")
+            raise InputError(f"{json_path}: expected a JSON list of samples, got {type(data).__name__}")
         rows = []  # (key, id, sample) of the samples that pass the text checks
         for k, sample in enumerate(data):
             sid = str(sample.get("id", k)) if isinstance(sample, dict) else str(k)
@@ -420,7 +561,7 @@ class LlavaDataset(_SkippingDataset):
         self.lengths = array.array("i", [abs(n) for n in self.modality_lengths])
         self.samples = SampleIndex(samples)
         if not self.samples:
-            raise ValueError(f"{json_path}: no usable samples ({self.report()})")
+            raise InputError(f"{json_path}: no usable samples ({self.report()})")
 
     def _load(self, j):
         sample = self.samples[j]
@@ -447,14 +588,16 @@ class ReadCache:
       <stem>.json          the key, counts, and the read-time report (skips by reason, each
                            skipped sample's position, id and reason, repairs, missing images);
                            written last, so its presence means the others are complete
-    Every file is written atomically. A key that differs (another file, size or mtime, another
-    image folder, num_patches or strict) is a miss: the file is read again and the cache
-    rewritten. Plain binary, .npy and JSON only: nothing here is unpickled. Image files added
-    after the cache was written are not seen (delete the folder to scan again); removed ones are
-    still caught when their item is loaded, and skipped as usual.
+    Every file is written atomically. A key that differs (another file, size, mtime or content,
+    another image folder, num_patches or strict) is a miss: the file is read again and the cache
+    rewritten. Plain binary, .npy and JSON only: nothing here is unpickled. The images recorded
+    missing are checked again on every load (a parallel stat each): if any is back (a folder
+    mounted, images restored), the cache is a miss and the file is read again. Images removed after
+    the cache was written are caught when their item is loaded, and skipped as usual. train.py's
+    --overwrite deletes the folder with the run's other files.
     """
 
-    version = 1
+    version = 2
 
     def __init__(self, folder, key):
         self.folder, self.key = Path(folder), key
@@ -472,7 +615,8 @@ class ReadCache:
                      lambda f: np.save(f, np.asarray(ds.modality_lengths, np.int32), allow_pickle=False))
         read_skips = [[key[1], sid, reason] for key, (sid, reason) in ds._counted.items() if key[0] == "read"]
         meta = {"key": self.key, "samples": len(ds.samples), "skipped": dict(ds.skipped),
-                "read_skips": read_skips, "repaired": dict(ds.repaired), "missing": ds.missing}
+                "read_skips": read_skips, "repaired": dict(ds.repaired), "missing": ds.missing,
+                "missing_paths": ds.missing_paths, "image_samples": ds.image_samples}
         write_atomic(self._path(".json"), lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
         for other in self.folder.iterdir():  # stale caches of this kind: another key
             if other.name.startswith(f"{self.key['kind']}-") and not other.name.startswith(self.stem):
@@ -494,10 +638,17 @@ class ReadCache:
         if len(samples) != meta["samples"] or lengths.shape != (meta["samples"],) or lengths.dtype != np.int32:
             log.warning("%s: read cache %s is inconsistent; reading the file again", self.folder, self.stem)
             return False
+        recorded = meta["missing_paths"]
+        back = len(recorded) - len(find_missing_images(self.key["image_folder"], recorded))
+        if back:
+            log.warning("%s: %d of the %d images the read cache %s recorded missing are there now; reading "
+                        "the file again", self.key["image_folder"], back, len(recorded), self.stem)
+            return False
         ds.samples = samples
         ds.modality_lengths = array.array("i", lengths.tobytes())
         ds.lengths = array.array("i", [abs(n) for n in ds.modality_lengths])
         ds.skipped, ds.repaired, ds.missing = Counter(meta["skipped"]), Counter(meta["repaired"]), meta["missing"]
+        ds.missing_paths, ds.image_samples = recorded, meta["image_samples"]
         ds._counted = {("read", k): (sid, reason) for k, sid, reason in meta["read_skips"]}
         ds.from_cache = True
         return True
@@ -514,10 +665,10 @@ class ImageOnlyDataset(_SkippingDataset):
     """
 
     def __init__(self, source, tokenizer, image_size, num_patches, image_token_id=IMAGE_TOKEN_ID,
-                 image_folder=None, strict=False, max_pixels=MAX_PIXELS):
+                 image_folder=None, strict=False, max_pixels=MAX_PIXELS, allow_outside=False, max_missing=None):
         self._init_skips(strict)
         self.tokenizer, self.image_size, self.num_patches = tokenizer, image_size, num_patches
-        self.image_token_id, self.max_pixels = image_token_id, max_pixels
+        self.image_token_id, self.max_pixels, self.allow_outside = image_token_id, max_pixels, allow_outside
         source = Path(source)
         if source.is_dir():
             self.image_folder = source
@@ -527,7 +678,7 @@ class ImageOnlyDataset(_SkippingDataset):
             self.image_folder = image_folder if image_folder is not None else source.parent
             data = read_json(source)
             if not isinstance(data, list):
-                raise ValueError(f"{source}: expected a JSON list of samples, got {type(data).__name__}")
+                raise InputError(f"{source}: expected a JSON list of samples, got {type(data).__name__}")
             rows = []
             for k, s in enumerate(data):
                 if not isinstance(s, dict) or not s.get("image"):
@@ -539,8 +690,9 @@ class ImageOnlyDataset(_SkippingDataset):
                     continue
                 rows.append((("read", k), sid, {"id": sid, "image": s["image"]}))
             self.samples = SampleIndex(s for _, _, s in self._drop_missing_images(rows, source))
+            self.check_missing_share(max_missing)
         if not self.samples:
-            raise ValueError(f"{source}: no images")
+            raise InputError(f"{source}: no images")
         self.modality_lengths = self.lengths = [num_patches + 1] * len(self.samples)
 
     def _load(self, j):

@@ -16,15 +16,11 @@ import sys
 import torch
 
 import conversation
+from errors import InputError  # noqa: F401 (sample.py and eval.py take it from here)
 from model import VTLMM
 from tokenizer import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class InputError(ValueError):
-    """Bad input from the command line (a file that is missing or unreadable, a prompt over the context
-    length): sample.py and eval.py print its one-line message and exit with status 1, no traceback."""
 
 
 def why(e):
@@ -32,18 +28,63 @@ def why(e):
     from PIL import UnidentifiedImageError
     if isinstance(e, UnidentifiedImageError):
         return "not an image PIL can read"
+    if isinstance(e, InputError):  # our own refusals say it all (the image gate's, a config's)
+        return str(e)
     if isinstance(e, OSError) and e.strerror:
         return e.strerror[0].lower() + e.strerror[1:]
     return f"{type(e).__name__}: {e}"
 
 
-def read_image(path):
-    """data.load_image, with an InputError naming the file when it cannot be read."""
+def read_image(source, max_pixels=None):
+    """An image through the gate every reader shares (data.open_image: special files, sizes and the
+    padded square refused before decoding), from a path or the file's bytes, with an InputError
+    naming the file when it cannot be read. What a server calls with a request's bytes."""
     import data
     try:
-        return data.load_image(path)
-    except Exception as e:  # missing, a directory, unreadable, not an image, truncated, too large
-        raise InputError(f"cannot read image {path}: {why(e)}") from None
+        return data.open_image(source, max_pixels or data.MAX_PIXELS)
+    except Exception as e:  # missing, a directory, a FIFO, unreadable, not an image, truncated, too large
+        where = "image bytes" if isinstance(source, (bytes, bytearray, memoryview)) else f"image {source}"
+        raise InputError(f"cannot read {where}: {why(e)}") from None
+
+
+WEIGHT_FILES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+MODEL_FILES = ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+
+
+def weights_fingerprint(ckpt, sample=4096):
+    """A fingerprint of the model in a checkpoint directory (blake2b, 16 bytes, hex), quick at any size:
+    config.json and the tokenizer whole, and of each weight file its size, its header and the first and
+    last `sample` bytes of every tensor (training changes a tensor everywhere, so another checkpoint of
+    the same shapes differs there; a 7B checkpoint costs a few MB of reads). .bin files are hashed whole.
+    What eval.py's answer file records (docs/eval.md §Which run wrote an answer file)."""
+    import hashlib
+    import json
+    import struct
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(os.listdir(ckpt)):
+        path = os.path.join(ckpt, name)
+        if not os.path.isfile(path) or not (name in MODEL_FILES or name.endswith(WEIGHT_FILES)):
+            continue
+        h.update(f"{name}\0{os.path.getsize(path)}\0".encode())
+        with open(path, "rb") as f:
+            if not name.endswith(".safetensors"):
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+                continue
+            raw = f.read(8)
+            n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+            head = f.read(min(n, 100 << 20))
+            h.update(head)
+            try:
+                tensors = json.loads(head)
+            except ValueError:  # not a safetensors header: loading will say so; the bytes read are hashed
+                continue
+            for key in sorted(k for k in tensors if k != "__metadata__"):
+                start, end = tensors[key]["data_offsets"]
+                for at in sorted({start, max(start, end - sample)}):
+                    f.seek(8 + n + at)
+                    h.update(f.read(min(sample, end - at)))
+    return h.hexdigest()
 
 
 def check_prompt_length(model, ids, where="the prompt"):
