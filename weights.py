@@ -28,7 +28,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from model import IMAGE_TOKEN_ID, PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig, init_weights, local_rows
+from errors import InputError, InputKeyError
+from model import (IMAGE_TOKEN_ID, PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig, check_config, init_weights,
+                   local_rows)
 
 # ----------------------------------------------------------------------------------------------
 # Name maps: {checkpoint name: nanoVT name}, every tensor written out, per layer
@@ -181,7 +183,7 @@ class WeightFiles:
                     self.where[key] = os.path.join(path, fname)
                 for fname in sorted(set(wmap.values())):
                     if not os.path.exists(os.path.join(path, fname)):
-                        raise FileNotFoundError(f"{ipath} names shard {fname}, which is missing")
+                        raise InputError(f"{ipath} names shard {fname}, which is missing")
                 files = []
             else:
                 files = sorted(os.path.join(path, f) for f in os.listdir(path)
@@ -190,11 +192,15 @@ class WeightFiles:
                     files = sorted(os.path.join(path, f) for f in os.listdir(path)
                                    if f.endswith(".bin") and f.startswith("pytorch_model"))
                 if not files:
-                    raise FileNotFoundError(f"no {prefix}*.safetensors, index or pytorch_model*.bin in {path}")
+                    raise InputError(f"no {prefix}*.safetensors, index or pytorch_model*.bin in {path}")
         for fpath in files:
             for key in self._keys(fpath):
                 self.where[key] = fpath
         self._open = {}
+
+    def size(self):
+        """The bytes of the files the tensors are in."""
+        return sum(os.path.getsize(f) for f in set(self.where.values()))
 
     @staticmethod
     def _keys(fpath):
@@ -205,7 +211,7 @@ class WeightFiles:
             with safe_open(fpath, "pt") as f:
                 return list(f.keys())
         except Exception as e:
-            raise ValueError(f"cannot read {fpath}: {e} (truncated or not a safetensors file?)") from e
+            raise InputError(f"cannot read {fpath}: {e} (truncated or not a safetensors file?)") from e
 
     def get(self, key):
         fpath = self.where[key]
@@ -226,7 +232,7 @@ class WeightFiles:
             h = self._open[fpath]
             return h[key] if isinstance(h, dict) else h.get_tensor(key)
         except Exception as e:
-            raise ValueError(f"cannot read tensor {key} from {fpath}: {e} (truncated file?)") from e
+            raise InputError(f"cannot read tensor {key} from {fpath}: {e} (truncated file?)") from e
 
     def read_rows(self, key, start, end):
         """Rows start:end (dim 0) of a tensor, reading only those bytes from a safetensors file."""
@@ -259,7 +265,7 @@ def check_names(names, files: WeightFiles):
     found = {k for k in files.where if not ignored(k)}
     missing, unexpected = set(names) - found, found - set(names)
     if missing or unexpected:
-        raise KeyError(f"{files.path} does not hold the tensors this config expects: {_count(missing, 'missing')} "
+        raise InputKeyError(f"{files.path} does not hold the tensors this config expects: {_count(missing, 'missing')} "
                        f"{_few(missing, names)}; {_count(unexpected, 'unexpected')} {_few(unexpected)} (a "
                        f"config.json that does not describe these files: another number of layers, another layout?)")
 
@@ -275,7 +281,7 @@ def fill(model, files: WeightFiles, names, dtype):
             raise KeyError(f"the name map sends '{key}' to '{name}', which this model has not")
         t, p = files.get(key), params[name]
         if tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"shape mismatch for '{key}' in {files.where[key]}: file {tuple(t.shape)}, "
+            raise InputError(f"shape mismatch for '{key}' in {files.where[key]}: file {tuple(t.shape)}, "
                              f"model '{name}' expects {tuple(p.shape)}")
         _set_param(model, name, t.to(dtype))
         if _LAZY is not None:
@@ -296,7 +302,7 @@ def _finish(model, filled, dtype, device, where, fresh_ok):
     fresh = [n for n in params if n not in filled]
     missing = [n for n in fresh if n not in fresh_ok]
     if missing:
-        raise KeyError(f"{where}: missing {len(missing)} parameter(s), e.g. {missing[:5]}")
+        raise InputKeyError(f"{where}: missing {len(missing)} parameter(s), e.g. {missing[:5]}")
     for n in fresh:
         _set_param(model, n, torch.empty(params[n].shape, dtype=dtype, device="meta" if _LAZY else "cpu"))
     if _LAZY is not None:
@@ -360,9 +366,9 @@ def _read_json(path):
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} not found") from None
+        raise InputError(f"{path} not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise InputError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 # HF defaults for fields a config.json may leave out (transformers writes only non-defaults).
@@ -388,19 +394,21 @@ def _is_mistral(c):
 
 
 def decoder_config_from_hf(c, where):
+    if not isinstance(c, dict):
+        raise InputError(f"{where}: the decoder's settings must be a JSON object, got a JSON {type(c).__name__}")
     kind = "mistral" if _is_mistral(c) else "llama"
     c = {**_HF_DEFAULTS[kind], **c}
     act = c.get("hidden_act", "silu")
     if act != "silu":
-        raise ValueError(f"{where}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
+        raise InputError(f"{where}: hidden_act {act!r} is not supported (SwiGLU with silu only)")
     rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-        raise ValueError(f"{where}: rope scaling {rope} is not supported")
+        raise InputError(f"{where}: rope scaling {rope} is not supported")
     theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     if c.get("attention_bias") or c.get("mlp_bias"):
-        raise ValueError(f"{where}: attention/MLP biases are not supported")
+        raise InputError(f"{where}: attention/MLP biases are not supported")
     if c.get("tie_word_embeddings"):
-        raise ValueError(f"{where}: tied input/output embeddings are not supported")
+        raise InputError(f"{where}: tied input/output embeddings are not supported")
     heads = c["num_attention_heads"]
     return DecoderConfig(vocab_size=c["vocab_size"], dim=c["hidden_size"], layers=c["num_hidden_layers"],
                          heads=heads, kv_heads=c.get("num_key_value_heads") or heads,
@@ -412,9 +420,11 @@ def decoder_config_from_hf(c, where):
 
 
 def vision_config_from_hf(c, where, select_layer=-2, defaults="clip_vision_model"):
+    if not isinstance(c, dict):
+        raise InputError(f"{where}: the vision tower's settings must be a JSON object, got a JSON {type(c).__name__}")
     c = {**_HF_DEFAULTS[defaults], **c}
     if c.get("hidden_act", "quick_gelu") != "quick_gelu":
-        raise ValueError(f"{where}: vision hidden_act {c['hidden_act']!r} is not supported (quick_gelu only)")
+        raise InputError(f"{where}: vision hidden_act {c['hidden_act']!r} is not supported (quick_gelu only)")
     return VisionConfig(image_size=c["image_size"], patch_size=c["patch_size"], width=c["hidden_size"],
                         layers=c["num_hidden_layers"], heads=c["num_attention_heads"], mlp=c["intermediate_size"],
                         eps=c["layer_norm_eps"], select_layer=select_layer)
@@ -438,19 +448,27 @@ def _is_pif(c, path):
     return any(a.startswith("vwPif") for a in archs) or (any(a.startswith("vw") for a in archs) and "pif" in name)
 
 
+def _hf_dict(path):
+    """A Hugging Face config.json that must hold a JSON object."""
+    c = _read_json(path)
+    if not isinstance(c, dict):
+        raise InputError(f"{path}: expected a JSON object of settings, got a JSON {type(c).__name__}")
+    return c
+
+
 def _clip_config(path):
     """Vision config from a CLIPModel or CLIPVisionModel directory's config.json."""
-    c = _read_json(os.path.join(path, "config.json"))
+    c = _hf_dict(os.path.join(path, "config.json"))
     return vision_config_from_hf(c.get("vision_config", c), os.path.join(path, "config.json"))
 
 
 def _llava_hf_config(c, cpath):
     """VTLMMConfig of a llava-hf directory (both layouts carry text_config / vision_config)."""
     if c.get("vision_feature_select_strategy", "default") != "default":
-        raise ValueError(f"{cpath}: vision_feature_select_strategy must be 'default' (class token dropped)")
+        raise InputError(f"{cpath}: vision_feature_select_strategy must be 'default' (class token dropped)")
     layer = c.get("vision_feature_layer", -2)
     if not isinstance(layer, int):
-        raise ValueError(f"{cpath}: vision_feature_layer {layer} (several layers) is not supported")
+        raise InputError(f"{cpath}: vision_feature_layer {layer} (several layers) is not supported")
     dec = decoder_config_from_hf(c.get("text_config") or {}, cpath)
     vis = vision_config_from_hf(c.get("vision_config") or {}, cpath, layer, defaults="llava_vision")
     extras = c.get("nanovt_extras", {})  # written by export_llava_hf
@@ -467,16 +485,16 @@ def _llava_config(c, cpath, path, vision_path, tower_inside):
     dec = decoder_config_from_hf(c, cpath)
     layer = c.get("mm_vision_select_layer", -2)
     if c.get("mm_vision_select_feature", "patch") != "patch":
-        raise ValueError(f"{cpath}: mm_vision_select_feature must be 'patch'")
+        raise InputError(f"{cpath}: mm_vision_select_feature must be 'patch'")
     if c.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
-        raise ValueError(f"{cpath}: mm_projector_type {c.get('mm_projector_type')!r} is not supported")
+        raise InputError(f"{cpath}: mm_projector_type {c.get('mm_projector_type')!r} is not supported")
     vpath = None
     if tower_inside:
         vis = vision_config_from_hf(c.get("vision_config") or {}, cpath, layer, defaults="llava_vision")
     else:
         vpath = vision_path or c.get("mm_vision_tower")
         if not vpath or not os.path.isdir(vpath):
-            raise FileNotFoundError(f"{path} holds no vision tower and its config names {c.get('mm_vision_tower')!r}; "
+            raise InputError(f"{path} holds no vision tower and its config names {c.get('mm_vision_tower')!r}; "
                                     f"download that CLIP model and pass vision_path=DIR")
         vis = replace(_clip_config(vpath), select_layer=layer)
     cfg = VTLMMConfig(vision=vis, decoder=dec, image_token_id=c.get("image_token_index", IMAGE_TOKEN_ID),
@@ -490,18 +508,24 @@ def _llava_config(c, cpath, path, vision_path, tower_inside):
 
 def read_checkpoint(path, vision_path=None, overrides=None):
     """What from_pretrained reads in `path`: (config, parts, kind). `parts` lists (WeightFiles, name map),
-    one map per file; `kind` keys MAY_START_FRESH. The layout is told by config.json and the file's names."""
+    one map per file (None for a nanoVT checkpoint: its own names, listed from the model _build makes,
+    so a config is built once); the config is checked against sane bounds first (model.check_config); `kind` keys MAY_START_FRESH. The layout is told by config.json and the file's names."""
     cpath = os.path.join(path, "config.json")
     c = _read_json(cpath)
+    if not isinstance(c, dict):
+        raise InputError(f"{cpath}: expected a JSON object of settings, got a JSON {type(c).__name__}")
     overrides = overrides or {}
-    if "nanovt" in c:  # our own checkpoint
-        cfg = replace(VTLMMConfig.from_dict(c["nanovt"]), **overrides)
-        return cfg, [(WeightFiles(path), nanovt_names(cfg))], "nanovt"
+    if "nanovt" in c:  # our own checkpoint: its names are the model's own, listed once the model is built
+        files = WeightFiles(path)
+        cfg = replace(VTLMMConfig.from_dict(c["nanovt"], f"{cpath}: nanovt"), **overrides)
+        check_config(cfg, cpath, files.size())
+        return cfg, [(files, None)], "nanovt"
     files = WeightFiles(path)
     keys = files.where
     llava_hf = any(k.startswith(("model.language_model.", "language_model.")) for k in keys)
     if c.get("text_config") is not None or llava_hf:
         cfg = replace(_llava_hf_config(c, cpath), **overrides)
+        check_config(cfg, cpath)  # before the name maps: they list every layer
         if any(k.startswith("model.language_model.") for k in keys):
             parts = [(files, llava_hf_names(cfg, tower_prefix(keys, "model.vision_tower.")))]
         else:
@@ -510,6 +534,7 @@ def read_checkpoint(path, vision_path=None, overrides=None):
         tower_inside = any(k.startswith("model.vision_tower.") for k in keys)
         cfg, vpath = _llava_config(c, cpath, path, vision_path, tower_inside)
         cfg = replace(cfg, **overrides)
+        check_config(cfg, cpath)
         parts = [(files, llava_names(cfg, tower=tower_inside, vm_head="vm_head.weight" in keys))]
         if vpath:
             clip = WeightFiles(vpath)
@@ -525,6 +550,8 @@ def _build(cls, cfg, parts, dtype, device, where, kind):
         model = cls(cfg)
     filled = set()
     for files, names in parts:
+        if names is None:  # a nanoVT checkpoint: every parameter under its own name (nanovt_names), from this model
+            names = {n: n for n, _ in model.named_parameters()}
         filled |= fill(model, files, names, dtype)
     if kind == "released" and "vm_head.weight" not in filled:
         print(f"note: {where} has no VM head; it starts from random weights (train it in stage III)")
@@ -537,8 +564,9 @@ def load_pretrained(cls, path, dtype, device, vision_path, overrides):
 
 
 def load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides):
-    dec = decoder_config_from_hf(_read_json(os.path.join(llm_path, "config.json")), llm_path)
+    dec = decoder_config_from_hf(_hf_dict(os.path.join(llm_path, "config.json")), llm_path)
     cfg = replace(VTLMMConfig(vision=_clip_config(clip_path), decoder=dec, template=_template_for(dec)), **overrides)
+    check_config(cfg, f"{clip_path} + {llm_path}")
     clip, llm = WeightFiles(clip_path), WeightFiles(llm_path)
     parts = [(clip, clip_names(cfg.vision, tower_prefix(clip.where, ""))), (llm, llm_names(cfg.decoder))]
     return _build(cls, cfg, parts, dtype, device, f"{clip_path} + {llm_path}", "clip+llm")
@@ -638,10 +666,10 @@ def _checked_tokenizer(tokenizer, cfg: VTLMMConfig):
     from tokenizer import load_tokenizer
     tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
     if tok.vocab_size > cfg.decoder.vocab_size:
-        raise ValueError(f"{tok.path}: {tok.vocab_size} tokens, more than the model's vocabulary "
+        raise InputError(f"{tok.path}: {tok.vocab_size} tokens, more than the model's vocabulary "
                          f"({cfg.decoder.vocab_size}): not this model's tokenizer")
     if 0 <= cfg.image_token_id < tok.vocab_size:
-        raise ValueError(f"the model's image placeholder id {cfg.image_token_id} is token "
+        raise InputError(f"the model's image placeholder id {cfg.image_token_id} is token "
                          f"{tok.piece(cfg.image_token_id)!r} of {tok.path}; it needs a row of its own")
     return tok
 
@@ -675,6 +703,19 @@ def _export_tokenizer(tok, cfg: VTLMMConfig, out_dir, written):
 
 
 def main(argv=None):
+    """The command; a user's error (a bad config.json, missing or mismatched tensors, a read-only or full
+    disk) is one line and exit status 1 (errors.one_line), a programming error keeps its traceback."""
+    import errors
+    try:
+        return _main(argv)
+    except (InputError, OSError) as e:
+        line = errors.one_line(e)
+        if line is None:
+            raise
+        sys.exit(f"weights.py: {line}")
+
+
+def _main(argv=None):
     decoders = [k for k, v in PRESETS.items() if isinstance(v, DecoderConfig)]
     ap = argparse.ArgumentParser(description="Print name maps, one tensor a line: checkpoint name, nanoVT name; "
                                              "or export a checkpoint as a Hugging Face repository (--export).")
@@ -704,8 +745,8 @@ def main(argv=None):
                   "LlavaForConditionalGeneration does not compute: evaluate it with eval.py")
         return
     if args.path:
-        _, parts, _ = read_checkpoint(args.path, args.vision_path)
-        maps = [(files.path, names) for files, names in parts]
+        cfg, parts, _ = read_checkpoint(args.path, args.vision_path)
+        maps = [(files.path, names if names is not None else nanovt_names(cfg)) for files, names in parts]
     elif args.layout:
         cfg = VTLMMConfig(vision=PRESETS["clip-vit-l14-336"], decoder=PRESETS[args.preset])
         maps = [(f"layout {args.layout}, {args.preset}", LAYOUTS[args.layout](cfg))]
