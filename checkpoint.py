@@ -19,6 +19,8 @@ owns an out_dir. Kept out of the training loop, which only calls the functions h
   only removes this run's own older checkpoints.
 """
 
+import contextlib
+import errno
 import io
 import json
 import os
@@ -34,6 +36,8 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from errors import DiskFull, InputError, InputExistsError, InputKeyError, InputRuntimeError, find_errno
 
 LOCK = "train.lock"
 META = "meta.json"            # a step checkpoint's own file, written after all of DCP's files
@@ -199,7 +203,7 @@ class Lock:
         else:
             live = age < OTHER_HOST_STALE_S
         if live:
-            raise RuntimeError(
+            raise InputRuntimeError(
                 f"{os.path.dirname(self.path)} is in use by another run (lock {self.path}: pid {pid} on {host}, "
                 f"started {other.get('started')}). Two runs must not share an out_dir; if that job is dead, "
                 f"delete the lock file.")
@@ -260,7 +264,8 @@ def is_final(path):
     return os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors"))
 
 
-OWN_FILES = ("final", "final.tmp", "metrics.jsonl", "train_config.json")
+OWN_FILES = ("final", "final.tmp", "metrics.jsonl", "train_config.json", "data_report.json",
+             "data_cache")  # data_cache: --overwrite reads the data afresh (data.ReadCache)
 
 
 def claim_out_dir(out_dir, resume=False, overwrite=False):
@@ -276,7 +281,7 @@ def claim_out_dir(out_dir, resume=False, overwrite=False):
             here = sorted(n for n in os.listdir(out_dir) if n != LOCK)
             if here and not resume:
                 if not overwrite:
-                    raise FileExistsError(
+                    raise InputExistsError(
                         f"{out_dir} is not empty ({', '.join(here[:6])}{' ...' if len(here) > 6 else ''}). "
                         f"Pass --resume to continue the run there, or --overwrite to delete its checkpoints and "
                         f"start over, or choose another out_dir.")
@@ -489,6 +494,34 @@ def _async_group():
     return _ASYNC_GROUP[key]
 
 
+def disk_full(e, path, low=64 << 20):
+    """Whether the failed write `e` under `path` ran out of space: an ENOSPC or EDQUOT in its chain, or
+    (torch's own writers report a short write as "unexpected pos 704 vs 598") under `low` bytes still
+    free there. Asked before the partial files are removed."""
+    if find_errno(e, {errno.ENOSPC, errno.EDQUOT}):
+        return True
+    try:
+        return shutil.disk_usage(path).free < low
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def removed_on_failure(tmp, what):
+    """Around a save into the directory `tmp`: if it fails, rank 0 removes `tmp` (resume never reads
+    it, but it holds disk space), and a full disk becomes one DiskFull line that names the place."""
+    try:
+        yield
+    except Exception as e:
+        full = disk_full(e, os.path.dirname(os.path.abspath(tmp)))
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise DiskFull(f"no space left on {os.path.dirname(os.path.abspath(tmp))} while writing {what}; removed "
+                           f"the unfinished {tmp} (free some space, then --resume)") from e
+        raise
+
+
 class Checkpointer:
     """Saves step checkpoints of one run into out_dir/step-N/ and prunes the run's older ones."""
 
@@ -515,14 +548,15 @@ class Checkpointer:
         sd.update({f"rng/{k}": v for k, v in _gather_rows(_rng_rows()).items()})
         writer = dcp.FileSystemWriter(tmp, sync_files=True)
         meta = {**meta, "step": step, "run_id": self.run_id, "world": _world()}
-        if self.async_save:
-            # DCP stages (copies) the state into host memory before async_save returns; the steps
-            # that follow do not change what is written (tests/test_checkpoint.py kills it mid-write)
-            fut = dcp.async_save(sd, storage_writer=writer, process_group=self.pg, no_dist=not _dist())
-            self.pending = (fut, step, tmp, meta)
-        else:
-            dcp.save(sd, storage_writer=writer, no_dist=not _dist())
-            self._publish(step, tmp, meta)
+        with removed_on_failure(tmp, f"the checkpoint of step {step}"):
+            if self.async_save:
+                # DCP stages (copies) the state into host memory before async_save returns; the steps
+                # that follow do not change what is written (tests/test_checkpoint.py kills it mid-write)
+                fut = dcp.async_save(sd, storage_writer=writer, process_group=self.pg, no_dist=not _dist())
+                self.pending = (fut, step, tmp, meta)
+            else:
+                dcp.save(sd, storage_writer=writer, no_dist=not _dist())
+                self._publish(step, tmp, meta)
 
     def poll(self):
         """Publish a finished background save (call once per step; never blocks); keep the lock
@@ -538,8 +572,9 @@ class Checkpointer:
         if self.pending:
             fut, step, tmp, meta = self.pending
             self.pending = None
-            getattr(fut, "upload_completion", fut).result()
-            self._publish(step, tmp, meta)
+            with removed_on_failure(tmp, f"the checkpoint of step {step}"):
+                getattr(fut, "upload_completion", fut).result()
+                self._publish(step, tmp, meta)
 
     def _publish(self, step, tmp, meta):
         """Rank 0: meta.json last, fsync, rename step-N.tmp -> step-N, fsync out_dir, prune.
@@ -587,12 +622,12 @@ def _check_against(path, md, want):
     missing = sorted(set(want) - set(have))
     extra = sorted(set(have) - set(want))
     if missing or extra:
-        raise KeyError(f"{path}: the checkpoint does not match this model and optimizer: missing "
+        raise InputKeyError(f"{path}: the checkpoint does not match this model and optimizer: missing "
                        f"{len(missing)} key(s) {missing[:5]}, unexpected {len(extra)} key(s) {extra[:5]}")
     bad = [f"{k}: checkpoint {have[k][0]} {have[k][1]}, model {want[k][0]} {want[k][1]}"
            for k in sorted(want) if have[k] != want[k]]
     if bad:
-        raise ValueError(f"{path}: shape or dtype mismatch for {len(bad)} tensor(s): {bad[:5]}")
+        raise InputError(f"{path}: shape or dtype mismatch for {len(bad)} tensor(s): {bad[:5]}")
 
 
 def resume(out_dir, model, optimizer, fingerprint, allow_changes=False):
@@ -624,7 +659,7 @@ def resume(out_dir, model, optimizer, fingerprint, allow_changes=False):
             continue
         diff = fingerprint_diff(meta.get("fingerprint", {}), fingerprint)
         if diff and not allow_changes:
-            raise ValueError(f"--resume: {path} was written by a run with other settings: {'; '.join(diff)}. "
+            raise InputError(f"--resume: {path} was written by a run with other settings: {'; '.join(diff)}. "
                              f"Resume with the same settings, or pass --allow_resume_changes to change them "
                              f"deliberately (model shapes must still match).")
         if diff and _rank() == 0:
@@ -686,26 +721,36 @@ def save_final(path, model, model_config, tokenizer_file, dtype="fp32", meta=Non
         offset += n
     header["__metadata__"] = {"format": "pt"}
     tmp = path + ".tmp"
-    f = None
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        f = open(os.path.join(tmp, "model.safetensors"), "wb")
-        f.write(struct.pack("<Q", len(raw)) + raw)
-    for k in keys:
-        v = sd[k]
-        full = v.full_tensor() if hasattr(v, "full_tensor") else v  # a collective under FSDP
+    with removed_on_failure(tmp, path):
+        _write_final(path, tmp, sd, keys, conv, header, main, model_config, tokenizer_file, dtype, meta)
+    if not main:
+        wait_for(os.path.join(path, FINAL_META), timeout_s, "rank 0 writing the final weights")
+    return path
+
+
+def _write_final(path, tmp, sd, keys, conv, header, main, model_config, tokenizer_file, dtype, meta):
+    """save_final's writing: rank 0 streams each gathered tensor into tmp/, then publishes it as path."""
+    with contextlib.ExitStack() as stack:  # the file is closed on a failure too: its space comes back
+        f = None
         if main:
-            t = full.detach().to("cpu", conv[k]).contiguous()
-            if t.numel():
-                f.write(t.view(-1).view(torch.uint8).numpy())
-        del full
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+            f = stack.enter_context(open(os.path.join(tmp, "model.safetensors"), "wb"))
+            f.write(struct.pack("<Q", len(raw)) + raw)
+        for k in keys:
+            v = sd[k]
+            full = v.full_tensor() if hasattr(v, "full_tensor") else v  # a collective under FSDP
+            if main:
+                t = full.detach().to("cpu", conv[k]).contiguous()
+                if t.numel():
+                    f.write(t.view(-1).view(torch.uint8).numpy())
+            del full
+        if main:
+            f.flush()
+            os.fsync(f.fileno())
     if main:
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
         write_json(os.path.join(tmp, "config.json"), {"nanovt": model_config})
         if tokenizer_file:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
@@ -716,6 +761,3 @@ def save_final(path, model, model_config, tokenizer_file, dtype="fp32", meta=Non
             shutil.rmtree(path)
         os.replace(tmp, path)
         fsync_path(os.path.dirname(os.path.abspath(path)))
-    else:
-        wait_for(os.path.join(path, FINAL_META), timeout_s, "rank 0 writing the final weights")
-    return path

@@ -16,6 +16,8 @@ import dataclasses
 import os
 import sys
 
+from errors import InputError
+
 
 def coerce(name, value, default):
     """Turn a command-line string into the type of the field's default."""
@@ -24,25 +26,25 @@ def coerce(name, value, default):
             return True
         if value.lower() in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--{name}: expected true/false, got {value!r}")
+        raise InputError(f"--{name}: expected true/false, got {value!r}")
     if isinstance(default, (int, float)) and not isinstance(default, bool):
         try:
             return type(default)(value)
         except ValueError:
-            raise ValueError(f"--{name}: expected {type(default).__name__}, got {value!r}") from None
+            raise InputError(f"--{name}: expected {type(default).__name__}, got {value!r}") from None
     if isinstance(default, str):
         return value
     try:  # tuples, lists, dicts, None
         return ast.literal_eval(value)
     except (ValueError, SyntaxError):
-        raise ValueError(f"--{name}: cannot parse {value!r} as a Python literal") from None
+        raise InputError(f"--{name}: cannot parse {value!r} as a Python literal") from None
 
 
 def set_entry(fields, path, key, val, where):
     """A copy of the dict `fields` with the entry at `path` (a list of keys, one per dot of --key)
     set to `val`: --model.decoder.layers=2 sets model["decoder"]["layers"]."""
     if not isinstance(fields, dict):
-        raise ValueError(f"--{key}: {where} is not a dict")
+        raise InputError(f"--{key}: {where} is not a dict")
     fields = dict(fields)
     sub, rest = path[0], path[1:]
     if rest:
@@ -62,7 +64,27 @@ def check_fields(cls, d, where):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in d:
         if k not in names:
-            raise ValueError(f"{where}: unknown config key {k!r}")
+            raise InputError(f"{where}: unknown config key {k!r}")
+
+
+def exec_config(path, scope):
+    """Run a config file in `scope`. A file that cannot be read, is not Python, or fails while it runs is
+    an InputError naming the file and the line (a config file is the user's, not the program's)."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read config {path}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        code = compile(source, path, "exec")
+    except SyntaxError as e:
+        raise InputError(f"{path}, line {e.lineno}: {e.msg}") from None
+    try:
+        exec(code, scope)  # a config file is plain Python
+    except Exception as e:
+        import traceback
+        line = next((fr.lineno for fr in reversed(traceback.extract_tb(e.__traceback__)) if fr.filename == path), "?")
+        raise InputError(f"{path}, line {line}: {type(e).__name__}: {e}") from None
 
 
 def parse(cls, argv):
@@ -80,8 +102,7 @@ def parse(cls, argv):
             values[key] = True if not eq and isinstance(default, bool) else coerce(key, val, default)
         else:
             scope = {"__file__": os.path.abspath(arg)}  # a config may build on another beside it
-            with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), scope)  # a config file is plain Python
+            exec_config(arg, scope)
             file_values = {k: v for k, v in scope.items() if not k.startswith("_") and not callable(v)
                            and not isinstance(v, type(sys))}
             check_fields(cls, file_values, arg)

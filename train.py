@@ -44,11 +44,13 @@ import checkpoint
 import configurator
 import conversation
 import data
+import errors
 import losses
 import metrics
 import model as model_lib
 import weights
-from model import VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+from errors import InputError
+from model import VTLMM, VTLMMConfig
 from tokenizer import load_tokenizer
 
 
@@ -74,6 +76,9 @@ class TrainConfig:
     max_len: int = 2048
     group_by_length: bool = True
     strict_data: bool = False
+    max_missing_images: float = 0.5  # stop before step 1 when more of the image samples lack their file (a folder
+                                     # not mounted, a wrong image_folder); 1.0 trains on what is there
+    allow_outside_images: bool = False  # image paths may leave image_folder (.., absolute, symlinks out)
     num_workers: int = -1          # DataLoader worker processes per rank; -1: 4 on GPUs, 0 on CPUs
     prefetch_factor: int = 4       # batches each worker prepares ahead (with num_workers > 0)
     # optimisation (docs/method.md §Training settings: AdamW, no weight decay, cosine with 3% warm-up)
@@ -133,7 +138,9 @@ def load_config(argv):
     for s in cfg.stages:
         configurator.check_fields(TrainConfig, s, "stages")
     if cfg.stage not in STAGES:
-        raise ValueError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
+        raise InputError(f"stage must be one of {sorted(STAGES)}, got {cfg.stage}")
+    if not 0 <= cfg.max_missing_images <= 1:
+        raise InputError(f"max_missing_images must be a share between 0 and 1, got {cfg.max_missing_images}")
     return cfg
 
 
@@ -208,6 +215,10 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
     where each tensor lives, and `load_sharded` fills the model after `parallelize` (sharded loading)."""
     over = {} if cfg.pseudo_image_features is None else {"pseudo_image_features": cfg.pseudo_image_features}
     lazy = contextlib.nullcontext(None) if sources is None else weights.lazy_loading()
+    for key in ("init_from", "clip_path", "llm_path", "vision_path"):
+        where = getattr(cfg, key)
+        if where and not os.path.isdir(where):
+            raise InputError(f"{key}={where}: no such directory (a checkpoint directory is expected)")
     with lazy as found:
         if cfg.init_from:
             model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
@@ -217,14 +228,14 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
             if sources is not None:
                 raise ValueError("sharded loading needs weights to read (init_from, or clip_path + llm_path)")
             m = dict(cfg.model)
-            dec = dict(m.pop("decoder", {}))
-            if tok is not None:
-                dec.setdefault("vocab_size", tok.vocab_size)
-            mcfg = VTLMMConfig(vision=VisionConfig(**m.pop("vision", {})), decoder=DecoderConfig(**dec), **{**m, **over})
+            dec = m.pop("decoder", {})
+            if tok is not None and isinstance(dec, dict):
+                dec = {"vocab_size": tok.vocab_size, **dec}
+            mcfg = VTLMMConfig.from_dict({**m, "decoder": dec, **over}, "the config's model")
             torch.manual_seed(cfg.seed)
             model = VTLMM(mcfg)
         else:
-            raise ValueError("set one of init_from, clip_path + llm_path, or model")
+            raise InputError("set one of init_from, clip_path + llm_path, or model")
     if sources is not None:
         sources.where, sources.rng = found.where, found.rng
         return model  # reinit happens in load_sharded, after the weights
@@ -264,7 +275,7 @@ def load_hook(cfg):
     if not cfg.hook:
         return None
     if "module" not in cfg.hook:
-        raise ValueError(f"hook {cfg.hook}: name the module, e.g. hook = dict(module=\"shapes\", ...)")
+        raise InputError(f"hook {cfg.hook}: name the module, e.g. hook = dict(module=\"shapes\", ...)")
     return importlib.import_module(cfg.hook["module"])
 
 
@@ -299,7 +310,7 @@ def parallelize(model, cfg, d: Dist, root=None):
                   "training without it", flush=True)
     if not uses_fsdp(cfg, d):
         if d.world > 1:
-            raise ValueError("several processes need fsdp=on (it is what synchronises their gradients)")
+            raise InputError("several processes need fsdp=on (it is what synchronises their gradients)")
         return model.to(d.device), False
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if resolve_dtype(cfg, d) == "bf16" else torch.float32,
@@ -351,14 +362,14 @@ def resolve_dtype(cfg, d):
     if cfg.dtype == "auto":
         return "bf16" if d.device.type == "cuda" else "fp32"
     if cfg.dtype not in ("bf16", "fp32"):
-        raise ValueError(f"dtype must be bf16, fp32 or auto, got {cfg.dtype!r}")
+        raise InputError(f"dtype must be bf16, fp32 or auto, got {cfg.dtype!r}")
     return cfg.dtype
 
 
 def stage_template(cfg, model):
     if cfg.template:
         if cfg.template not in conversation.TEMPLATES:
-            raise ValueError(f"template {cfg.template!r} is unknown; choose from {conversation.TEMPLATES}")
+            raise InputError(f"template {cfg.template!r} is unknown; choose from {conversation.TEMPLATES}")
         return cfg.template
     return "plain" if cfg.stage in (0, 1) else model.cfg.template
 
@@ -368,20 +379,31 @@ def find_tokenizer(cfg):
         if p and not os.path.isfile(p):
             p = os.path.join(p, "tokenizer.model")
         if p and os.path.isfile(p):
-            return load_tokenizer(p), p
-    raise FileNotFoundError("no tokenizer: set tokenizer=PATH (a tokenizer.model or its directory)")
+            try:
+                return load_tokenizer(p), p
+            except Exception as e:  # not a tokenizer file: sentencepiece, tiktoken and ours raise many kinds
+                raise InputError(f"cannot read tokenizer {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                                 ) from None
+    raise InputError("no tokenizer: set tokenizer=PATH (a tokenizer.model or its directory)")
 
 
 def build_dataset(cfg, model, tok):
     mc = model.cfg
     folder = cfg.image_folder or None
+    if not cfg.data_path:
+        raise InputError("set data_path (a LLaVA JSON; stage III: a JSON or a folder of images)")
+    if not os.path.exists(cfg.data_path):
+        raise InputError(f"data_path={cfg.data_path}: no such file or directory")
+    if folder and not os.path.isdir(folder):
+        raise InputError(f"image_folder={folder}: no such directory (is its disk mounted?)")
+    checks = dict(strict=cfg.strict_data, allow_outside=cfg.allow_outside_images, max_missing=cfg.max_missing_images)
     if cfg.stage == 3:
         return data.ImageOnlyDataset(cfg.data_path, tok, mc.vision.image_size, mc.vision.num_patches,
-                                     mc.image_token_id, image_folder=folder, strict=cfg.strict_data)
+                                     mc.image_token_id, image_folder=folder, **checks)
     template, cache_dir = stage_template(cfg, model), os.path.join(cfg.out_dir, "data_cache")
     return once_per_node(lambda first: data.LlavaDataset(
         cfg.data_path, folder, tok, template, mc.vision.image_size, mc.vision.num_patches, mc.image_token_id,
-        max_len=cfg.max_len, strict=cfg.strict_data, cache_dir=cache_dir, write_cache=first))
+        max_len=cfg.max_len, cache_dir=cache_dir, write_cache=first, **checks))
 
 
 def once_per_node(make):
@@ -566,7 +588,7 @@ def setup_stage(cfg: TrainConfig, d: Dist, lock, run_id) -> Stage:
     sources = weights.ShardSources() if sharded_loading(cfg, d) else None
     model = build_model(cfg, tok, sources=sources)  # sharded loading: on meta until after parallelize
     if tok.vocab_size > model.cfg.decoder.vocab_size:
-        raise ValueError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
+        raise InputError(f"tokenizer {tok_file} has {tok.vocab_size} tokens, the model's vocabulary only "
                          f"{model.cfg.decoder.vocab_size}")
     if hook and not (cfg.resume and checkpoint.latest(cfg.out_dir)):  # resumed: the checkpoint has it
         hook.prepare_model(cfg, model, d)
@@ -609,10 +631,10 @@ def schedule_length(cfg: TrainConfig, d: Dist, n_samples):
     """(micro-batches per step on each process, steps per epoch, total steps) for n_samples samples."""
     per_step = cfg.micro_batch * d.world
     if cfg.global_batch % per_step:
-        raise ValueError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x processes = {per_step}")
+        raise InputError(f"global_batch {cfg.global_batch} is not a multiple of micro_batch x processes = {per_step}")
     steps_per_epoch = n_samples // cfg.global_batch
     if steps_per_epoch == 0:
-        raise ValueError(f"{cfg.data_path}: {n_samples} samples, fewer than one global batch ({cfg.global_batch})")
+        raise InputError(f"{cfg.data_path}: {n_samples} samples, fewer than one global batch ({cfg.global_batch})")
     total = math.ceil(steps_per_epoch * cfg.epochs)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
@@ -758,5 +780,18 @@ def shutdown_distributed():
     dist.destroy_process_group()
 
 
+def main(argv=None):
+    """The command: one line and exit status 1 for a user's error (errors.one_line: a bad config,
+    tokenizer or data file, a refused --resume, a read-only or full disk); a programming error keeps its
+    traceback."""
+    try:
+        return run(load_config(sys.argv[1:] if argv is None else argv))
+    except (InputError, OSError) as e:
+        line = errors.one_line(e)
+        if line is None:
+            raise
+        sys.exit(f"train.py: {line}")
+
+
 if __name__ == "__main__":
-    run(load_config(sys.argv[1:]))
+    main()
