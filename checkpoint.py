@@ -512,8 +512,8 @@ def removed_on_failure(tmp, what):
     it, but it holds disk space), and a full disk becomes one DiskFull line that names the place."""
     try:
         yield
-    except Exception as e:
-        full = disk_full(e, os.path.dirname(os.path.abspath(tmp)))
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and disk_full(e, os.path.dirname(os.path.abspath(tmp)))
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if full:

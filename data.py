@@ -255,7 +255,9 @@ def read_json(path):
 
 
 def find_missing_images(image_folder, paths, workers=32):
-    """The indices of `paths` (relative to image_folder) that are not files; a parallel scan.
+    """The indices of `paths` (relative to image_folder) where nothing is (a broken symlink counts as
+    nothing); a parallel scan. What is there but not an image file (a FIFO, a directory) is refused,
+    with its reason, when it is loaded (open_image).
 
     os.stat releases the GIL, so threads overlap the file system's latency (a network disk, a
     cold cache); each thread checks a block of paths, so a warm local disk costs what one loop does."""
@@ -264,7 +266,7 @@ def find_missing_images(image_folder, paths, workers=32):
     block = max(1, math.ceil(len(paths) / (workers * 4)))
     blocks = [paths[i:i + block] for i in range(0, len(paths), block)]
     with ThreadPoolExecutor(max(1, min(workers, len(blocks)))) as pool:
-        found = pool.map(lambda ps: [os.path.isfile(os.path.join(folder, p)) for p in ps], blocks)
+        found = pool.map(lambda ps: [os.path.exists(os.path.join(folder, p)) for p in ps], blocks)
         found = [ok for part in found for ok in part]
     return [k for k, ok in enumerate(found) if not ok]
 
