@@ -513,12 +513,13 @@ def removed_on_failure(tmp, what):
     try:
         yield
     except BaseException as e:  # DCP's CheckpointException is a BaseException
-        full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and disk_full(e, os.path.dirname(os.path.abspath(tmp)))
+        where = os.path.dirname(os.path.abspath(tmp))
+        full = not isinstance(e, (KeyboardInterrupt, SystemExit)) and disk_full(e, where)
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         if full:
-            raise DiskFull(f"no space left on {os.path.dirname(os.path.abspath(tmp))} while writing {what}; removed "
-                           f"the unfinished {tmp} (free some space, then --resume)") from e
+            raise DiskFull(f"no space left on {where} while writing {what}; removed the unfinished {tmp} (free "
+                           f"some space, then --resume)") from e
         raise
 
 

@@ -228,7 +228,8 @@ def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16
                         images.append(data.process_image(benchmarks.image_of(q, image_folder, allow_outside), size))
                     except Exception as e:  # missing, a FIFO, truncated, not an image, too large, outside
                         where = q.get("image") or "its base64 image"
-                        reason = inference.why(e) if isinstance(e, (InputError, OSError)) else f"{type(e).__name__}: {e}"
+                        reason = (inference.why(e) if isinstance(e, (InputError, OSError))
+                                  else f"{type(e).__name__}: {e}")
                         mine_failed.append((q["question_id"], where, reason))
                         print(f"question {q['question_id']}: cannot read image {where} ({reason}); not answered, "
                               f"its answer left empty", file=sys.stderr)

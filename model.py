@@ -104,9 +104,10 @@ class VTLMMConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d, where="the model config"):
+    def from_dict(cls, d, where="the model config", check=True):
         """A config from its dict (config.json's "nanovt", a train config's `model`): every key known, every
-        size within CONFIG_BOUNDS (check_config); else a ConfigError naming `where` and the key."""
+        size within CONFIG_BOUNDS (check_config, unless check=False: the caller checks it, with the weight
+        files' size); else a ConfigError naming `where` and the key."""
         parts = {}
         for name, kind, value in (("", cls, d), ("vision.", VisionConfig, (d or {}).get("vision", {}) if
                                                  isinstance(d, dict) else None),
@@ -122,7 +123,8 @@ class VTLMMConfig:
                 raise ConfigError(f"{where}: unknown key {name}{unknown[0]} (known: {', '.join(sorted(known))})")
             parts[name] = value
         cfg = cls(**{**d, "vision": VisionConfig(**parts["vision."]), "decoder": DecoderConfig(**parts["decoder."])})
-        check_config(cfg, where)
+        if check:
+            check_config(cfg, where)
         return cfg
 
 
@@ -137,7 +139,8 @@ class ConfigError(InputError):
 # not fit in a machine's memory even on the meta device.
 CONFIG_BOUNDS = {
     "vision.image_size": (1, 8192), "vision.patch_size": (1, 1024), "vision.width": (1, 1 << 15),
-    "vision.layers": (1, 512), "vision.heads": (1, 1024), "vision.mlp": (1, 1 << 18), "vision.select_layer": (-512, 511),
+    "vision.layers": (1, 512), "vision.heads": (1, 1024), "vision.mlp": (1, 1 << 18),
+    "vision.select_layer": (-512, 511),
     "decoder.vocab_size": (1, 1 << 21), "decoder.dim": (1, 1 << 16), "decoder.layers": (1, 1024),
     "decoder.heads": (1, 1024), "decoder.kv_heads": (1, 1024), "decoder.hidden": (1, 1 << 19),
     "decoder.max_seq_len": (1, 1 << 24), "decoder.head_dim": (1, 4096), "decoder.sliding_window": (1, 1 << 24),
@@ -193,9 +196,11 @@ def check_config(cfg: VTLMMConfig, where="the model config", weights_bytes=None)
     if v.width % v.heads:
         raise ConfigError(f"{where}: vision.heads = {v.heads} does not divide vision.width = {v.width}")
     if v.patch_size > v.image_size:
-        raise ConfigError(f"{where}: vision.patch_size = {v.patch_size} is larger than vision.image_size = {v.image_size}")
+        raise ConfigError(f"{where}: vision.patch_size = {v.patch_size} is larger than vision.image_size = "
+                          f"{v.image_size}")
     if d.head_dim is None and d.dim % d.heads:
-        raise ConfigError(f"{where}: decoder.heads = {d.heads} does not divide decoder.dim = {d.dim} (or give head_dim)")
+        raise ConfigError(f"{where}: decoder.heads = {d.heads} does not divide decoder.dim = {d.dim} "
+                          f"(or give head_dim)")
     if d.heads % d.kv_heads:
         raise ConfigError(f"{where}: decoder.kv_heads = {d.kv_heads} does not divide decoder.heads = {d.heads}")
     if isinstance(cfg.image_token_id, bool) or not isinstance(cfg.image_token_id, int):

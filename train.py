@@ -382,8 +382,8 @@ def find_tokenizer(cfg):
             try:
                 return load_tokenizer(p), p
             except Exception as e:  # not a tokenizer file: sentencepiece, tiktoken and ours raise many kinds
-                raise InputError(f"cannot read tokenizer {p}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                                 ) from None
+                first = (str(e).splitlines() or [""])[0]
+                raise InputError(f"cannot read tokenizer {p}: {type(e).__name__}: {first}") from None
     raise InputError("no tokenizer: set tokenizer=PATH (a tokenizer.model or its directory)")
 
 

@@ -509,7 +509,8 @@ def _llava_config(c, cpath, path, vision_path, tower_inside):
 def read_checkpoint(path, vision_path=None, overrides=None):
     """What from_pretrained reads in `path`: (config, parts, kind). `parts` lists (WeightFiles, name map),
     one map per file (None for a nanoVT checkpoint: its own names, listed from the model _build makes,
-    so a config is built once); the config is checked against sane bounds first (model.check_config); `kind` keys MAY_START_FRESH. The layout is told by config.json and the file's names."""
+    so a config is built once); the config is checked against sane bounds first (model.check_config);
+    `kind` keys MAY_START_FRESH. The layout is told by config.json and the file's names."""
     cpath = os.path.join(path, "config.json")
     c = _read_json(cpath)
     if not isinstance(c, dict):
@@ -517,8 +518,8 @@ def read_checkpoint(path, vision_path=None, overrides=None):
     overrides = overrides or {}
     if "nanovt" in c:  # our own checkpoint: its names are the model's own, listed once the model is built
         files = WeightFiles(path)
-        cfg = replace(VTLMMConfig.from_dict(c["nanovt"], f"{cpath}: nanovt"), **overrides)
-        check_config(cfg, cpath, files.size())
+        cfg = replace(VTLMMConfig.from_dict(c["nanovt"], f"{cpath}: nanovt", check=False), **overrides)
+        check_config(cfg, f"{cpath}: nanovt", files.size())
         return cfg, [(files, None)], "nanovt"
     files = WeightFiles(path)
     keys = files.where

@@ -366,6 +366,8 @@ def _bad_checkpoint(ckpt, tmp_path, edit):
 @pytest.mark.parametrize("edit,want", [
     (lambda c: dict(c, nanovt={**c["nanovt"], "decoder": {**c["nanovt"]["decoder"], "layers": 1_000_000}}),
      "nanovt: decoder.layers = 1,000,000 is outside the sane range 1 to 1,024 (the config describes "),
+    (lambda c: dict(c, nanovt={**c["nanovt"], "decoder": {**c["nanovt"]["decoder"], "layers": 1_000_000}}),
+     " bytes)"),  # the parameter count beside the weight files' size
     (lambda c: dict(c, nanovt={**c["nanovt"], "decoder": {**c["nanovt"]["decoder"], "layers": 1e6}}),
      "nanovt: decoder.layers = 1000000.0: a whole number is expected"),
     (lambda c: dict(c, nanovt={**c["nanovt"], "decoder": {**c["nanovt"]["decoder"], "heads": 0}}),
