@@ -125,7 +125,8 @@ def compare(out, world, limit=0):
     report = {}
     for name, task, metric in (("short", "nanovt_shapes_short", "vqa"), ("pope", "nanovt_shapes_pope", "pope")):
         qs = questions(world, name, limit)
-        ours = {r["question_id"]: r["text"] for r in read_jsonl(os.path.join(out, "nanovt", f"answers_{name}.jsonl"))}
+        ours = {r["question_id"]: r["text"]  # eval.read_jsonl leaves out the answer file's provenance line
+                for r in nanovt_eval.read_jsonl(os.path.join(out, "nanovt", f"answers_{name}.jsonl"))}
         theirs, path = lmms_answers(out, task, qs)
         missing = [q["question_id"] for q in qs if q["question_id"] not in theirs]
         if missing:
