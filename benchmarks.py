@@ -190,9 +190,10 @@ def read_mmvet(path):
     return read_jsonl(path)
 
 
-def image_of(q, folder, allow_outside=False):
+def image_of(q, folder, allow_outside=True):
     """A question's image as a PIL image, through the image gate (data.open_image) either way: from its
-    file (inside `folder` unless allow_outside: data.image_path) or decoded from the tsv's base64."""
+    file (relative to `folder`; kept inside it with allow_outside=False: data.image_path) or decoded from
+    the tsv's base64."""
     import data
     if q.get("image_b64"):
         return data.open_image(base64.b64decode(q["image_b64"]))

@@ -165,12 +165,13 @@ def _part_files(answers_path):
 
 
 def answer_file(model, tok, questions, image_folder, answers_path, batch_size=16, max_new_tokens=128,
-                progress=True, failed=None, dist=None, record=None, overwrite=False, allow_outside=False):
+                progress=True, failed=None, dist=None, record=None, overwrite=False, allow_outside=True):
     """Answer every question not yet in `answers_path`, appending as it goes. Returns the answers, in
     question order. A question whose image cannot be read, or that the image gate refuses
     (data.open_image), is reported (question id and file), left unanswered (its answer stays empty in
     the submission files) and appended to `failed` as (question_id, file, reason); the rest of its batch is
-    answered. Image paths stay inside image_folder unless allow_outside (data.image_path).
+    answered. allow_outside=False keeps image paths inside image_folder (data.image_path); eval.py's
+    question files are the evaluator's own, and may name images anywhere, absolute paths included.
 
     record: this run's provenance(); the answer file (and each part file) starts with it, and a file
     that another run wrote (provenance_diff) is refused with an InputError saying what differs, unless
@@ -391,7 +392,7 @@ METRICS = {"pope": score_pope, "vqa": score_vqa, "gqa": score_gqa, "sqa": score_
 
 def run_benchmark(model, tok, name, data_dir, out_dir, questions=None, image_folder=None, batch_size=16,
                   max_new_tokens=None, limit=0, progress=True, dist=None, ckpt=None, overwrite=False,
-                  allow_outside=False, tokenizer=None):
+                  tokenizer=None):
     """Answer and score one benchmark; writes OUT/<name>/answers.jsonl, result.json and, for server or
     judge benchmarks, the submission file. Returns the result dict. With `dist` (several processes)
     each answers its share and the first one scores and writes the files; the others return None.
@@ -414,7 +415,7 @@ def run_benchmark(model, tok, name, data_dir, out_dir, questions=None, image_fol
     new_tokens = max_new_tokens or (1024 if long else 128)
     record = provenance(ckpt, model, qs, qpath, new_tokens, tokenizer) if ckpt else None
     ans = answer_file(model, tok, qs, folder, os.path.join(bdir, "answers.jsonl"), batch_size,
-                      new_tokens, progress, failed, dist, record, overwrite, allow_outside)
+                      new_tokens, progress, failed, dist, record, overwrite)
     if dist and dist.rank != 0:
         return None
     result = {"benchmark": name, "column": column, "questions": qpath, "n_questions": len(qs),
@@ -470,8 +471,6 @@ def main(argv=None):
     p.add_argument("--pseudo-image-features", action="store_true", help="answer from X_p (Eq. 8)")
     p.add_argument("--overwrite", action="store_true",
                    help="answer every question again, replacing an answer file another run (or this one) wrote")
-    p.add_argument("--allow-outside-images", action="store_true",
-                   help="let question files name images outside --image-folder (absolute paths, .., symlinks)")
     add_args(p)
     a = p.parse_args(argv)
     if a.summary:
@@ -499,7 +498,7 @@ def _run(a, dist):
         out = a.out or os.path.join(a.ckpt, "eval")
         r = run_benchmark(model, tok, a.benchmark, a.data, out, a.questions, a.image_folder or None, a.batch_size,
                           a.max_new_tokens, a.limit, dist=dist, ckpt=a.ckpt, overwrite=a.overwrite,
-                          allow_outside=a.allow_outside_images, tokenizer=a.tokenizer)
+                          tokenizer=a.tokenizer)
         if r is None:  # not the first process: it scores
             return None
         if "scores" in r:
@@ -512,7 +511,7 @@ def _run(a, dist):
     folder = a.image_folder or os.path.dirname(os.path.abspath(a.questions))
     record = provenance(a.ckpt, model, qs, a.questions, a.max_new_tokens or 128, a.tokenizer)
     ans = answer_file(model, tok, qs, folder, a.answers, a.batch_size, a.max_new_tokens or 128, dist=dist,
-                      record=record, overwrite=a.overwrite, allow_outside=a.allow_outside_images)
+                      record=record, overwrite=a.overwrite)
     if dist and dist.rank != 0:
         return None
     if a.metric:
