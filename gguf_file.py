@@ -2,6 +2,7 @@
 GGUF files (llama.cpp's format), read with every length checked before it is trusted.
 
     read_gguf(path) -> GGUFFile: .meta {key: value}, .tensors {name: GGUFTensor}, .tensor(name) -> float32
+    copy_tokenizer(src, dst)   a tensor-free GGUF holding src's tokenizer: what a checkpoint keeps
 
 The layout (little-endian, version 2 or 3): "GGUF", version, tensor count, key-value count; the
 key-values (a key string, a type, a value; arrays hold one type); the tensor table (name, dims with the
@@ -136,10 +137,12 @@ class GGUFFile:
         # every key-value is at least 13 bytes (key length, a 1-char key, type, a byte), every tensor entry 33
         if n_kv * 13 > c.size - c.pos or n_tensors * 33 > c.size - c.pos:
             c.fail(f"the header claims {n_tensors} tensors and {n_kv} key-values, more than the file can hold")
-        self.meta = {}
+        self.meta, self.kv_bytes = {}, {}
         for i in range(n_kv):
+            start = c.pos
             key = c.string(f"key {i}")
             self.meta[key] = c.value(c.scalar("I", f"{key!r}'s type"), repr(key))
+            self.kv_bytes[key] = (start, c.pos)  # the entry as stored: copy_tokenizer writes it out unchanged
         infos = []
         for i in range(n_tensors):
             name = c.string(f"tensor {i}'s name")
@@ -200,6 +203,24 @@ class GGUFFile:
                 raise GGUFError(f"{self.path}: tensor {name!r} is {qtype.name}, which the gguf package "
                                 f"cannot dequantize") from None
         return np.ascontiguousarray(out.reshape(info.shape), dtype=np.float32)
+
+def copy_tokenizer(src, dst):
+    """Write `dst`, a GGUF with no tensors and only `src`'s general.architecture and tokenizer.* entries,
+    byte for byte: what a checkpoint keeps as its tokenizer.model when the tokenizer came from a GGUF LLM
+    (the vocabulary and merges without the weights)."""
+    g = GGUFFile(src) if not isinstance(src, GGUFFile) else src
+    keys = [k for k in g.kv_bytes if k == "general.architecture" or k.startswith("tokenizer.")]
+    tmp = str(dst) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(MAGIC + struct.pack("<IQQ", g.version, 0, len(keys)))
+        for k in keys:
+            a, b = g.kv_bytes[k]
+            f.write(g._map[a:b])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    return dst
+
 
 def read_gguf(path):
     return GGUFFile(path)

@@ -92,8 +92,10 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
     is `tokenizer` (a tokenizer.model file or folder) or the one beside the weights. `template`
     overrides the chat template the checkpoint says it was trained with; `compile` (auto / on / off,
     resolve_compile) sets whether its decoding steps are compiled."""
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        raise InputError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a llava-hf directory")
+    from gguf_file import is_gguf
+    if not os.path.exists(os.path.join(ckpt, "config.json")) and not is_gguf(ckpt):
+        raise InputError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint, a llava-hf directory "
+                         f"or a GGUF LLM file")
     tok_path = tokenizer or ckpt
     tok_file = os.path.join(tok_path, "tokenizer.model") if os.path.isdir(tok_path) else tok_path
     if not os.path.isfile(tok_file):

@@ -59,7 +59,7 @@ class TrainConfig:
     # where the weights come from (one of them)
     init_from: str = ""            # a nanoVT checkpoint or a llava-hf / original LLaVA directory
     clip_path: str = ""            # stage I from released weights: a CLIP directory ...
-    llm_path: str = ""             # ... and a Vicuna / Mistral directory
+    llm_path: str = ""             # ... and a Vicuna / Mistral directory, or a GGUF file (docs/weights.md §GGUF)
     vision_path: str = ""          # the CLIP tower of an original-LLaVA / VW-LMM checkpoint
     model: dict = field(default_factory=dict)  # a fresh model: VTLMMConfig fields (vision/decoder dicts)
     reinit: tuple = ()             # modules to re-initialise after loading, e.g. ("adapter",)
@@ -212,7 +212,9 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
         if cfg.init_from:
             model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
         elif cfg.clip_path or cfg.llm_path:
-            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
+            # no CLIP: a fresh tower of the config's shape, which the hook pretrains (the toy world)
+            vision = VisionConfig(**cfg.model["vision"]) if not cfg.clip_path and cfg.model.get("vision") else None
+            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, vision=vision, **over)
         elif cfg.model:
             if sources is not None:
                 raise ValueError("sharded loading needs weights to read (init_from, or clip_path + llm_path)")
