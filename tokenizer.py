@@ -171,9 +171,9 @@ class GGUFBPETokenizer:
     Engine: tiktoken with rank = token id. tiktoken merges the adjacent pair whose concatenation has the
     lowest rank: the merges' order, since the file's merge results have ids that rise in merge order
     (checked here). A token that no merge produces is left out of the ranks, as BPE cannot reach it.
-    (tiktoken would also join a pair that no merge lists if their concatenation is a token; a BPE vocabulary
-    never reaches such a pair, and tests/test_gguf_tokenizer.py checks the SmolLM2 file against the
-    reference on every token's own text and on thousands of strings.)
+    (tiktoken would also join a pair that no merge lists if their concatenation is a token. Training
+    orders merges so that such a pair hardly arises; tests/test_gguf_tokenizer.py checks the SmolLM2
+    file against the reference on every token's own text and on thousands of strings.)
     A byte that has no token (SmolLM2: 21 of them, 0x04, 0x06, ..., 0xF5-0xFF) would make tiktoken fail;
     `tokenizers` drops it from its piece before merging, so a text holding one takes the exact path
     (_encode_exact: the split in Python's `regex`, the byte dropped, the merges applied by their list).
