@@ -148,14 +148,10 @@ GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_t
 
 
 def gguf_metadata(path):
-    """{key: value} of a GGUF file's key-value header (the tensors are not read): strings as str, arrays as
-    lists, read with the gguf package's GGUFReader."""
-    from gguf import GGUFReader
-    try:
-        fields = GGUFReader(str(path)).fields
-    except (ValueError, OSError, IndexError) as e:  # GGUFReader's errors on a bad or truncated header
-        raise ValueError(f"{path}: cannot read its GGUF header: {e}") from None
-    return {key: field.contents() for key, field in fields.items()}
+    """{key: value} of a GGUF file's key-value header (the tensors are not read), by gguf_file's bounded
+    reader: strings as str, string arrays as lists, number arrays as numpy arrays."""
+    from gguf_file import read_gguf
+    return read_gguf(path).meta
 
 
 class GGUFBPETokenizer:
