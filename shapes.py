@@ -746,8 +746,10 @@ def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, pro
     many images of the first set; with transcript_images, a transcript of that many of its images
     (transcript): a run scored on the validation split alone looks at no held-out image. Prints the
     results table."""
-    if model is None:
-        model, tok = evaluate.load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
+    if model is None:  # the checkpoint's own tokenizer (a real LLM's), else the world's
+        own = os.path.join(ckpt, "tokenizer.model")
+        model, tok = evaluate.load_model(ckpt, tokenizer=own if os.path.isfile(own) else
+                                         os.path.join(shapes_dir, "tokenizer.model"))
     answers_dir = os.path.dirname(out_path) if out_path else ckpt
     report = {}
     for name in sets:

@@ -10,7 +10,7 @@ Train nanoVT: the four stages of VT-LMM (docs/method.md §Stages), one code path
 A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them
 (configurator.py). What a run logs, metrics.jsonl with tokens/s and MFU: metrics.py.
 A config that sets `stages` (a list of dicts of overrides) runs them in order, each starting
-from the final checkpoint of the one before.
+from the final checkpoint of the one before; a stage without its own out_dir writes to out_dir/stageN.
 
 A config may name a side module in `hook`, with its settings: the demo's
 `hook = dict(module="shapes", dir="data/shapes", ...)` (shapes.py). train.py knows nothing else of it
@@ -739,6 +739,7 @@ def run_stages(cfg: TrainConfig, d: Dist):
     base = dataclasses.replace(cfg, stages=[])
     for over in cfg.stages:
         over = dict(over)
+        over.setdefault("out_dir", os.path.join(cfg.out_dir, f"stage{over.get('stage', cfg.stage)}"))
         if prev and "init_from" not in over:
             over["init_from"] = prev
         prev = train_stage(dataclasses.replace(base, **over), d)

@@ -39,9 +39,9 @@ save_every = 50
 activation_checkpointing = False
 _captions = "data/shapes/stage1_captions.json"
 _instruct = "data/shapes/instruct.json"
-stages = [
-    dict(stage=1, out_dir="out/shapes_smollm2/stage1", data_path=_captions, lr=2e-3, epochs=0.2),
-    dict(stage=2, out_dir="out/shapes_smollm2/stage2", data_path=_instruct, lr=1e-4, epochs=0.2),
-    dict(stage=3, out_dir="out/shapes_smollm2/stage3", data_path=_captions, lr=2e-3, epochs=0.2),
-    dict(stage=4, out_dir="out/shapes_smollm2/stage4", data_path=_instruct, lr=5e-5, epochs=0.2),
+stages = [  # each into out_dir/stageN
+    dict(stage=1, data_path=_captions, lr=2e-3, epochs=0.2),
+    dict(stage=2, data_path=_instruct, lr=1e-4, epochs=0.2),
+    dict(stage=3, data_path=_captions, lr=2e-3, epochs=0.2),
+    dict(stage=4, data_path=_instruct, lr=5e-5, epochs=0.2),
 ]
