@@ -566,10 +566,30 @@ def _tiktoken_json(tok):
     }
 
 
+def _gguf_bpe_json(tok):
+    """tokenizer.json for a GGUFBPETokenizer: the file's vocabulary and merges as they are, its pre-tokenizer
+    (smollm: Digits one by one, then ByteLevel; gpt-2: ByteLevel), control tokens as special added tokens
+    (user-defined ones as plain added tokens), GPT-2's byte-level decoder. No unk token: a byte without a
+    token is dropped, as GGUFBPETokenizer does."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = [{"type": "Digits", "individual_digits": True}] if tok.pre == "smollm" else []
+    added = [_added(i, t) | {"special": tok.types[i] == GGUF_CONTROL}
+             for t, i in sorted(tok.specials.items(), key=lambda kv: kv[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre + [byte_level]},
+        "post_processor": _bos_processor(tok.tokens[tok.bos_id], tok.bos_id) if tok.add_bos else None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tok.tokens)}, "merges": [m.split(" ") for m in tok.merges]},
+    }
+
+
 def hf_tokenizer_files(tok, image_token_id, model_max_length, image_token=IMAGE_TAG_HF):
     """{file name: JSON object}: tokenizer.json, tokenizer_config.json and special_tokens_map.json for
-    `tok` (a SentencePieceTokenizer or TiktokenTokenizer), with `image_token` added as a special token
-    at `image_token_id`, the row export_llava_hf gives the placeholder. transformers loads the files as
+    `tok` (a SentencePieceTokenizer, TiktokenTokenizer or GGUFBPETokenizer), with `image_token` added as a
+    special token at `image_token_id`, the row export_llava_hf gives the placeholder. transformers loads the files as
     PreTrainedTokenizerFast (tokenizer.json as it is), which tokenises a rendered prompt as nanoVT does
     (tests/test_export.py); nanoVT itself reads tokenizer.model and the legacy / add_bos_token /
     bos / eos / pad fields of tokenizer_config.json (tokenizer_config())."""
@@ -577,7 +597,8 @@ def hf_tokenizer_files(tok, image_token_id, model_max_length, image_token=IMAGE_
     if 0 <= image_token_id < tok.vocab_size:
         raise ValueError(f"the image placeholder id {image_token_id} is token {tok.piece(image_token_id)!r} of "
                          f"the tokenizer ({tok.vocab_size} tokens); it needs a row of its own")
-    tj = _sentencepiece_json(tok) if spm else _tiktoken_json(tok)
+    tj = (_sentencepiece_json(tok) if spm else _gguf_bpe_json(tok) if isinstance(tok, GGUFBPETokenizer)
+          else _tiktoken_json(tok))
     tj["added_tokens"].append(_added(image_token_id, image_token))
     piece = (lambda i: tok.sp.id_to_piece(i)) if spm else (lambda i: tok.piece(i))
     special = {"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id), "pad_token": piece(tok.pad_id)}
