@@ -263,32 +263,61 @@ class GGUFBPETokenizer:
     # -- encoding
 
     def encode(self, text, dummy_prefix=True):
-        return [i for i, _, _ in self.encode_with_offsets(text)]
+        ids = []
+        for a, b, special in self._segments(text):
+            ids += [special] if special is not None else self._encode_ordinary(text[a:b])
+        return ids
 
     def encode_with_offsets(self, text, dummy_prefix=True):
         """[(id, char_start, char_end)]: the characters where the token's first byte and last byte lie
         (tokens of one multi-byte character share its span)."""
-        if any("\ud800" <= c <= "\udfff" for c in text):
+        out = []
+        text = self._clean(text)
+        for a, b, special in self._segments(text):
+            if special is not None:
+                out.append((special, a, b))
+                continue
+            chunk = text[a:b]
+            ids, n = self._encode_ordinary(chunk, with_bytes=True), len(chunk)
+            if len(chunk.encode("utf-8")) == n:  # ASCII: byte k is character k
+                out += [(i, a + s, a + e) for i, s, e in ids]
+            else:
+                char_of = [k for k, c in enumerate(chunk) for _ in range(len(c.encode("utf-8")))]  # byte -> char
+                out += [(i, a + char_of[s], a + char_of[e - 1] + 1) for i, s, e in ids]
+        return out
+
+    @staticmethod
+    def _clean(text):
+        if any("\ud800" <= c <= "\udfff" for c in text):  # lone surrogates: not text UTF-8 can hold
             text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+        return text
+
+    def _segments(self, text):
+        """[(char_start, char_end, special id or None)]: the control tokens and the plain text between."""
         out, pos = [], 0
         for m in list(self._special_rx.finditer(text) if self._special_rx else ()) + [None]:
             end = m.start() if m else len(text)
             if end > pos:
-                out += self._encode_ordinary(text[pos:end], pos)
+                out.append((pos, end, None))
             if m:
-                out.append((self.specials[m.group()], m.start(), m.end()))
+                out.append((m.start(), m.end(), self.specials[m.group()]))
                 pos = m.end()
         return out
 
-    def _encode_ordinary(self, text, start):
+    def _encode_ordinary(self, text, with_bytes=False):
+        """Ids of a text without control tokens (with_bytes: [(id, byte_start, byte_end)])."""
+        text = self._clean(text)
         data = text.encode("utf-8")
-        char_of = [k for k, c in enumerate(text) for _ in range(len(c.encode("utf-8")))]  # byte -> char
-        if len(data.translate(None, self.missing)) < len(data):
-            return [(i, start + char_of[a], start + char_of[b - 1] + 1) for i, a, b in self._encode_exact(text)]
+        if len(data.translate(None, self.missing)) < len(data):  # a byte without a token: the exact path
+            out = self._encode_exact(text)
+            return out if with_bytes else [i for i, _, _ in out]
+        ids = self.enc.encode_ordinary(text)
+        if not with_bytes:
+            return ids
         out, b = [], 0
-        for i in self.enc.encode_ordinary(text):
+        for i in ids:
             n = len(self.token_bytes[i])
-            out.append((i, start + char_of[b], start + char_of[b + n - 1] + 1))
+            out.append((i, b, b + n))
             b += n
         return out
 
