@@ -333,12 +333,12 @@ def test_chat_template_gives_conversation_ids(real_tokenizers, tmp_path, name, t
             assert hf(text).input_ids == ids, case
 
 
-def test_gguf_tokenizer_and_chatml_export(smollm2_gguf, tmp_path):
+def test_gguf_tokenizer_and_chatml_export(smollm2_tokenizer, tmp_path):
     """SmolLM2's GGUF tokenizer exports as tokenizer.json (Digits, then ByteLevel) with the chatml chat
     template: transformers gives nanoVT's ids on text (control-token text included) and decodes them
     back, and apply_chat_template gives tokenize_prompt's ids of render_conversation, with a system
     message too."""
-    tok = load_tokenizer(smollm2_gguf)
+    tok = smollm2_tokenizer
     hf = hf_tokenizer(tok, "chatml", tmp_path)
     for text in TEXTS + ["In  6757", "<|im_start|>user\nHi<|im_end|>\n", "a\x04b!\x04!", "<image>\nx"]:
         want = tokenize_prompt(text, tok, tok.vocab_size, 1)

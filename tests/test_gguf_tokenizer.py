@@ -42,9 +42,8 @@ def reference(tok):
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    tok = load_tokenizer(smollm2_gguf)
-    return tok, reference(tok)
+def smollm2(smollm2_tokenizer):
+    return smollm2_tokenizer, reference(smollm2_tokenizer)
 
 
 # ---------------------------------------------------------------------------- varied strings
