@@ -259,32 +259,61 @@ class GGUFBPETokenizer:
     # -- encoding
 
     def encode(self, text, dummy_prefix=True):
-        return [i for i, _, _ in self.encode_with_offsets(text)]
+        ids = []
+        for a, b, special in self._segments(text):
+            ids += [special] if special is not None else self._encode_ordinary(text[a:b])
+        return ids
 
     def encode_with_offsets(self, text, dummy_prefix=True):
         """[(id, char_start, char_end)]: the characters where the token's first byte and last byte lie
         (tokens of one multi-byte character share its span)."""
-        if any("\ud800" <= c <= "\udfff" for c in text):
+        out = []
+        text = self._clean(text)
+        for a, b, special in self._segments(text):
+            if special is not None:
+                out.append((special, a, b))
+                continue
+            chunk = text[a:b]
+            ids, n = self._encode_ordinary(chunk, with_bytes=True), len(chunk)
+            if len(chunk.encode("utf-8")) == n:  # ASCII: byte k is character k
+                out += [(i, a + s, a + e) for i, s, e in ids]
+            else:
+                char_of = [k for k, c in enumerate(chunk) for _ in range(len(c.encode("utf-8")))]  # byte -> char
+                out += [(i, a + char_of[s], a + char_of[e - 1] + 1) for i, s, e in ids]
+        return out
+
+    @staticmethod
+    def _clean(text):
+        if any("\ud800" <= c <= "\udfff" for c in text):  # lone surrogates: not text UTF-8 can hold
             text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+        return text
+
+    def _segments(self, text):
+        """[(char_start, char_end, special id or None)]: the control tokens and the plain text between."""
         out, pos = [], 0
         for m in list(self._special_rx.finditer(text) if self._special_rx else ()) + [None]:
             end = m.start() if m else len(text)
             if end > pos:
-                out += self._encode_ordinary(text[pos:end], pos)
+                out.append((pos, end, None))
             if m:
-                out.append((self.specials[m.group()], m.start(), m.end()))
+                out.append((m.start(), m.end(), self.specials[m.group()]))
                 pos = m.end()
         return out
 
-    def _encode_ordinary(self, text, start):
+    def _encode_ordinary(self, text, with_bytes=False):
+        """Ids of a text without control tokens (with_bytes: [(id, byte_start, byte_end)])."""
+        text = self._clean(text)
         data = text.encode("utf-8")
-        char_of = [k for k, c in enumerate(text) for _ in range(len(c.encode("utf-8")))]  # byte -> char
-        if len(data.translate(None, self.missing)) < len(data):
-            return [(i, start + char_of[a], start + char_of[b - 1] + 1) for i, a, b in self._encode_exact(text)]
+        if len(data.translate(None, self.missing)) < len(data):  # a byte without a token: the exact path
+            out = self._encode_exact(text)
+            return out if with_bytes else [i for i, _, _ in out]
+        ids = self.enc.encode_ordinary(text)
+        if not with_bytes:
+            return ids
         out, b = [], 0
-        for i in self.enc.encode_ordinary(text):
+        for i in ids:
             n = len(self.token_bytes[i])
-            out.append((i, start + char_of[b], start + char_of[b + n - 1] + 1))
+            out.append((i, b, b + n))
             b += n
         return out
 
@@ -562,10 +591,30 @@ def _tiktoken_json(tok):
     }
 
 
+def _gguf_bpe_json(tok):
+    """tokenizer.json for a GGUFBPETokenizer: the file's vocabulary and merges as they are, its pre-tokenizer
+    (smollm: Digits one by one, then ByteLevel; gpt-2: ByteLevel), control tokens as special added tokens
+    (user-defined ones as plain added tokens), GPT-2's byte-level decoder. No unk token: a byte without a
+    token is dropped, as GGUFBPETokenizer does."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = [{"type": "Digits", "individual_digits": True}] if tok.pre == "smollm" else []
+    added = [_added(i, t) | {"special": tok.types[i] == GGUF_CONTROL}
+             for t, i in sorted(tok.specials.items(), key=lambda kv: kv[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre + [byte_level]},
+        "post_processor": _bos_processor(tok.tokens[tok.bos_id], tok.bos_id) if tok.add_bos else None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tok.tokens)}, "merges": [m.split(" ") for m in tok.merges]},
+    }
+
+
 def hf_tokenizer_files(tok, image_token_id, model_max_length, image_token=IMAGE_TAG_HF):
     """{file name: JSON object}: tokenizer.json, tokenizer_config.json and special_tokens_map.json for
-    `tok` (a SentencePieceTokenizer or TiktokenTokenizer), with `image_token` added as a special token
-    at `image_token_id`, the row export_llava_hf gives the placeholder. transformers loads the files as
+    `tok` (a SentencePieceTokenizer, TiktokenTokenizer or GGUFBPETokenizer), with `image_token` added as a
+    special token at `image_token_id`, the row export_llava_hf gives the placeholder. transformers loads the files as
     PreTrainedTokenizerFast (tokenizer.json as it is), which tokenises a rendered prompt as nanoVT does
     (tests/test_export.py); nanoVT itself reads tokenizer.model and the legacy / add_bos_token /
     bos / eos / pad fields of tokenizer_config.json (tokenizer_config())."""
@@ -573,7 +622,8 @@ def hf_tokenizer_files(tok, image_token_id, model_max_length, image_token=IMAGE_
     if 0 <= image_token_id < tok.vocab_size:
         raise ValueError(f"the image placeholder id {image_token_id} is token {tok.piece(image_token_id)!r} of "
                          f"the tokenizer ({tok.vocab_size} tokens); it needs a row of its own")
-    tj = _sentencepiece_json(tok) if spm else _tiktoken_json(tok)
+    tj = (_sentencepiece_json(tok) if spm else _gguf_bpe_json(tok) if isinstance(tok, GGUFBPETokenizer)
+          else _tiktoken_json(tok))
     tj["added_tokens"].append(_added(image_token_id, image_token))
     piece = (lambda i: tok.sp.id_to_piece(i)) if spm else (lambda i: tok.piece(i))
     special = {"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id), "pad_token": piece(tok.pad_id)}
