@@ -795,9 +795,13 @@ def _export_tokenizer(tok, cfg: VTLMMConfig, out_dir, written):
     import conversation
     from tokenizer import hf_tokenizer_files
     image_token = cfg.image_token_id if 0 <= cfg.image_token_id < cfg.decoder.vocab_size else cfg.decoder.vocab_size
+    from gguf_file import copy_tokenizer, is_gguf
     src = os.path.abspath(tok.path)
     if src != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
-        shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
+        if is_gguf(src):  # a GGUF LLM's tokenizer: its tokenizer entries, not its weights
+            copy_tokenizer(src, os.path.join(out_dir, "tokenizer.model"))
+        else:
+            shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
     written.append("tokenizer.model")
     files = hf_tokenizer_files(tok, image_token, cfg.decoder.max_seq_len)
     template = conversation.hf_chat_template(cfg.template, tok.legacy)

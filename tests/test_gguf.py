@@ -375,3 +375,38 @@ def test_the_tower_is_pretrained_before_a_stage_1_from_an_llm_alone(monkeypatch)
         calls.clear()
         shapes.prepare_model(train.TrainConfig(stage=1, hook=hook, **over), None, None)
         assert calls == ([1] if runs else []), over
+
+
+def test_smollm2_exports_to_llava_hf_with_its_bpe_tokenizer_and_chatml(smollm2_gguf, world, tmp_path):
+    """SmolLM2 with a tower (random, as before stage I) exported with its own tokenizer: AutoProcessor's
+    chat template, <image> expansion and pixels give nanoVT's prompt, and LlavaForConditionalGeneration
+    nanoVT's greedy tokens."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    import data
+    import inference
+    from tokenizer import load_tokenizer
+    torch.manual_seed(0)
+    m = VTLMM.from_clip_and_llm("", smollm2_gguf, vision=VisionConfig(image_size=32, patch_size=8, width=32,
+                                                                        layers=2, heads=2, mlp=64)).eval()
+    out = str(tmp_path / "hf")
+    m.export_llava_hf(out, smollm2_gguf)
+    assert os.path.getsize(os.path.join(out, "tokenizer.model")) < 5 << 20  # the tokenizer, not the weights
+    tok = load_tokenizer(smollm2_gguf)
+    processor = AutoProcessor.from_pretrained(out)
+    hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
+    image = Image.open(os.path.join(world, "images", "000003.png"))
+    for q in ("What color is the background?", "Describe the image."):
+        ids = inference.prompt_ids(m, tok, q, True)
+        px = data.process_image(image, 32)[None]
+        with torch.no_grad():
+            mine = [int(s[0]) for s in m.generate_stream(torch.tensor([ids]), px, max_new_tokens=8,
+                                                         stop_ids=[tok.eos_id], compile=False)]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+        inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),
+                           return_tensors="pt")
+        assert inputs["input_ids"][0].tolist() == [hf.config.image_token_index if i == m.cfg.image_token_id else i
+                                                   for i in ids]
+        with torch.no_grad():
+            theirs = hf.generate(**inputs, max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
+        assert theirs == mine, q
