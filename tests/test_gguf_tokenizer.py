@@ -387,6 +387,6 @@ def test_tiny_gguf_errors_name_the_file_and_value(tmp_path):
         load_tokenizer(write_gguf(tmp_path / "d.gguf", merges=[merges[1], merges[0]] + merges[2:]))
     with pytest.raises(ValueError, match=r"e\.gguf: merge 0 'x y' does not join two tokens"):
         load_tokenizer(write_gguf(tmp_path / "e.gguf", merges=["x y"] + merges))
-    with pytest.raises(ValueError, match=r"f\.gguf: cannot read its GGUF header"):
+    with pytest.raises(ValueError, match=r"f\.gguf: the header claims .* more than the file can hold"):
         (tmp_path / "f.gguf").write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 20)
         load_tokenizer(tmp_path / "f.gguf")
