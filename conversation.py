@@ -3,7 +3,7 @@ Conversations for nanoVT: LLaVA's chat templates, tokenised once, with LLaVA-1.5
 
 Read top to bottom:
   render_segments / render_conversation   a LLaVA JSON conversation -> the prompt string of a template
-                                          (plain / vicuna_v1 / mistral_instruct / vw_mistral;
+                                          (plain / vicuna_v1 / mistral_instruct / vw_mistral / chatml;
                                           docs/data.md §Templates)
   tokenize_conversation                   -> (input_ids, labels): the prompt tokenised once, labels
                                           on the assistant's answers only (docs/data.md §Labels)
@@ -22,7 +22,13 @@ EOS_TAG = "</s>"         # end of an assistant turn in rendered prompts; always 
 
 SYSTEM_VICUNA = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-TEMPLATES = ("plain", "vicuna_v1", "mistral_instruct", "vw_mistral")
+TEMPLATES = ("plain", "vicuna_v1", "mistral_instruct", "vw_mistral", "chatml")
+
+# ChatML, as SmolLM2's GGUF chat_template writes it: every turn "<|im_start|>{role}\n{text}<|im_end|>\n",
+# a system turn first (this default one when the conversation has none). The markers are control tokens
+# of the tokenizer (GGUFBPETokenizer turns their text into their ids: <|im_start|> 1, <|im_end|> 2 = eos).
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SYSTEM_CHATML = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
 def _move_image_tag_to_front(turns, has_image):
@@ -43,8 +49,14 @@ def render_segments(conversations, template, has_image=None):
     """The rendered prompt as [(text, supervised)] pieces; "".join(texts) is render_conversation().
 
     If the conversation ends with a human turn, the prompt ends with the assistant's prefix
-    (the generation prompt used by sample.py and evaluation).
+    (the generation prompt used by sample.py and evaluation). A first turn {"from": "system"} replaces
+    the template's system prompt (vicuna_v1, chatml; the others have none).
     """
+    system = None
+    if conversations and conversations[0]["from"] == "system":
+        if template not in ("vicuna_v1", "chatml"):
+            raise ValueError(f"template {template!r} has no system prompt")
+        system, conversations = conversations[0]["value"], conversations[1:]
     has_image = any(IMAGE_TAG in t["value"] for t in conversations) if has_image is None else has_image
     turns = _move_image_tag_to_front(conversations, has_image)
     if template == "plain":  # stage I: the human text is dropped, only the caption is learned
@@ -54,7 +66,8 @@ def render_segments(conversations, template, has_image=None):
     for k, t in enumerate(turns):
         if template == "vicuna_v1":
             if t["from"] == "human":
-                segs.append(((SYSTEM_VICUNA + " " if k == 0 else "") + "USER: " + t["value"] + " ASSISTANT: ", False))
+                sys_prompt = (SYSTEM_VICUNA if system is None else system) + " " if k == 0 else ""
+                segs.append((sys_prompt + "USER: " + t["value"] + " ASSISTANT: ", False))
             else:
                 segs.append((t["value"] + EOS_TAG, True))
         elif template == "mistral_instruct":
@@ -67,10 +80,21 @@ def render_segments(conversations, template, has_image=None):
                 segs.append(("[INST] " + t["value"] + " [/INST]", False))
             else:
                 segs.append((t["value"] + EOS_TAG, True))
+        elif template == "chatml":
+            if k == 0:
+                segs.append((f"{IM_START}system\n{SYSTEM_CHATML if system is None else system}{IM_END}\n", False))
+            if t["from"] == "human":
+                segs.append((f"{IM_START}user\n{t['value']}{IM_END}\n", False))
+            else:  # supervised: the answer and its <|im_end|>, as LLaVA supervises an answer and its end
+                # token; not the "\n" after it, which only separates turns (generation stops at <|im_end|>)
+                segs += [(f"{IM_START}assistant\n", False), (t["value"] + IM_END, True), ("\n", False)]
         else:
             raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
-    if turns[-1]["from"] == "human":  # generation prompt: no trailing space after the prefix
-        segs[-1] = (segs[-1][0].rstrip(" "), False)
+    if turns[-1]["from"] == "human":
+        if template == "chatml":  # generation prompt: the assistant turn's header
+            segs.append((f"{IM_START}assistant\n", False))
+        else:  # generation prompt: no trailing space after the prefix
+            segs[-1] = (segs[-1][0].rstrip(" "), False)
     return segs
 
 
@@ -92,7 +116,9 @@ def _dummy_prefix(tokenizer, marker):
 
 
 def _tokenize_text(text, tokenizer, image_token_id, num_patches):
-    """[(id, char_start, char_end)] for a rendered prompt: split only at <image> and </s>."""
+    """[(id, char_start, char_end)] for a rendered prompt: split only at <image> and </s>. Control-token
+    text in a chunk (ChatML's <|im_start|> / <|im_end|>) becomes its id in the tokenizer's own encode
+    (GGUFBPETokenizer), as `tokenizers` does with special tokens."""
     out, pos, marker = [], 0, None
     for m in list(_MARKERS.finditer(text)) + [None]:
         end = m.start() if m else len(text)
@@ -121,6 +147,19 @@ def tokenize_prompt(text, tokenizer, image_token_id=IMAGE_TOKEN_ID, num_patches=
     return out
 
 
+def _check_chatml(tokenizer):
+    """ChatML's markers must be control tokens of the tokenizer, and <|im_end|> its eos (where generation
+    stops); otherwise they would be tokenised as text and the labels would teach no end of turn."""
+    specials = getattr(tokenizer, "specials", {})
+    where = getattr(tokenizer, "path", type(tokenizer).__name__)
+    if IM_START not in specials or IM_END not in specials:
+        raise ValueError(f"template chatml needs a tokenizer with {IM_START} and {IM_END} as control tokens (a GGUF "
+                         f"file's with a ChatML chat_template, such as SmolLM2's); {where} has none")
+    if specials[IM_END] != tokenizer.eos_id:
+        raise ValueError(f"template chatml: {where}'s eos is token {tokenizer.eos_id}, not {IM_END} "
+                         f"({specials[IM_END]}), so generation would not stop at the end of a turn")
+
+
 def tokenize_conversation(conversations, tokenizer, template, image_token_id=IMAGE_TOKEN_ID,
                           num_patches=576, has_image=None):
     """(input_ids, labels) of one conversation: LLaVA-1.5's input_ids and supervised positions.
@@ -133,6 +172,8 @@ def tokenize_conversation(conversations, tokenizer, template, image_token_id=IMA
     is counted apart from the one tokenisation.
     Labels are IGNORE_INDEX on BOS, system prompt, user turns and image positions.
     """
+    if template == "chatml":
+        _check_chatml(tokenizer)
     segs = render_segments(conversations, template, has_image)
     spans, pos = [], 0
     for k, (text, supervised) in enumerate(segs):
@@ -259,6 +300,14 @@ def hf_chat_template(template, legacy=True):
             "{{ '<image>' if value(message, " + tag + ").startswith('<image>') }}"
             "{%- elif message['role'] == 'assistant' -%}" + literal(space) + "{{ value(message, '') }}" + literal("\\n") +
             "{%- endif -%}{%- endfor -%}")
+    if template == "chatml":  # SmolLM2's template, with the image placement of the user message above
+        return _JINJA_VALUE + (
+            "{%- for message in messages -%}"
+            "{%- if loop.first and message['role'] != 'system' -%}"
+            "{{ '" + f"{IM_START}system\\n{SYSTEM_CHATML}{IM_END}\\n" + "' }}{%- endif -%}"
+            "{{ '" + IM_START + "' + message['role'] + '\\n' }}{{ value(message, '<image>\\n') }}"
+            "{{ '" + IM_END + "\\n' }}{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ '" + IM_START + "assistant\\n' }}{%- endif -%}")
     if template not in _JINJA_TURNS:
         raise ValueError(f"unknown template {template!r}; choose from {TEMPLATES}")
     user, assistant, generation = _JINJA_TURNS[template]

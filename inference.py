@@ -61,6 +61,11 @@ def weights_fingerprint(ckpt, sample=4096):
     import json
     import struct
     h = hashlib.blake2b(digest_size=16)
+    if os.path.isfile(ckpt):  # a GGUF LLM: one file, hashed whole
+        with open(ckpt, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        return h.hexdigest()
     for name in sorted(os.listdir(ckpt)):
         path = os.path.join(ckpt, name)
         if not os.path.isfile(path) or not (name in MODEL_FILES or name.endswith(WEIGHT_FILES)):
@@ -133,8 +138,10 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
     is `tokenizer` (a tokenizer.model file or folder) or the one beside the weights. `template`
     overrides the chat template the checkpoint says it was trained with; `compile` (auto / on / off,
     resolve_compile) sets whether its decoding steps are compiled."""
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
-        raise InputError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint or a llava-hf directory")
+    from gguf_file import is_gguf
+    if not os.path.exists(os.path.join(ckpt, "config.json")) and not is_gguf(ckpt):
+        raise InputError(f"no model at {ckpt} (no config.json): pass a nanoVT checkpoint, a llava-hf directory "
+                         f"or a GGUF LLM file")
     tok_path = tokenizer or ckpt
     tok_file = os.path.join(tok_path, "tokenizer.model") if os.path.isdir(tok_path) else tok_path
     if not os.path.isfile(tok_file):

@@ -787,10 +787,11 @@ class VTLMM(nn.Module):
         return weights.load_pretrained(cls, path, dtype, device, vision_path, overrides)
 
     @classmethod
-    def from_clip_and_llm(cls, clip_path, llm_path, dtype=torch.float32, device="cpu", **overrides):
-        """Stage I start: CLIP weights + LLaMA/Mistral weights; adapter and VM head fresh."""
+    def from_clip_and_llm(cls, clip_path, llm_path, dtype=torch.float32, device="cpu", vision=None, **overrides):
+        """Stage I start: CLIP weights + LLaMA/Mistral weights (an HF directory or a GGUF file); adapter and
+        VM head fresh. Without clip_path, a fresh tower of shape `vision` (a VisionConfig)."""
         import weights
-        return weights.load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides)
+        return weights.load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides, vision)
 
     def save_pretrained(self, out_dir):
         """nanoVT checkpoint: config.json + model.safetensors (plain parameter names)."""

@@ -4,8 +4,10 @@ Talk to a nanoVT model about an image, and look at its visual tokens.
     python sample.py --image x.png --prompt "What shape is in the center?"   # one answer, streamed
     python sample.py --image x.png                                            # interactive chat
     python sample.py --image x.png --visual-tokens vt.png --nearest --probs   # Fig. 4 / Fig. 3c
+    python sample.py --ckpt model.gguf --prompt "What is the capital of France?"   # an LLM alone, no image
 
---ckpt is a nanoVT checkpoint or a llava-hf directory (default: the shapes demo's final model);
+--ckpt is a nanoVT checkpoint, a llava-hf directory or a GGUF LLM file (default: the shapes demo's final
+model); without --image the chat is text only (a GGUF file holds no vision tower, so it takes no image);
 the chat template is the one the model was trained with (model.cfg.template). --device auto picks the
 GPU if there is one; --dtype auto loads bf16 there and fp32 on a CPU (a 7B model: 14 GB in bf16, one
 24 GB GPU). Greedy decoding unless --temperature > 0 (then --top-k / --top-p / --seed apply).
@@ -36,9 +38,10 @@ DEMO_CKPT = os.path.join("out", "shapes", "stage4", "final")  # what `python tra
 
 
 def load(ckpt, tokenizer=None, device="cpu", pseudo_image_features=False, dtype="auto", template=None, compile="off"):
-    if not os.path.exists(os.path.join(ckpt, "config.json")):
+    from gguf_file import is_gguf
+    if not os.path.exists(os.path.join(ckpt, "config.json")) and not is_gguf(ckpt):
         sys.exit(f"no model at {ckpt}: train the shapes demo with `python train.py configs/shapes.py` (it writes "
-                 f"{DEMO_CKPT}), or pass --ckpt DIR (a nanoVT checkpoint or a llava-hf directory)")
+                 f"{DEMO_CKPT}), or pass --ckpt DIR (a nanoVT checkpoint or a llava-hf directory) or a GGUF file")
     return inference.load_model(ckpt, tokenizer, device, dtype, pseudo_image_features, template, compile)
 
 
@@ -290,9 +293,10 @@ def main(argv=None):
 
 def _main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", default=None, help="the picture to talk about (without it: text only)")
     p.add_argument("--prompt", default=None, help="one question; without it, an interactive chat")
-    p.add_argument("--ckpt", default=DEMO_CKPT, help=f"nanoVT checkpoint or llava-hf directory (default {DEMO_CKPT})")
+    p.add_argument("--ckpt", default=DEMO_CKPT, help=f"nanoVT checkpoint, llava-hf directory or GGUF LLM file "
+                                                     f"(default {DEMO_CKPT})")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model (default: the one in --ckpt)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -306,8 +310,13 @@ def _main(argv=None):
     p.add_argument("--cell", type=int, default=None, help="picture: pixels per patch (default 64; 32 for 24 x 24)")
     inference.add_args(p)
     a = p.parse_args(argv)
+    if a.image is None and a.visual_tokens:
+        p.error("--visual-tokens needs --image")
     model, tok = load(a.ckpt, a.tokenizer, a.device, a.pseudo_image_features, a.dtype, a.template, a.compile)
-    image = inference.read_image(a.image)
+    if a.image is not None and getattr(model, "llm_only", False):
+        raise inference.InputError(f"{a.ckpt} is a language model alone (no trained vision tower): leave out "
+                                   f"--image, or train one with it (configs/shapes_smollm2.py)")
+    image = inference.read_image(a.image) if a.image is not None else None
     if a.visual_tokens:
         grids = visual_token_picture(model, tok, image, a.visual_tokens, a.nearest, a.cell)
         for name, (labels, values) in grids.items():
@@ -317,7 +326,7 @@ def _main(argv=None):
             return
     sampling = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed)
-    px = pixels(model, image)
+    px = pixels(model, image) if image is not None else None
     if a.prompt is not None:
         return reply(model, tok, px, a.prompt, **sampling)[0]
     chat(model, tok, px, **sampling)

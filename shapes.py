@@ -463,7 +463,7 @@ class ShapesConfig:
     version: int = WORLD_VERSION   # which world (WORLD_VERSIONS)
     images: int = 10000
     image_size: int = 64
-    vision_epochs: float = 0.0     # stage 0 only: first teach the vision tower the world's cells (pretrain_vision)
+    vision_epochs: float = 0.0     # the first stage (0, or I from an LLM alone): teach the vision tower the cells (pretrain_vision)
     vision_lr: float = 2e-3
     report: bool = False           # after the last stage, answer and score the held-out sets (held_out_report)
     report_limit: int = 0          # the first N questions of each set (0: all)
@@ -490,9 +490,11 @@ def prepare_data(cfg):
 
 def prepare_model(cfg, model, d):
     """Every process, once the stage's model is built and before anything is frozen or sharded (not
-    when the stage resumes from a checkpoint): stage 0's vision pretraining, for a stage 0 that starts
-    from scratch (a second stage-0 entry goes on from the first one's checkpoint)."""
-    if cfg.stage == 0 and settings(cfg).vision_epochs and not cfg.init_from:
+    when the stage resumes from a checkpoint): the vision pretraining, for a first stage whose tower is
+    fresh: a stage 0 that starts from scratch (a second stage-0 entry goes on from the first one's
+    checkpoint), or a stage I that starts from a pretrained LLM without CLIP (configs/shapes_smollm2.py)."""
+    fresh_tower = cfg.stage == 0 or (cfg.stage == 1 and cfg.llm_path and not cfg.clip_path)
+    if fresh_tower and settings(cfg).vision_epochs and not cfg.init_from:
         pretrain_vision(model, cfg, d)
 
 
@@ -744,8 +746,10 @@ def held_out_report(ckpt, shapes_dir, limit=0, out_path=None, batch_size=32, pro
     many images of the first set; with transcript_images, a transcript of that many of its images
     (transcript): a run scored on the validation split alone looks at no held-out image. Prints the
     results table."""
-    if model is None:
-        model, tok = evaluate.load_model(ckpt, tokenizer=os.path.join(shapes_dir, "tokenizer.model"))
+    if model is None:  # the checkpoint's own tokenizer (a real LLM's), else the world's
+        own = os.path.join(ckpt, "tokenizer.model")
+        model, tok = evaluate.load_model(ckpt, tokenizer=own if os.path.isfile(own) else
+                                         os.path.join(shapes_dir, "tokenizer.model"))
     answers_dir = os.path.dirname(out_path) if out_path else ckpt
     report = {}
     for name in sets:

