@@ -215,16 +215,19 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
     where each tensor lives, and `load_sharded` fills the model after `parallelize` (sharded loading)."""
     over = {} if cfg.pseudo_image_features is None else {"pseudo_image_features": cfg.pseudo_image_features}
     lazy = contextlib.nullcontext(None) if sources is None else weights.lazy_loading()
+    from gguf_file import is_gguf
     for key in ("init_from", "clip_path", "llm_path", "vision_path"):
         where = getattr(cfg, key)
-        if where and not os.path.isdir(where):
-            raise InputError(f"{key}={where}: no such directory (a checkpoint directory is expected)")
+        gguf_ok = key in ("init_from", "llm_path") and is_gguf(where)  # an LLM alone, in one GGUF file
+        if where and not os.path.isdir(where) and not gguf_ok:
+            raise InputError(f"{key}={where}: no such directory (a checkpoint directory"
+                             + (" or a GGUF file" if key in ("init_from", "llm_path") else "") + " is expected)")
     with lazy as found:
         if cfg.init_from:
             model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
         elif cfg.clip_path or cfg.llm_path:
             # no CLIP: a fresh tower of the config's shape, which the hook pretrains (the toy world)
-            vision = VisionConfig(**cfg.model["vision"]) if not cfg.clip_path and cfg.model.get("vision") else None
+            vision = model_lib.VisionConfig(**cfg.model["vision"]) if not cfg.clip_path and cfg.model.get("vision") else None
             model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, vision=vision, **over)
         elif cfg.model:
             if sources is not None:
