@@ -290,8 +290,10 @@ def bench_train(nano, hf, cfg, s, device, peak, log, amp=False):
     tok_s = {k: B * T / statistics.median(v) for k, v in times.items()}
     fpt = nano.flops_per_token(T)
     # the peak, measured again after the steps: a CPU's clock and neighbours move, so take the best
-    peak = max(peak, matmul_peak(device, next(nano.parameters()).dtype))
-    log(f"matmul peak, best of before and after the training steps: {peak / 1e9:.0f} GFLOP/s")
+    mm_dtype = torch.bfloat16 if amp else next(nano.parameters()).dtype  # what the products run in
+    peak = max(peak if not amp else 0.0, matmul_peak(device, mm_dtype))
+    log(f"matmul peak ({str(mm_dtype).replace('torch.', '')}), best of before and after the training steps"
+        f"{' (after only, under autocast)' if amp else ''}: {peak / 1e9:.0f} GFLOP/s")
     mfu = {k: fpt * v / peak for k, v in tok_s.items()}
     mem = {"nano": peak_bytes(nano_step, device), "hf": peak_bytes(hf_step, device)}
     nano.eval(), hf.eval()

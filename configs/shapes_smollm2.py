@@ -40,8 +40,8 @@ activation_checkpointing = False
 _captions = "data/shapes/stage1_captions.json"
 _instruct = "data/shapes/instruct.json"
 stages = [  # each into out_dir/stageN
-    dict(stage=1, data_path=_captions, lr=2e-3, epochs=0.2),
-    dict(stage=2, data_path=_instruct, lr=1e-4, epochs=0.2),
-    dict(stage=3, data_path=_captions, lr=2e-3, epochs=0.2),
-    dict(stage=4, data_path=_instruct, lr=5e-5, epochs=0.2),
+    dict(stage=1, data_path=_captions, lr=2e-3, epochs=0.1),
+    dict(stage=2, data_path=_instruct, lr=1e-4, epochs=0.08),
+    dict(stage=3, data_path=_captions, lr=2e-3, epochs=0.1),
+    dict(stage=4, data_path=_instruct, lr=5e-5, epochs=0.08),
 ]
