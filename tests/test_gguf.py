@@ -317,7 +317,6 @@ def test_copy_tokenizer_keeps_the_tokenizer_entries_only(smollm2_gguf, tmp_path)
 
 
 def test_stages_1_to_4_from_a_gguf_llm(world, tmp_path):
-    import train
     from safetensors.torch import load_file
 
     import inference
