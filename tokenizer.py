@@ -74,7 +74,8 @@ class SentencePieceTokenizer:
         return self.sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
 
     def piece(self, i):
-        return self.sp.id_to_piece(int(i))  # e.g. "▁red": ▁ marks a word start
+        i = int(i)  # e.g. "▁red": ▁ marks a word start; "" past the list (an embedding with spare rows)
+        return self.sp.id_to_piece(i) if 0 <= i < self.vocab_size else ""
 
 
 # The LLaMA-3 pre-tokenizer: contractions, words, 1-3 digit numbers, punctuation runs, whitespace
@@ -127,7 +128,8 @@ class TiktokenTokenizer:
         return self.enc.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
 
     def piece(self, i):
-        return self.enc.decode_single_token_bytes(int(i)).decode("utf-8", errors="replace")
+        i = int(i)  # "" past the list (an embedding with spare rows)
+        return self.enc.decode_single_token_bytes(i).decode("utf-8", errors="replace") if 0 <= i < self.vocab_size else ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,7 +351,10 @@ class GGUFBPETokenizer:
             "utf-8", errors="replace")
 
     def piece(self, i):
-        return self.token_bytes[int(i)].decode("utf-8", errors="replace")  # e.g. " red": a space, not "Ġ"
+        """The text of one token, e.g. " red" (a space, not "Ġ"); "" for an id past the tokenizer's list,
+        as a model whose embedding has more rows than the tokenizer has tokens can predict."""
+        i = int(i)
+        return self.token_bytes[i].decode("utf-8", errors="replace") if 0 <= i < len(self.token_bytes) else ""
 
 
 def tokenizer_config(path):

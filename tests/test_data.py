@@ -123,6 +123,8 @@ def test_tokenizer_interface(sp_tok, tt_tok):
     n = 264  # ranks in the file; LLaMA-3's 256 special tokens follow them
     assert (tt_tok.bos_id, tt_tok.eos_id, tt_tok.pad_id, tt_tok.vocab_size) == (n, n + 1, n + 1, n + 256)
     assert tt_tok.encode(" the circle") == [258, 263] and tt_tok.piece(263) == " circle"
+    for tok in (sp_tok, tt_tok):  # an id past the list (an embedding with spare rows) names no word
+        assert tok.piece(tok.vocab_size) == "" and tok.piece(-1) == ""
     text = "<|begin_of_text|> héllo ① </s>"
     assert tt_tok.decode(tt_tok.encode(text)) == text and tt_tok.bos_id not in tt_tok.encode(text)
     assert sp_tok.decode(sp_tok.encode(text)) == text

@@ -131,6 +131,8 @@ def test_interface_and_metadata(smollm2):
     assert tok.specials["<|im_start|>"] == 1 and tok.specials["<|im_end|>"] == 2 and len(tok.specials) == 17
     assert tok.encode("<|im_start|>assistant\n")[0] == 1 and tok.encode("Hi<|im_end|>")[-1] == 2
     assert tok.piece(tok.encode(" red")[0]) == " red" and tok.piece(1) == "<|im_start|>"
+    # an embedding padded past the tokenizer's list (a trained model may pick such a row): no word
+    assert tok.piece(49152) == "" and tok.piece(-1) == "" and tok.decode([49152, 1]) == "<|im_start|>"
     assert tok.chat_template.startswith("{% for message in messages %}")
     # bytes without a token: SmolLM2's 21 (6 ASCII controls, 0xC0, 0xC1, 0xF1, 0xF2, 0xF5-0xFF)
     assert tok.missing == bytes([4, 6, 0x13, 0x14, 0x16, 0x1D, 0xC0, 0xC1, 0xF1, 0xF2, *range(0xF5, 0x100)])
