@@ -6,10 +6,14 @@ or just the extra epoch of stage IV?
     python ablate.py                          # the demo's config (x 4), seeds 0 1 2 -> out/ablate/shapes/ablation.md
                                               # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate/shapes)
     python ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
+    python ablate.py configs/shapes_smollm2.py --seeds=0,1 --variants=lm,control,vtlmm   # on SmolLM2
 
 Stage 0 (the toy stand-in for pretrained CLIP and Vicuna; each of the config's stage-0 entries in
 turn: stage0/, stage0_1/, ...) is trained once and shared by every seed, as the paper's runs share
-one CLIP and one Vicuna; the shapes world is shared too (world seed 0).
+one CLIP and one Vicuna; the shapes world is shared too (world seed 0). A config whose stage I starts
+from a pretrained LLM (`llm_path`, e.g. SmolLM2's GGUF in configs/shapes_smollm2.py) has no stage 0:
+each seed's stage I starts from that LLM and a fresh tower, which the shapes hook pretrains first (with
+that seed), and the stages use the config's own tokenizer.
 Per seed (the seed of initialisation and data order) stages I, II and III are trained once and
 stage IV branches from the stage III checkpoint:
 
@@ -23,7 +27,9 @@ stage IV branches from the stage III checkpoint:
 
 Each variant answers the held-out short-answer and POPE sets, and the share of object patches whose
 top-1 visual token names the object is counted (shapes.held_out_report, visual_token_naming); what the
-runs so far gave is in docs/experiments.md §Table 5 on the shapes world. Everything lands in OUT_DIR:
+runs so far gave is in docs/experiments.md §Table 5 on the shapes world. --variants=lm,control,vtlmm
+trains and scores only those (the Table 5 of issue 31 needs no pif, and each stage IV costs minutes on
+a real LLM). Everything lands in OUT_DIR:
 stage0/, seed{k}/stage{1,2,3}/, seed{k}/stage4_{control,vtlmm,pif}/, seed{k}/eval/{variant}/,
 times.json (seconds per job), results.json, and ablation.md (mean ± std over seeds). It resumes:
 finished stages and evaluations are skipped, an interrupted stage continues from its last step
@@ -41,6 +47,7 @@ import time
 
 import shapes
 import train
+from errors import InputError
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = {  # name: (row label, stage IV overrides; None = the stage II checkpoint itself)
@@ -63,10 +70,15 @@ DIFFERENCES = [("vtlmm", "control", "VM loss: VT-LMM - control"), ("control", "l
 def parse_args(argv):
     """[CONFIG] [--seeds=0,1,2] [--tiny] [--key=value ...] -> (TrainConfig, seeds)."""
     default = os.path.join(ROOT, "configs", "shapes.py")  # the demo's world, model and schedule
-    seeds, rest, config = [0, 1, 2], [], default
+    seeds, variants, rest, config = [0, 1, 2], list(VARIANTS), [], default
     for a in argv:
         if a.startswith("--seeds="):
             seeds = [int(s) for s in a.split("=", 1)[1].split(",") if s.strip()]
+        elif a.startswith("--variants="):
+            variants = [v.strip() for v in a.split("=", 1)[1].split(",") if v.strip()]
+            unknown = [v for v in variants if v not in VARIANTS]
+            if unknown or not variants:
+                raise InputError(f"--variants: {', '.join(unknown) or 'none given'}; choose from {', '.join(VARIANTS)}")
         elif a == "--tiny":
             config = os.path.join(ROOT, "configs", "ablate_tiny.py")
         elif not a.startswith("--"):
@@ -80,11 +92,12 @@ def parse_args(argv):
         rest.append("--out_dir=" + os.path.join("out", "ablate", os.path.splitext(os.path.basename(config))[0]))
     cfg = train.load_config([config] + rest)
     stages = {s["stage"] for s in cfg.stages}
-    if not {0, 1, 2, 3, 4} <= stages:
-        raise ValueError(f"{config}: the ablation needs `stages` entries for stages 0-4, found {sorted(stages)}")
+    need = {1, 2, 3, 4} if cfg.llm_path else {0, 1, 2, 3, 4}  # a pretrained LLM needs no toy stage 0
+    if not need <= stages:
+        raise ValueError(f"{config}: the ablation needs `stages` entries for stages {min(need)}-4, found {sorted(stages)}")
     if cfg.hook.get("module") != "shapes":
         raise ValueError(f"{config}: the ablation runs on the shapes world: set hook = dict(module=\"shapes\", ...)")
-    return cfg, seeds
+    return cfg, seeds, variants
 
 
 class Jobs:
@@ -111,11 +124,13 @@ def stage_config(cfg, stage, out_dir, which=0, **over):
     world = shapes.settings(cfg).dir
     default = os.path.join(world, "instruct.json" if stage in (2, 4) else "stage1_captions.json")
     data_path = entry.pop("data_path", default)  # the config's choice, e.g. stage 0 on instruct.json
-    return dataclasses.replace(cfg, stages=[], resume=True, tokenizer=os.path.join(world, "tokenizer.model"),
+    # the toy world's own tokenizer (in --hook.dir's world), or a pretrained LLM's (SmolLM2's GGUF)
+    tokenizer = cfg.tokenizer if cfg.llm_path else os.path.join(world, "tokenizer.model")
+    return dataclasses.replace(cfg, stages=[], resume=True, tokenizer=tokenizer,
                                data_path=data_path, image_folder="", out_dir=out_dir, **{**entry, **over})
 
 
-def run(cfg, seeds, argv=()):
+def run(cfg, seeds, variants=tuple(VARIANTS), argv=()):
     t_start = time.perf_counter()
     toy = shapes.settings(cfg)
     root, world = cfg.out_dir, toy.dir
@@ -138,16 +153,17 @@ def run(cfg, seeds, argv=()):
         name = "stage0" if k == 0 else f"stage0_{k}"
         over = {"init_from": prev} if prev else {}
         prev = train_job(name, stage_config(cfg, 0, os.path.join(root, name), which=k, seed=0, **over))
-    results = {v: {} for v in VARIANTS}
+    results = {v: {} for v in variants}
     for seed in seeds:
         sdir = os.path.join(root, f"seed{seed}")
-        ckpt = prev
+        ckpt = prev or ""  # no stage 0: stage I starts from the config's LLM
         for stage in (1, 2, 3):
             ckpt = train_job(f"seed{seed}/stage{stage}",
                              stage_config(cfg, stage, os.path.join(sdir, f"stage{stage}"), seed=seed, init_from=ckpt))
             if stage == 2:
                 stage2 = ckpt
-        for v, (_, over) in VARIANTS.items():
+        for v in variants:
+            over = VARIANTS[v][1]
             model = stage2 if over is None else train_job(
                 f"seed{seed}/stage4_{v}", stage_config(cfg, 4, os.path.join(sdir, f"stage4_{v}"), seed=seed,
                                                        init_from=ckpt, **over))
@@ -175,20 +191,22 @@ def fmt(m, s, pct):
 def write_results(root, cfg, seeds, results, times, seconds, argv):
     value = lambda r, sec, key: r.get(sec, {}).get(key, float("nan"))  # noqa: E731  (an older report has no "naming")
     summary = {v: {col: mean_std([value(results[v][s], sec, key) for s in seeds]) for col, sec, key, _ in METRICS}
-               for v in VARIANTS}
+               for v in results}
+    pairs = [(a, b, name) for a, b, name in DIFFERENCES if a in results and b in results]  # of the variants run
     diffs = {name: {col: mean_std([value(results[a][s], sec, key) - value(results[b][s], sec, key) for s in seeds])
-                    for col, sec, key, _ in METRICS} for a, b, name in DIFFERENCES}
-    first = results["lm"][seeds[0]]
+                    for col, sec, key, _ in METRICS} for a, b, name in pairs}
+    first = next(iter(results.values()))[seeds[0]]
     command = " ".join(["python", "ablate.py", *argv]) if argv else "python ablate.py"
     lines = [f"Table 5 on the shapes world: mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
              f"each model answers {first['short']['n']} held-out short-answer and {first['pope']['n']} POPE questions.",
              "", "| variant | " + " | ".join(col for col, *_ in METRICS) + " |",
              "|---|" + "---|" * len(METRICS)]
-    for v, (label, _) in VARIANTS.items():
+    for v in results:
+        label = VARIANTS[v][0]
         lines.append(f"| {label} | " + " | ".join(fmt(*summary[v][col], pct) for col, _, _, pct in METRICS) + " |")
     lines += ["", "Paired differences (same seed, same stage I-III), mean ± std over seeds:", "",
               "| difference | " + " | ".join(col for col, *_ in METRICS) + " |", "|---|" + "---|" * len(METRICS)]
-    for _, _, name in DIFFERENCES:
+    for _, _, name in pairs:
         lines.append(f"| {name} | " + " | ".join(fmt(*diffs[name][col], pct) for col, _, _, pct in METRICS) + " |")
     total = sum(times.values())
     lines += ["", f"Produced by `{command}`: {total / 60:.1f} min of training and evaluation "
