@@ -83,7 +83,7 @@ def main():
     p.add_argument("out", help="the screenshot (PNG)")
     p.add_argument("--patch", default="0,0", help="row,col of the patch to hover (from 0)")
     p.add_argument("--word", default=None, help="a word to light up")
-    p.add_argument("--size", default="1200,820", help="window width,height")
+    p.add_argument("--size", default="1200,900", help="window width,height")
     a = p.parse_args()
     d = open_browser(*map(int, a.size.split(",")))
     try:
@@ -93,6 +93,7 @@ def main():
             print(light(d, a.word))
         g = int(d.execute_script("return tokens.grid"))
         print("patch", a.patch, hover(d, g, *map(int, a.patch.split(","))))
+        d.execute_script("window.scrollTo(0, 0)")
         d.save_screenshot(a.out)
     finally:
         d.quit()
