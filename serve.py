@@ -172,8 +172,8 @@ def image_bytes(url, where):
         raise Refused(f"{where} is {kind}: the server fetches no URL and reads no file; send the image inline, "
                       f"as a data:image/png;base64,... URL (PNG, JPEG or WebP)", where)
     if not m.group(1).lower().startswith("image/") or ";base64" not in m.group(2).lower():
-        raise Refused(f"{where} must be a base64 image (data:image/png;base64,...), not data:{short(m.group(1))}"
-                      f"{short(m.group(2))}", where)
+        raise Refused(f"{where} must be a base64 image (data:image/png;base64,...), not a data: URL of type "
+                      f"{short(m.group(1) + m.group(2))}", where)
     try:
         return base64.b64decode(url[m.end():], validate=True)
     except (binascii.Error, ValueError):

@@ -331,3 +331,10 @@ def test_the_page_in_chromium(server, image, tmp_path):
     finally:
         d.quit()
     assert os.path.getsize(tmp_path / "desktop.png") > 10000 and os.path.getsize(tmp_path / "phone.png") > 10000
+
+
+def test_nothing_but_serve_py_imports_the_web_stack():
+    code = ("import sys, checkpoint, data, eval, inference, model, sample, train, weights; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('starlette', 'uvicorn', 'fastapi')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
