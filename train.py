@@ -100,6 +100,7 @@ class TrainConfig:
     activation_checkpointing: bool = True
     compile: bool = False          # torch.compile each decoder and vision block (train.compile_blocks); off: see docs/training.md
     device: str = "auto"
+    fused_loss: bool = True        # the losses without full logits (fused_losses.py); off: losses.py's formulas on full logits
     loss_chunk: int = 0            # rows per chunk of the fused head + loss (0: about 32 MiB of logits)
     peak_flops: float = 0.0        # FLOP/s of one device for MFU (0: from the table by device name and dtype)
     # bookkeeping
@@ -598,7 +599,8 @@ def setup_stage(cfg: TrainConfig, d: Dist, lock, run_id) -> Stage:
     if hook and not (cfg.resume and checkpoint.latest(cfg.out_dir)):  # resumed: the checkpoint has it
         hook.prepare_model(cfg, model, d)
     name = STAGES[cfg.stage]["objective"]
-    objective = losses.Objective(model, "lm" if name == "mm" and not cfg.vm_loss else name, cfg.loss_chunk or None)
+    objective = losses.Objective(model, "lm" if name == "mm" and not cfg.vm_loss else name, cfg.loss_chunk or None,
+                                 fused=cfg.fused_loss)
     trainable = set_trainable(model, cfg.stage, cfg.freeze)
     dataset = build_dataset(cfg, model, tok)
     plain = model  # bound before wrapping: parameter counts stay unsharded
