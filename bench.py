@@ -39,6 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import inference
 import losses
 from model import VTLMM
 
@@ -337,8 +338,8 @@ def bench_decode(nano, hf, cfg, s, device, log, batches=(1, 8), compiled=True):
     for B in batches:
         ids, px, _ = make_batch(cfg, s, B, answer=False, seed=1, device=device)
         T = ids.shape[1]
-        gens = {"nano": lambda k: nano.generate(ids, px, max_new_tokens=k, compile=False),
-                "compiled": lambda k: nano.generate(ids, px, max_new_tokens=k, compile=True),
+        gens = {"nano": lambda k: inference.generate(nano, ids, px, max_new_tokens=k, compile=False),
+                "compiled": lambda k: inference.generate(nano, ids, px, max_new_tokens=k, compile=True),
                 "hf": lambda k: hf.generate(input_ids=ids, pixel_values=px, do_sample=False, max_new_tokens=k,
                                             min_new_tokens=k)}
         if not compiled:

@@ -129,7 +129,7 @@ def answer_batch(model, tok, prompts, images, max_new_tokens=128):
         mask[b, T - len(p):] = True
     if images is not None:
         images = images.to(device, model.mm_head.weight.dtype)
-    steps = list(model.generate_stream(ids.to(device), images, attention_mask=mask.to(device),
+    steps = list(inference.generate_stream(model, ids.to(device), images, attention_mask=mask.to(device),
                                        max_new_tokens=max_new_tokens, stop_ids=stop_ids(tok)))
     out = []
     for b in range(len(prompts)):

@@ -11,6 +11,7 @@ import shutil
 import pytest
 import torch
 
+import inference
 from hf_tiny import IMAGE_TOKEN, save_new_layout, tiny_llava
 from model import VTLMM
 
@@ -55,7 +56,7 @@ def hf_greedy(hf, ids, px):
 
 
 def generate(m, mode, ids, px, **kw):
-    out = m.generate(ids, px, max_new_tokens=NEW, static=mode != "dynamic", compile=mode == "compiled", **kw)
+    out = inference.generate(m, ids, px, max_new_tokens=NEW, static=mode != "dynamic", compile=mode == "compiled", **kw)
     return out[:, ids.shape[1]:]
 
 
@@ -99,15 +100,15 @@ def test_sliding_window_binds_in_the_decode_steps(tmp_path):
     m = VTLMM.from_pretrained(save_new_layout(hf, str(tmp_path)), device=DEV).eval()
     ids, px = prompt(1, 24, 3)
     with torch.no_grad():
-        cache = m.new_cache(1, 24 + 4)
+        cache = inference.new_cache(m, 1, 24 + 4)
         m(ids, px, cache=cache, logits=False)
         tok = torch.tensor([5], device=DEV)
-        windowed = m.decode_step(tok, cache)
+        windowed = inference.decode_step(m, tok, cache)
         m.decoder.cfg.sliding_window = None
         cache.index.fill_(24)
         cache.pos.fill_(24)
         cache.valid[:, 24:] = False
-        unbound = m.decode_step(tok, cache)
+        unbound = inference.decode_step(m, tok, cache)
     assert (windowed - unbound).abs().max() > 1e-3
 
 
@@ -116,10 +117,10 @@ def test_static_cache_is_reused_only_when_compiled():
     from model import DecoderConfig, VisionConfig, VTLMMConfig
     m = VTLMM(VTLMMConfig(vision=VisionConfig(image_size=32, patch_size=8, width=48, layers=1, heads=4, mlp=96),
                           decoder=DecoderConfig(vocab_size=100, dim=64, layers=1, heads=4, kv_heads=2, hidden=128)))
-    a = m._static_cache(2, 50, compiled=True)
+    a = inference.static_cache(m, 2, 50, compiled=True)
     a.valid.fill_(True)
     a.index.fill_(9)
-    b = m._static_cache(2, 100, compiled=True)  # the same 128-slot shape: the same buffers, emptied
+    b = inference.static_cache(m, 2, 100, compiled=True)  # the same 128-slot shape: the same buffers, emptied
     assert b is a and b.max_len == 128 and not b.valid.any() and int(b.index) == 0
-    assert m._static_cache(2, 129, compiled=True).max_len == 256
-    assert m._static_cache(2, 50, compiled=False).max_len == 50
+    assert inference.static_cache(m, 2, 129, compiled=True).max_len == 256
+    assert inference.static_cache(m, 2, 50, compiled=False).max_len == 50

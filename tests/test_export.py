@@ -92,7 +92,7 @@ def nanovt_greedy(model, tok, text, image, history=(), max_new_tokens=12):
     ids = inference.prompt_ids(model, tok, text, True, history)
     px = data.process_image(image, model.cfg.vision.image_size)[None]
     with torch.no_grad():
-        steps = [int(s[0]) for s in model.generate_stream(torch.tensor([ids]), px, max_new_tokens=max_new_tokens,
+        steps = [int(s[0]) for s in inference.generate_stream(model, torch.tensor([ids]), px, max_new_tokens=max_new_tokens,
                                                           stop_ids=[tok.eos_id])]
     return steps
 

@@ -274,7 +274,7 @@ def test_smollm2_greedy_answers_equal_transformers(smollm2, smollm2_gguf):
     with torch.no_grad():
         want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                             eos_token_id=end, pad_token_id=end)[:, T:]
-        got = m.generate(ids, attention_mask=mask, max_new_tokens=10, stop_ids=(end,), compile=False)[:, T:]
+        got = inference.generate(m, ids, attention_mask=mask, max_new_tokens=10, stop_ids=(end,), compile=False)[:, T:]
     for q, a, b in zip(PROMPTS, got.tolist(), want.tolist()):
         a, b = a[:a.index(end) + 1] if end in a else a, b[:b.index(end) + 1] if end in b else b
         assert a == b, q
@@ -400,7 +400,7 @@ def test_smollm2_exports_to_llava_hf_with_its_bpe_tokenizer_and_chatml(smollm2_g
         ids = inference.prompt_ids(m, tok, q, True)
         px = data.process_image(image, 32)[None]
         with torch.no_grad():
-            mine = [int(s[0]) for s in m.generate_stream(torch.tensor([ids]), px, max_new_tokens=8,
+            mine = [int(s[0]) for s in inference.generate_stream(m, torch.tensor([ids]), px, max_new_tokens=8,
                                                          stop_ids=[tok.eos_id], compile=False)]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
         inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import inference
 from hf_tiny import (IMAGE_TOKEN, save_new_layout, save_old_layout, save_original_llava, tiny_llava)
 from model import PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
 
@@ -114,7 +115,7 @@ def test_kv_cache_matches_full_forward(ref):
     ids, px = batch(T=40, device=DEV)
     with torch.no_grad():
         full = m(ids, px).logits
-        cache = m.new_cache(2, 40)
+        cache = inference.new_cache(m, 2, 40)
         parts = [m(ids[:, :25], px, cache=cache).logits]  # prefill (with the image), then one at a time
         for t in range(25, 40):
             parts.append(m(ids[:, t:t + 1], cache=cache).logits)
@@ -130,9 +131,9 @@ def test_left_padded_batch_matches_single_rows(ref):
     mask = torch.ones_like(padded, dtype=torch.bool)
     mask[1, :6] = False
     with torch.no_grad():
-        out = m.generate(padded, torch.cat([px0, px1]), attention_mask=mask, max_new_tokens=6)
-        solo0 = m.generate(long_ids, px0, max_new_tokens=6)
-        solo1 = m.generate(short_ids, px1, max_new_tokens=6)
+        out = inference.generate(m, padded, torch.cat([px0, px1]), attention_mask=mask, max_new_tokens=6)
+        solo0 = inference.generate(m, long_ids, px0, max_new_tokens=6)
+        solo1 = inference.generate(m, short_ids, px1, max_new_tokens=6)
         # the prompt logits of the padded row equal its unpadded forward too
         full = m(padded, torch.cat([px0, px1]), attention_mask=mask).logits[1, 6:]
         assert rel_err(full, m(short_ids, px1).logits[0]) <= 1e-5
@@ -148,23 +149,24 @@ def test_greedy_generate_matches_transformers(ref):
         want = hf.to(DEV).generate(input_ids=ids, pixel_values=px, max_new_tokens=20, do_sample=False,
                                    eos_token_id=None, pad_token_id=0, min_new_tokens=20)
         hf.cpu()
-        got = m.generate(ids, px, max_new_tokens=20)
+        got = inference.generate(m, ids, px, max_new_tokens=20)
     assert torch.equal(got, want)
 
 
-def test_generate_runs_one_forward_per_new_token():
+def test_generate_runs_one_forward_per_new_token(monkeypatch):
     """n new tokens cost the prompt's forward + n - 1 single-token steps, not one more."""
     torch.manual_seed(0)
     m = VTLMM(tiny_cfg()).eval()
     calls = []
     m.decoder.register_forward_hook(lambda mod, args, out: calls.append(out.shape[1]))
-    real_step = m.decoder.step
-    m.decoder.step = lambda tok, cache: calls.append("step") or real_step(tok, cache)
+    real_step = inference.decode_step
+    monkeypatch.setattr(inference, "decode_step", lambda model, tok, cache: calls.append("step") or
+                        real_step(model, tok, cache))
     with torch.no_grad():
-        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6, static=False)
+        inference.generate(m, torch.randint(0, 50, (1, 5)), max_new_tokens=6, static=False)
         assert calls == [5] + [1] * 5
         calls.clear()
-        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6)  # the static cache's decode step
+        inference.generate(m, torch.randint(0, 50, (1, 5)), max_new_tokens=6)  # the static cache's decode step
         assert calls == [5] + ["step"] * 5
 
 
@@ -173,17 +175,17 @@ def test_stop_tokens_and_sampling():
     m = VTLMM(tiny_cfg()).eval()
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
-        greedy = m.generate(ids, max_new_tokens=8)
+        greedy = inference.generate(m, ids, max_new_tokens=8)
         stop = int(greedy[0, 6])  # the second generated token of row 0
-        stopped = m.generate(ids, max_new_tokens=8, stop_ids=[stop])
+        stopped = inference.generate(m, ids, max_new_tokens=8, stop_ids=[stop])
         g1 = torch.Generator().manual_seed(3)
         g2 = torch.Generator().manual_seed(3)
-        s1 = m.generate(ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g1)
-        s2 = m.generate(ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g2)
+        s1 = inference.generate(m, ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g1)
+        s2 = inference.generate(m, ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g2)
     assert (stopped[0, 6:] == stop).all()  # after the stop id, the row repeats it
     assert torch.equal(s1, s2)  # seeded sampling is reproducible
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    from model import sample_next
+    from inference import sample_next
     draws = {int(sample_next(logits, 1.0, top_k=2)) for _ in range(50)}
     assert draws <= {2, 3}
     draws = {int(sample_next(logits, 1.0, top_p=0.5)) for _ in range(50)}
