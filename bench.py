@@ -41,6 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 import inference
 import losses
+import weights
 from model import VTLMM
 
 # ----------------------------------------------------------------------------------------------
@@ -125,15 +126,15 @@ def build_pair(size, dtype, device):
             s = SIZES[size]
             vis = VisionConfig(image_size=s["image"], patch_size=s["patch"], width=s["v_width"], layers=s["v_layers"],
                                heads=s["v_heads"], mlp=4 * s["v_width"])
-            VTLMM.from_clip_and_llm("", smollm2_gguf(), vision=vis).export_llava_hf(tmp)
+            weights.export_llava_hf(weights.from_clip_and_llm("", smollm2_gguf(), vision=vis), tmp)
             hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
-            nano = VTLMM.from_pretrained(tmp, dtype=dtype, device=device).eval()
+            nano = weights.from_pretrained(tmp, dtype=dtype, device=device).eval()
             return hf.config, hf.to(device).eval(), nano
         hf = LlavaForConditionalGeneration(cfg)
         hf.save_pretrained(tmp)  # nanoVT loads these very files: the same weights on both sides
         hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
         hf = hf.to(device).eval()
-        nano = VTLMM.from_pretrained(tmp, dtype=dtype, device=device).eval()
+        nano = weights.from_pretrained(tmp, dtype=dtype, device=device).eval()
     return cfg, hf, nano
 
 
@@ -572,7 +573,7 @@ def bench_load_memory(t, folder, log):
     model = VTLMM(cfg).to(torch.bfloat16)  # released checkpoints are bf16 on disk
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     ckpt = os.path.join(folder, "llava-hf")
-    model.export_llava_hf(ckpt)
+    weights.export_llava_hf(model, ckpt)
     del model
     res = {}
     for mode in ("sharded", "full"):

@@ -25,7 +25,8 @@ import torch
 
 import conversation
 from errors import InputError  # noqa: F401 (sample.py and eval.py take it from here)
-from model import VTLMM, DecoderConfig, rope_cos_sin
+import weights
+from model import DecoderConfig, rope_cos_sin
 from tokenizer import load_tokenizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -160,7 +161,7 @@ def load_model(ckpt, tokenizer=None, device="cpu", dtype="auto", pseudo_image_fe
     except Exception as e:
         raise InputError(f"cannot read tokenizer {tok_file}: {why(e)}") from None
     device = resolve_device(device)
-    model = VTLMM.from_pretrained(ckpt, dtype=resolve_dtype(dtype, device), device=device).eval()
+    model = weights.from_pretrained(ckpt, dtype=resolve_dtype(dtype, device), device=device).eval()
     if pseudo_image_features:
         model.cfg.pseudo_image_features = True  # Eq. 8 at inference
     if template:

@@ -225,11 +225,11 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
                              + (" or a GGUF file" if key in ("init_from", "llm_path") else "") + " is expected)")
     with lazy as found:
         if cfg.init_from:
-            model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
+            model = weights.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
         elif cfg.clip_path or cfg.llm_path:
             # no CLIP: a fresh tower of the config's shape, which the hook pretrains (the toy world)
             vision = model_lib.VisionConfig(**cfg.model["vision"]) if not cfg.clip_path and cfg.model.get("vision") else None
-            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, vision=vision, **over)
+            model = weights.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, vision=vision, **over)
         elif cfg.model:
             if sources is not None:
                 raise ValueError("sharded loading needs weights to read (init_from, or clip_path + llm_path)")

@@ -142,12 +142,11 @@ def main():
 @contextlib.contextmanager
 def attention_ctx(st, name):
     """The variants named "... bf16 attention" run with model.attend's float32 path switched off."""
-    old = model_lib.CPU_TRAINING_ATTENTION_FP32
-    model_lib.CPU_TRAINING_ATTENTION_FP32 = not name.endswith("bf16 attention")
+    st.plain.set_cpu_attention_fp32(not name.endswith("bf16 attention"))
     try:
         yield
     finally:
-        model_lib.CPU_TRAINING_ATTENTION_FP32 = old
+        st.plain.set_cpu_attention_fp32(True)
 
 
 @contextlib.contextmanager

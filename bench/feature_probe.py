@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import shapes  # noqa: E402
 from data import process_image  # noqa: E402
-from model import VTLMM  # noqa: E402
+import weights  # noqa: E402
 
 TASKS = {  # name: patch label (0 empty, else 1 + 4 * colour + shape) -> class
     "object (25 classes)": lambda y: y,
@@ -75,7 +75,7 @@ def main(argv=None):
     version = info.get("version", 2)
     if version < 3:
         raise SystemExit(f"{args.world}: world version {version}; the probe needs one label per patch (version 3+)")
-    model = VTLMM.from_pretrained(args.ckpt).eval()
+    model = weights.from_pretrained(args.ckpt).eval()
     n_train = info["counts"]["train_images"]
     held_out = range(n_train, n_train + info["counts"]["eval_images"])
     size = model.cfg.vision.image_size

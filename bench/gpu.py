@@ -23,6 +23,7 @@ import torch
 import inference
 import losses
 from model import PRESETS, VTLMM, VTLMMConfig
+import weights
 
 DEV = torch.device(os.environ.get("GPU_PY_DEVICE", "cuda"))  # cpu only for a dry run of the code paths
 CUDA = DEV.type == "cuda"
@@ -399,7 +400,7 @@ def parity():
         hf = tiny_llava().to(DEV)
         path = save_new_layout(hf.cpu(), tmp + "/m")
         hf = hf.to(DEV)
-        nano = VTLMM.from_pretrained(path, device=DEV).eval()
+        nano = weights.from_pretrained(path, device=DEV).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 200, (2, 30), generator=g)
     ids[:, 3:19] = 250

@@ -4,7 +4,9 @@ sharding over 8 GPUs with bf16 compute. Prints the README's memory table (tests/
 that they agree; tests/test_throughput.py checks the loss column against the measured peak).
 
     python bench/memory_budget.py
-    python bench/memory_budget.py --simulate   # the simulated peak beside it (bench/memory_sim.py, README §7B)
+
+bench/memory_sim.py simulates the same stages and prints its peak beside this arithmetic (it imports
+this file; this file imports nothing of it).
 """
 
 import os
@@ -95,10 +97,4 @@ def print_memory_budgets():
 
 
 if __name__ == "__main__":
-    if "--simulate" in sys.argv[1:]:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import memory_sim
-        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--simulate"]
-        memory_sim.main()
-    else:
-        print_memory_budgets()
+    print_memory_budgets()

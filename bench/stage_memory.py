@@ -200,7 +200,8 @@ def prepare(args):
     print(f"model: {n / 1e6:.1f}M parameters ({4 * n / 2**20:.0f} MiB in float32), vocabulary matrices "
           f"{vocab / n:.1%} of it; written as {args.layout}")
     if args.layout == "llava-hf":  # what a released checkpoint looks like (model.safetensors + vm_head.safetensors)
-        model.export_llava_hf(ckpt, cfg.tokenizer)
+        import weights
+        weights.export_llava_hf(model, ckpt, cfg.tokenizer)
     else:
         model.save_pretrained(ckpt)
     import shutil

@@ -14,6 +14,7 @@ import torch
 import inference
 from hf_tiny import IMAGE_TOKEN, save_new_layout, tiny_llava
 from model import VTLMM
+import weights
 
 P = 16  # patches of a 32 px image at patch 8
 NEW = 20
@@ -46,7 +47,7 @@ def pair(request, tmp_path_factory):
     """(transformers model on DEV, nanoVT model loaded from its files on DEV)."""
     hf = tiny_llava(request.param, sliding_window=7 if request.param == "mistral" else None)
     path = save_new_layout(hf, str(tmp_path_factory.mktemp(request.param)))
-    return hf.to(DEV), VTLMM.from_pretrained(path, device=DEV).eval()
+    return hf.to(DEV), weights.from_pretrained(path, device=DEV).eval()
 
 
 def hf_greedy(hf, ids, px):
@@ -97,7 +98,7 @@ def test_sliding_window_binds_in_the_decode_steps(tmp_path):
     """The window (7) is shorter than the prompt, so it changes the decode steps' attention; the static
     step follows transformers (above) and differs from the same weights without a window."""
     hf = tiny_llava("mistral", sliding_window=7)
-    m = VTLMM.from_pretrained(save_new_layout(hf, str(tmp_path)), device=DEV).eval()
+    m = weights.from_pretrained(save_new_layout(hf, str(tmp_path)), device=DEV).eval()
     ids, px = prompt(1, 24, 3)
     with torch.no_grad():
         cache = inference.new_cache(m, 1, 24 + 4)
