@@ -12,7 +12,7 @@ terms have the gradient d/dz = softmax(z) - p per row, so d/dh = (q - p) W and d
 loss and these two gradients are computed chunk by chunk in the forward pass; only the (n, d) gradients
 and ONE (C, d) gradient for both terms are kept, and backward scales them by grad_output. Each chunk
 works in place in at most three (chunk, C) float32 buffers, so the loss's peak memory is about the
-gradient of W plus three chunks of logits (bench/compare.py measures it). Eq. 9 (stage III) is the
+gradient of W plus three chunks of logits (bench/vs_transformers.py measures it). Eq. 9 (stage III) is the
 same with the roles swapped: Q = softmax(h W_MM^T) is the constant target and P' = softmax(x W_VM^T)
 the prediction, so d/dv = softmax(v) - Q for the VM-head logits v.
 

@@ -130,7 +130,7 @@ def resolve_dtype(dtype="auto", device="cpu"):
 def resolve_compile(compile="auto", device="cpu"):
     """Whether decoding runs its static-cache step through torch.compile. 'auto': on a GPU (CUDA
     graphs: one replay per token instead of hundreds of kernel launches), off on a CPU, where a chat
-    answer of a few tokens does not win back the 11-17 s the first call spends compiling (bench.py
+    answer of a few tokens does not win back the 11-17 s the first call spends compiling (bench/vs_transformers.py
     --decode; README §Talking to a model, docs/eval.md §Decoding); 'on' / 'off' force it."""
     if compile in (True, False):
         return compile

@@ -195,7 +195,7 @@ def return_large_frees_to_os(threshold=1 << 20):
     a mapped block is freed (up to 32 MiB), so after the first unshard a block's all-gathered weights come
     from the heap; freed there, they are split for other sizes, the heap grows block after block, and the
     process keeps the pages: a stage III step on 2 gloo ranks peaked at 1.0-1.5x the float32 model on a
-    rank holding half of it, and kept a third of that (bench/stage_memory.py; docs/training.md §Host memory
+    rank holding half of it, and kept a third of that (tests/stage_memory.py; docs/training.md §Host memory
     (FSDP on CPUs)). Setting the threshold fixes it (no more raising). Smaller allocations stay on the heap.
     Does nothing off glibc or when MALLOC_MMAP_THRESHOLD_ is set in the environment (the user's choice
     wins). Returns whether it was set."""

@@ -18,11 +18,10 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401 (bench/common.py: the repository on sys.path)
 
 import torch  # noqa: E402
 

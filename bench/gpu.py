@@ -15,8 +15,8 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import common  # bench/common.py: the repository on sys.path, timing
+sys.path.insert(0, os.path.join(common.ROOT, "tests"))
 
 import torch
 
@@ -30,8 +30,7 @@ CUDA = DEV.type == "cuda"
 
 
 def sync():
-    if CUDA:
-        torch.cuda.synchronize()
+    common.sync("cuda" if CUDA else "cpu")
 
 
 def peak_gib():
@@ -285,11 +284,7 @@ def decode_model():
 
 
 def timed(fn):
-    sync()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t, out
+    return common.timed(fn, "cuda" if CUDA else "cpu")
 
 
 PATHS = [("growing cache, eager", dict(static=False)),  # the path before the static cache

@@ -9,12 +9,9 @@ bench/memory_sim.py simulates the same stages and prints its peak beside this ar
 this file; this file imports nothing of it).
 """
 
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401 (bench/common.py: the repository on sys.path)
 import fused_losses  # noqa: E402
 import train  # noqa: E402
 from model import PRESETS, VTLMM, VTLMMConfig  # noqa: E402

