@@ -186,6 +186,8 @@ def setup_distributed(cfg):
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
 
 
+# Kept in train.py, beside the process-group setup that calls it: a host-memory setting of FSDP2 on CPUs,
+# which only training needs (inference and the tests never call it).
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
