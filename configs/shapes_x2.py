@@ -1,3 +1,4 @@
+# LEGACY: an older recipe, kept so that the numbers docs/experiments.md reports for it can be rerun; the demo is configs/shapes.py.
 # The demo's recipe with half its training (every stage's epochs x 2 of configs/shapes_v3.py instead
 # of x 4), on the demo's world: about 40 minutes on 2 CPU cores. It was the demo before the x 4
 # recipe was measured on 2 cores; one of the Table 5 runs (three seeds) is measured on it (the demo's
