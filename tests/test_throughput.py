@@ -167,7 +167,7 @@ def test_memory_table_loss_column_covers_the_measured_loss(stage):
     import importlib.util
     import os
 
-    from bench import LiveBytes
+    from vs_transformers import LiveBytes  # bench/vs_transformers.py
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "memory_budget.py")
     spec = importlib.util.spec_from_file_location("memory_budget", path)
     memory_budget = importlib.util.module_from_spec(spec)
