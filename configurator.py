@@ -15,6 +15,7 @@ import ast
 import dataclasses
 import os
 import sys
+from dataclasses import fields
 
 from errors import InputError
 
@@ -112,3 +113,89 @@ def parse(cls, argv):
         check_fields(cls, [name], "command line")
         values[name] = set_entry(values.get(name, getattr(cls(), name)), path, key, val, name)
     return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# a model config's sizes, checked before anything is built (model.VTLMMConfig.from_dict, weights.py)
+
+
+class ConfigError(InputError):
+    """A model config that is malformed or out of bounds; the message names the file and the key.
+    train.py, eval.py, sample.py and weights.py print it as one line (errors.InputError)."""
+
+
+# Sane bounds on a config's sizes, checked before anything is built (the meta-device model of a config
+# with a million layers would take minutes and gigabytes to reach the first missing tensor): far above
+# every released model (LLaMA-3-405B: 126 layers, width 16384, 128k vocabulary), far below what would
+# not fit in a machine's memory even on the meta device.
+CONFIG_BOUNDS = {
+    "vision.image_size": (1, 8192), "vision.patch_size": (1, 1024), "vision.width": (1, 1 << 15),
+    "vision.layers": (1, 512), "vision.heads": (1, 1024), "vision.mlp": (1, 1 << 18),
+    "vision.select_layer": (-512, 511),
+    "decoder.vocab_size": (1, 1 << 21), "decoder.dim": (1, 1 << 16), "decoder.layers": (1, 1024),
+    "decoder.heads": (1, 1024), "decoder.kv_heads": (1, 1024), "decoder.hidden": (1, 1 << 19),
+    "decoder.max_seq_len": (1, 1 << 24), "decoder.head_dim": (1, 4096), "decoder.sliding_window": (1, 1 << 24),
+}
+
+
+def param_count(cfg):
+    """The model's parameter count from its config alone (what VTLMM(cfg) would hold; tests/test_model.py
+    checks it against the built model)."""
+    v, d = cfg.vision, cfg.decoder
+    w, hd = v.width, d.hd
+    vision = 3 * v.patch_size ** 2 * w + w + (v.num_patches + 1) * w + 4 * w \
+        + v.layers * (4 * w + 4 * (w * w + w) + w * v.mlp + v.mlp + v.mlp * w + w)
+    adapter = w * d.dim + d.dim + d.dim * d.dim + d.dim
+    block = 2 * d.dim + d.dim * d.heads * hd + 2 * d.dim * d.kv_heads * hd + d.heads * hd * d.dim + 3 * d.dim * d.hidden
+    decoder = d.vocab_size * d.dim + d.layers * block + d.dim
+    return vision + adapter + decoder + 2 * d.vocab_size * d.dim  # + the MM and VM heads
+
+
+def check_config(cfg, where="the model config", weights_bytes=None):
+    """Check a config before anything is built: every size an integer within CONFIG_BOUNDS, the heads
+    dividing the width, kv_heads dividing heads, a patch no larger than the image. With `weights_bytes`
+    (the size of the files the weights come from), a config that describes more parameters than those
+    bytes can hold at 2 bytes each is refused too: the config and the weights do not belong together.
+    Raises ConfigError naming `where` and the key; the parameter count and the files' size are in it."""
+    def sizes():
+        n = None
+        try:
+            n = param_count(cfg)
+        except Exception:
+            pass
+        text = f"{n:,} parameters" if n is not None else "an uncountable model"
+        return f" (the config describes {text}" + (f"; the weights are {weights_bytes:,} bytes)" if weights_bytes
+                                                   is not None else ")")
+
+    for part in ("vision", "decoder"):
+        sub = getattr(cfg, part)
+        for f in fields(sub):
+            key, value = f"{part}.{f.name}", getattr(sub, f.name)
+            if key not in CONFIG_BOUNDS:
+                if f.type in (float, "float") and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                   or not value > 0):
+                    raise ConfigError(f"{where}: {key} = {value!r}: a positive number is expected")
+                continue
+            if value is None and f.default is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{where}: {key} = {value!r}: a whole number is expected")
+            lo, hi = CONFIG_BOUNDS[key]
+            if not lo <= value <= hi:
+                raise ConfigError(f"{where}: {key} = {value:,} is outside the sane range {lo:,} to {hi:,}" + sizes())
+    v, d = cfg.vision, cfg.decoder
+    if v.width % v.heads:
+        raise ConfigError(f"{where}: vision.heads = {v.heads} does not divide vision.width = {v.width}")
+    if v.patch_size > v.image_size:
+        raise ConfigError(f"{where}: vision.patch_size = {v.patch_size} is larger than vision.image_size = "
+                          f"{v.image_size}")
+    if d.head_dim is None and d.dim % d.heads:
+        raise ConfigError(f"{where}: decoder.heads = {d.heads} does not divide decoder.dim = {d.dim} "
+                          f"(or give head_dim)")
+    if d.heads % d.kv_heads:
+        raise ConfigError(f"{where}: decoder.kv_heads = {d.kv_heads} does not divide decoder.heads = {d.heads}")
+    if isinstance(cfg.image_token_id, bool) or not isinstance(cfg.image_token_id, int):
+        raise ConfigError(f"{where}: image_token_id = {cfg.image_token_id!r}: a whole number is expected")
+    if weights_bytes is not None and 2 * param_count(cfg) > weights_bytes:
+        raise ConfigError(f"{where} does not describe these weights" + sizes() + ", fewer than 2 bytes a parameter")
+    return param_count(cfg)

@@ -312,7 +312,7 @@ def write_atomic(path, write):
 class SampleIndex:
     """Samples kept compactly: each one's JSON in one bytes buffer, found by an offsets array and
     decoded when asked for. Parsed dicts cost several times the file's size per rank (3.4x for
-    mix665k-like samples: bench/data_memory.py), and DataLoader workers copy them page by page as
+    mix665k-like samples: a retired script, `git show 0aedc80:bench/data_memory.py`), and DataLoader workers copy them page by page as
     reference counts change (copy-on-write); one buffer and one array do neither. Indexing and iteration give fresh dicts, so callers cannot change it."""
 
     _paths = None  # (blob file, offsets .npy) when memory-mapped from a read cache

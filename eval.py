@@ -1,6 +1,6 @@
 """
 Answer LLaVA-style question files with batched greedy decoding, and score the answers as the official
-scorers do (the rules: scorers.py; the benchmarks' files and prompts: benchmarks.py). One command per
+scorers do (the rules: eval_scorers.py; the benchmarks' files and prompts: eval_benchmarks.py). One command per
 benchmark of the paper's Table 1, on LLaVA-1.5's eval data:
 
     python eval.py --ckpt DIR --benchmark textvqa --data playground/data/eval --out out/eval/mymodel
@@ -28,11 +28,11 @@ import sys
 
 import torch
 
-import benchmarks
+import eval_benchmarks as benchmarks
 import data
 import errors
 import inference
-from scorers import (_key, normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope,  # noqa: F401
+from eval_scorers import (_key, normalize_answer, pope_yes, score_gqa, score_mmbench, score_pope,  # noqa: F401
                      score_sqa, score_vqa)
 from inference import InputError, add_args, check_prompt_length, load_model, prompt_ids, stop_ids  # noqa: F401
 
@@ -129,7 +129,7 @@ def answer_batch(model, tok, prompts, images, max_new_tokens=128):
         mask[b, T - len(p):] = True
     if images is not None:
         images = images.to(device, model.mm_head.weight.dtype)
-    steps = list(model.generate_stream(ids.to(device), images, attention_mask=mask.to(device),
+    steps = list(inference.generate_stream(model, ids.to(device), images, attention_mask=mask.to(device),
                                        max_new_tokens=max_new_tokens, stop_ids=stop_ids(tok)))
     out = []
     for b in range(len(prompts)):
@@ -382,7 +382,7 @@ def _drop_torn_tail(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# scoring: the official rules live in scorers.py
+# scoring: the official rules live in eval_scorers.py
 
 
 # "mc" is the old name of the ScienceQA rule, kept for existing commands

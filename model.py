@@ -11,8 +11,10 @@ turns each patch feature into a distribution over the vocabulary ("visual tokens
 losses.py uses as the training target at image positions (Eq. 6) or fits (Eq. 9).
 
 Contents: configs (with the released 7B shapes by name) → CLIP vision tower → adapter →
-LLaMA/Mistral decoder with a KV cache → VTLMM (forward, pseudo image features, nearest
-tokens, generate) → saving; loading and export to llava-hf are in weights.py (docs/weights.md).
+LLaMA/Mistral decoder → VTLMM (embed, forward, pseudo image features (Eq. 8), visual tokens
+(Eq. 5), nearest tokens (Eq. 3)) → fresh weights and saving. The losses are in losses.py; decoding
+(KV cache, the compiled step, generate) in inference.py; loading and export in weights.py
+(docs/weights.md).
 """
 
 import contextlib
@@ -26,23 +28,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from errors import InputError
+from configurator import ConfigError, check_config
 
 IMAGE_TOKEN_ID = -200  # sentinel placeholder id for nanoVT's own models: never looked up in the embedding
 
 
-CPU_TRAINING_ATTENTION_FP32 = True  # attend's switch; bench/demo_speed.py times the step without it
-
-
-def attend(q, k, v, **kw):
-    """F.scaled_dot_product_attention, except when training in bf16 (or fp16) on a CPU: then in float32.
-    PyTorch's CPU flash-attention backward is slower in bf16 than in float32 (on a 2-core AMX Xeon, at
-    the demo's 32 x 6 heads x 208 tokens x 32: 44 ms against 19 ms, while the forwards take 4 and 6 ms),
-    and it was half of a compiled bf16 training step (docs/experiments.md §The speed levers). CPU autocast
-    would cast the inputs back to bf16, so it is switched off around the call. Inference (no grad) and
-    GPUs keep the half-precision kernels. (Under autocast q and k arrive in float32, RoPE's product with
-    float32 tables promotes them, and v in bf16: the autocast state, not q, says what SDPA would run in.)"""
-    if CPU_TRAINING_ATTENTION_FP32 and q.device.type == "cpu" and torch.is_grad_enabled():
+def attend(q, k, v, cpu_fp32=True, **kw):
+    """F.scaled_dot_product_attention, except when training in bf16 (or fp16) on a CPU with cpu_fp32: then
+    in float32, because PyTorch's CPU flash-attention backward is slower in bf16 than in float32 (the
+    timings: docs/experiments.md §The speed levers). CPU autocast would cast the inputs back to bf16, so
+    it is switched off around the call. Inference (no grad) and GPUs keep the half-precision kernels.
+    (Under autocast q and k arrive in float32, RoPE's product with float32 tables promotes them, and v in
+    bf16: the autocast state, not q, says what SDPA would run in.) `cpu_fp32` is each attention module's
+    setting (VTLMM.set_cpu_attention_fp32)."""
+    if cpu_fp32 and q.device.type == "cpu" and torch.is_grad_enabled():
         low = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else v.dtype
         if low in (torch.bfloat16, torch.float16):
             with torch.autocast("cpu", enabled=False):
@@ -128,88 +127,6 @@ class VTLMMConfig:
         return cfg
 
 
-class ConfigError(InputError):
-    """A model config that is malformed or out of bounds; the message names the file and the key.
-    train.py, eval.py, sample.py and weights.py print it as one line (errors.InputError)."""
-
-
-# Sane bounds on a config's sizes, checked before anything is built (the meta-device model of a config
-# with a million layers would take minutes and gigabytes to reach the first missing tensor): far above
-# every released model (LLaMA-3-405B: 126 layers, width 16384, 128k vocabulary), far below what would
-# not fit in a machine's memory even on the meta device.
-CONFIG_BOUNDS = {
-    "vision.image_size": (1, 8192), "vision.patch_size": (1, 1024), "vision.width": (1, 1 << 15),
-    "vision.layers": (1, 512), "vision.heads": (1, 1024), "vision.mlp": (1, 1 << 18),
-    "vision.select_layer": (-512, 511),
-    "decoder.vocab_size": (1, 1 << 21), "decoder.dim": (1, 1 << 16), "decoder.layers": (1, 1024),
-    "decoder.heads": (1, 1024), "decoder.kv_heads": (1, 1024), "decoder.hidden": (1, 1 << 19),
-    "decoder.max_seq_len": (1, 1 << 24), "decoder.head_dim": (1, 4096), "decoder.sliding_window": (1, 1 << 24),
-}
-
-
-def param_count(cfg: VTLMMConfig):
-    """The model's parameter count from its config alone (what VTLMM(cfg) would hold; tests/test_model.py
-    checks it against the built model)."""
-    v, d = cfg.vision, cfg.decoder
-    w, hd = v.width, d.hd
-    vision = 3 * v.patch_size ** 2 * w + w + (v.num_patches + 1) * w + 4 * w \
-        + v.layers * (4 * w + 4 * (w * w + w) + w * v.mlp + v.mlp + v.mlp * w + w)
-    adapter = w * d.dim + d.dim + d.dim * d.dim + d.dim
-    block = 2 * d.dim + d.dim * d.heads * hd + 2 * d.dim * d.kv_heads * hd + d.heads * hd * d.dim + 3 * d.dim * d.hidden
-    decoder = d.vocab_size * d.dim + d.layers * block + d.dim
-    return vision + adapter + decoder + 2 * d.vocab_size * d.dim  # + the MM and VM heads
-
-
-def check_config(cfg: VTLMMConfig, where="the model config", weights_bytes=None):
-    """Check a config before anything is built: every size an integer within CONFIG_BOUNDS, the heads
-    dividing the width, kv_heads dividing heads, a patch no larger than the image. With `weights_bytes`
-    (the size of the files the weights come from), a config that describes more parameters than those
-    bytes can hold at 2 bytes each is refused too: the config and the weights do not belong together.
-    Raises ConfigError naming `where` and the key; the parameter count and the files' size are in it."""
-    def sizes():
-        n = None
-        try:
-            n = param_count(cfg)
-        except Exception:
-            pass
-        text = f"{n:,} parameters" if n is not None else "an uncountable model"
-        return f" (the config describes {text}" + (f"; the weights are {weights_bytes:,} bytes)" if weights_bytes
-                                                   is not None else ")")
-
-    for part in ("vision", "decoder"):
-        sub = getattr(cfg, part)
-        for f in fields(sub):
-            key, value = f"{part}.{f.name}", getattr(sub, f.name)
-            if key not in CONFIG_BOUNDS:
-                if f.type in (float, "float") and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                                   or not value > 0):
-                    raise ConfigError(f"{where}: {key} = {value!r}: a positive number is expected")
-                continue
-            if value is None and f.default is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"{where}: {key} = {value!r}: a whole number is expected")
-            lo, hi = CONFIG_BOUNDS[key]
-            if not lo <= value <= hi:
-                raise ConfigError(f"{where}: {key} = {value:,} is outside the sane range {lo:,} to {hi:,}" + sizes())
-    v, d = cfg.vision, cfg.decoder
-    if v.width % v.heads:
-        raise ConfigError(f"{where}: vision.heads = {v.heads} does not divide vision.width = {v.width}")
-    if v.patch_size > v.image_size:
-        raise ConfigError(f"{where}: vision.patch_size = {v.patch_size} is larger than vision.image_size = "
-                          f"{v.image_size}")
-    if d.head_dim is None and d.dim % d.heads:
-        raise ConfigError(f"{where}: decoder.heads = {d.heads} does not divide decoder.dim = {d.dim} "
-                          f"(or give head_dim)")
-    if d.heads % d.kv_heads:
-        raise ConfigError(f"{where}: decoder.kv_heads = {d.kv_heads} does not divide decoder.heads = {d.heads}")
-    if isinstance(cfg.image_token_id, bool) or not isinstance(cfg.image_token_id, int):
-        raise ConfigError(f"{where}: image_token_id = {cfg.image_token_id!r}: a whole number is expected")
-    if weights_bytes is not None and 2 * param_count(cfg) > weights_bytes:
-        raise ConfigError(f"{where} does not describe these weights" + sizes() + ", fewer than 2 bytes a parameter")
-    return param_count(cfg)
-
-
 # The released shapes, by name. Parameter counts are checked by tests/test_model.py.
 PRESETS = {
     "clip-vit-l14-336": VisionConfig(),  # 303,507,456 parameters, all kept (post-norm and last block unused)
@@ -233,11 +150,12 @@ class CLIPAttention(nn.Module):
         self.k = nn.Linear(width, width)
         self.v = nn.Linear(width, width)
         self.o = nn.Linear(width, width)
+        self.cpu_fp32 = True  # attend's setting
 
     def forward(self, x):
         B, T, W = x.shape
         q, k, v = (p(x).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
-        y = attend(q, k, v)  # (B, heads, T, head_dim), no mask
+        y = attend(q, k, v, self.cpu_fp32)  # (B, heads, T, head_dim), no mask
         return self.o(y.transpose(1, 2).reshape(B, T, W))
 
 
@@ -323,43 +241,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class KVCache:
-    """Preallocated keys/values, a (B, kv_heads, max_len, head_dim) tensor each per layer.
-
-    `valid` (B, max_len) marks real (non-padding) keys; `pos` (B,) is the next RoPE position per row;
-    `index` (0-d) is the next slot, the same for every row (left padding keeps rows aligned), as a tensor
-    so that a decode step written with it has the same shapes and inputs every token (Decoder.step).
-    """
-
-    def __init__(self, cfg: DecoderConfig, batch, max_len, dtype, device):
-        # one tensor per layer, not one stacked tensor: under torch.compile an in-place write into a view
-        # of a graph input becomes a copy of that whole input, so a stacked cache would be copied per layer
-        shape = (batch, cfg.kv_heads, max_len, cfg.hd)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.layers)]
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.index = torch.zeros((), dtype=torch.long, device=device)
-        self.len = 0  # filled length as a Python int (the prefill and the dynamic decode path use it)
-        self.max_len = max_len
-        self.shape = (batch, max_len, dtype, torch.device(device))
-
-    def reset(self):
-        """Empty again, for the next prompt: keys and values stay (every slot is rewritten before a
-        query can see it), the masks and counters go back to zero."""
-        self.valid.zero_()
-        self.pos.zero_()
-        self.index.zero_()
-        self.len = 0
-        return self
-
-    def mark_static(self):
-        """Tell torch.compile these buffers keep their addresses (CUDA graphs then replay in place)."""
-        for t in (*self.k, *self.v, self.valid, self.pos, self.index):
-            torch._dynamo.mark_static_address(t)
-        return self
-
-
 DECODE_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -372,8 +253,11 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=False)
         self.v = nn.Linear(cfg.dim, cfg.kv_heads * hd, bias=False)
         self.o = nn.Linear(cfg.heads * hd, cfg.dim, bias=False)
+        self.cpu_fp32 = True  # attend's setting
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, slot=None):
+        """x (B, T, dim). cache: an inference.KVCache to write this layer's keys and values into (at its
+        filled length, or with `slot` at that one index: inference.decode_step) and attend over."""
         B, T, _ = x.shape
         hd = self.cfg.hd
         q = self.q(x).view(B, T, self.cfg.heads, hd).transpose(1, 2)  # (B, heads, T, hd)
@@ -381,7 +265,7 @@ class Attention(nn.Module):
         v = self.v(x).view(B, T, self.cfg.kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         gqa = self.cfg.heads != self.cfg.kv_heads
-        if slot is not None:  # static cache (Decoder.step): write at slot, attend every slot under the mask
+        if slot is not None:  # static cache (inference.decode_step): write at slot, attend every slot under the mask
             cache.k[layer].index_copy_(2, slot, k)
             cache.v[layer].index_copy_(2, slot, v)
             y = F.scaled_dot_product_attention(q, cache.k[layer], cache.v[layer], attn_mask=mask, enable_gqa=gqa)
@@ -395,9 +279,9 @@ class Attention(nn.Module):
         # length (milliseconds of host time each, measured on an H200), the other kernels need none
         with sdpa_kernel(DECODE_SDPA) if cache is not None and q.is_cuda else contextlib.nullcontext():
             if mask is None:  # plain causal attention from position 0, no padding, no binding window
-                y = attend(q, k, v, is_causal=cache is None or T > 1, enable_gqa=gqa)
+                y = attend(q, k, v, self.cpu_fp32, is_causal=cache is None or T > 1, enable_gqa=gqa)
             else:
-                y = attend(q, k, v, attn_mask=mask, enable_gqa=gqa)
+                y = attend(q, k, v, self.cpu_fp32, attn_mask=mask, enable_gqa=gqa)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -462,7 +346,7 @@ class Decoder(nn.Module):
             m = m | ~m.any(-1, keepdim=True)  # a padding query sees everything; its output is never used
         return m
 
-    def forward(self, x, attention_mask=None, cache: Optional[KVCache] = None):
+    def forward(self, x, attention_mask=None, cache=None):
         """x: input embeddings (B, T, dim) -> final-norm hidden states (B, T, dim)."""
         B, T, _ = x.shape
         start = cache.len if cache is not None else 0
@@ -488,32 +372,6 @@ class Decoder(nn.Module):
             cache.len = start + T
             cache.index.fill_(start + T)
         return self.norm(x)
-
-    def step(self, tok, cache: KVCache):
-        """One new token per row, tok (B,), into cache slot cache.index: final-norm hidden states (B, dim).
-
-        Every shape is fixed by the cache (B, max_len) and no value is read back to the host, so one
-        compiled graph (a CUDA graph under mode reduce-overhead) serves every step: the keys and values
-        are written at the slot with index_copy_, and the query attends all max_len slots under a mask
-        that keeps the filled, non-padding ones (and, with a sliding window w, those less than w back),
-        which is the mask `attention_mask` builds for the same query over the filled prefix alone.
-        """
-        slot = cache.index.view(1)
-        x = self.embed(tok[:, None])
-        cache.valid.index_fill_(1, slot, True)
-        positions = cache.pos[:, None]
-        cos, sin = rope_cos_sin(positions, self.cfg.hd, self.cfg.rope_theta, x.dtype)
-        kj = torch.arange(cache.max_len, device=x.device)
-        m = cache.valid & (kj <= cache.index)[None]
-        if self.cfg.sliding_window is not None:
-            m = m & (cache.index - kj < self.cfg.sliding_window)[None]
-        mask = m[:, None, None, :]  # (B, 1, 1, max_len)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, mask, cache, i, slot)
-        cache.pos.add_(1)
-        cache.index.add_(1)
-        return self.norm(x)[:, 0]
-
 
 # ----------------------------------------------------------------------------------------------
 # VT-LMM
@@ -603,6 +461,12 @@ class VTLMM(nn.Module):
         for block in self.decoder.blocks:
             block.checkpoint = on
 
+    def set_cpu_attention_fp32(self, on=True):
+        """Whether attention trains in float32 under bf16 on a CPU (`attend`; on by default)."""
+        for mod in self.modules():
+            if isinstance(mod, (Attention, CLIPAttention)):
+                mod.cpu_fp32 = on
+
     def num_params(self, part=None, non_embedding=False):
         mod = getattr(self, part) if part else self
         n = sum(p.numel() for p in mod.parameters())
@@ -690,108 +554,7 @@ class VTLMM(nn.Module):
         sim, ids = (x @ e.T).max(dim=-1)
         return ids, sim
 
-    # -- decoding -------------------------------------------------------------------------------
-
-    def new_cache(self, batch, max_len):
-        p = self.mm_head.weight
-        return KVCache(self.cfg.decoder, batch, max_len, p.dtype, p.device)
-
-    def decode_step(self, tok, cache):
-        """Next-token logits (B, C) of one new token per row, through the static cache (Decoder.step)."""
-        return self.mm_head(self.decoder.step(tok, cache))
-
-    # torch.compile of decode_step; "auto" (inference.resolve_compile) decides where it is worth it
-    compile_decode = False
-
-    def _compiled_step(self):
-        if getattr(self, "_step_fn", None) is None:
-            cuda = self.mm_head.weight.is_cuda
-            # one graph per (model, batch, cache length): eval's batches and a test suite's models need
-            # more than dynamo's default of 8 before it would fall back to eager without saying so
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # reduce-overhead: CUDA graphs, one replay per token instead of ~10 launches per block
-            self._step_fn = torch.compile(self.decode_step, mode="reduce-overhead" if cuda else None,
-                                          fullgraph=True, dynamic=False)
-        return self._step_fn
-
-    def _static_cache(self, batch, max_len, compiled):
-        """A cache for batch x max_len. Compiled: one kept on the model and reused while the shape
-        fits (max_len rounded up to 128), so its buffers keep their addresses and the compiled step
-        its graph; each new shape costs one compilation. Eager: a fresh one."""
-        if not compiled:
-            return self.new_cache(batch, max_len)
-        max_len = -(-max_len // 128) * 128
-        p = self.mm_head.weight
-        c = getattr(self, "_kept_cache", None)
-        if c is None or c.shape != (batch, max_len, p.dtype, p.device):
-            self._kept_cache = c = None  # free the old one first
-            c = self._kept_cache = self.new_cache(batch, max_len).mark_static()
-        return c.reset()
-
-    @torch.no_grad()
-    def generate_stream(self, input_ids, pixel_values=None, attention_mask=None, max_new_tokens=128,
-                        temperature=0.0, top_k=None, top_p=None, stop_ids=(), generator=None, static=True,
-                        compile=None):
-        """Yields the next token of every row, (B,), one step at a time, with a KV cache.
-
-        Batches are left-padded (attention_mask 0 on the left). temperature 0 = greedy. Rows that
-        produced a stop id keep yielding that id; the stream ends when every row has stopped.
-        The prompt is one forward pass (the prefill); each new token then goes through decode_step
-        on a static cache (static=True), compiled when `compile` (default: self.compile_decode), or,
-        with static=False, through the decoder's forward on a cache that grows by one key a step.
-        A compiled stream reuses one cache kept on the model: finish or drop one stream before the next.
-        """
-        B, T = input_ids.shape
-        compiled = static and (self.compile_decode if compile is None else compile)
-        cache = self._static_cache(B, T + max_new_tokens, compiled) if static else self.new_cache(B, T + max_new_tokens)
-        step = self._compiled_step() if compiled else self.decode_step
-        cuda_graphs = compiled and input_ids.is_cuda
-        out = self(input_ids, pixel_values, attention_mask, cache=cache, logits=False)
-        logits = self.mm_head(out.hidden[:, -1])
-        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        for i in range(max_new_tokens):
-            tok = sample_next(logits, temperature, top_k, top_p, generator)
-            tok = torch.where(done, stop[0] if len(stop) else tok, tok)
-            yield tok
-            done |= torch.isin(tok, stop)
-            if bool(done.all()) or i == max_new_tokens - 1:  # no forward pass for a token never asked for
-                return
-            if static:
-                if cuda_graphs:
-                    torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are consumed
-                logits = step(tok, cache)
-                cache.len += 1
-            else:
-                hidden = self.decoder(self.decoder.embed(tok[:, None]), None, cache)
-                logits = self.mm_head(hidden[:, -1])
-
-    def generate(self, input_ids, pixel_values=None, max_new_tokens=128, **kw):
-        """Returns (B, T + n) with the new tokens appended (rows that stopped early repeat their stop id)."""
-        steps = list(self.generate_stream(input_ids, pixel_values, max_new_tokens=max_new_tokens, **kw))
-        if not steps:
-            return input_ids
-        return torch.cat([input_ids, torch.stack(steps, dim=1)], dim=1)
-
     # -- loading and saving ---------------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", vision_path=None, **overrides):
-        """Load a nanoVT checkpoint, a llava-hf directory (old or new layout), an original LLaVA /
-        VW-LMM directory (CLIP tower from `vision_path` or config's mm_vision_tower), each a single
-        file or a sharded index, through weights.py's name maps. Strict: every parameter filled, every
-        key consumed, every shape checked. The model is built on the meta device and filled in
-        `dtype`, no random copy first.
-        """
-        import weights
-        return weights.load_pretrained(cls, path, dtype, device, vision_path, overrides)
-
-    @classmethod
-    def from_clip_and_llm(cls, clip_path, llm_path, dtype=torch.float32, device="cpu", vision=None, **overrides):
-        """Stage I start: CLIP weights + LLaMA/Mistral weights (an HF directory or a GGUF file); adapter and
-        VM head fresh. Without clip_path, a fresh tower of shape `vision` (a VisionConfig)."""
-        import weights
-        return weights.load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides, vision)
 
     def save_pretrained(self, out_dir):
         """nanoVT checkpoint: config.json + model.safetensors (plain parameter names)."""
@@ -803,29 +566,3 @@ class VTLMM(nn.Module):
         os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
         with open(os.path.join(out_dir, "config.json"), "w") as f:
             json.dump({"nanovt": self.cfg.to_dict()}, f, indent=2)
-
-    def export_llava_hf(self, out_dir, tokenizer=None):
-        """Write a Hugging Face repository that transformers' LlavaForConditionalGeneration loads (new
-        layout), the VM head beside it in vm_head.safetensors (which from_pretrained picks up); with
-        `tokenizer` (a tokenizer.model or its directory) also the tokenizer, chat template and processor
-        files that AutoProcessor reads (docs/weights.md §Export)."""
-        import weights
-        return weights.export_llava_hf(self, out_dir, tokenizer)
-
-
-def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
-    """logits (B, C) -> next ids (B,). Greedy at temperature 0; else top-k, then nucleus (top-p)."""
-    if not temperature:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

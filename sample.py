@@ -63,7 +63,7 @@ def stream(model, tok, ids, pixel_values, out=None, max_new_tokens=256, temperat
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
     out = [] if out is None else out
     shown = ""
-    for t in model.generate_stream(torch.tensor([ids], device=device), pixel_values, max_new_tokens=max_new_tokens,
+    for t in inference.generate_stream(model, torch.tensor([ids], device=device), pixel_values, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p,
                                    stop_ids=stop_ids(tok), generator=gen):
         if int(t[0]) in stop_ids(tok):

@@ -100,6 +100,7 @@ class TrainConfig:
     activation_checkpointing: bool = True
     compile: bool = False          # torch.compile each decoder and vision block (train.compile_blocks); off: see docs/training.md
     device: str = "auto"
+    fused_loss: bool = True        # the losses without full logits (fused_losses.py); off: losses.py's formulas on full logits
     loss_chunk: int = 0            # rows per chunk of the fused head + loss (0: about 32 MiB of logits)
     peak_flops: float = 0.0        # FLOP/s of one device for MFU (0: from the table by device name and dtype)
     # bookkeeping
@@ -185,6 +186,8 @@ def setup_distributed(cfg):
     return Dist(int(os.environ.get("RANK", 0)), world, local, device)
 
 
+# Kept in train.py, beside the process-group setup that calls it: a host-memory setting of FSDP2 on CPUs,
+# which only training needs (inference and the tests never call it).
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
 
 
@@ -194,7 +197,7 @@ def return_large_frees_to_os(threshold=1 << 20):
     a mapped block is freed (up to 32 MiB), so after the first unshard a block's all-gathered weights come
     from the heap; freed there, they are split for other sizes, the heap grows block after block, and the
     process keeps the pages: a stage III step on 2 gloo ranks peaked at 1.0-1.5x the float32 model on a
-    rank holding half of it, and kept a third of that (bench/stage_memory.py; docs/training.md §Host memory
+    rank holding half of it, and kept a third of that (tests/stage_memory.py; docs/training.md §Host memory
     (FSDP on CPUs)). Setting the threshold fixes it (no more raising). Smaller allocations stay on the heap.
     Does nothing off glibc or when MALLOC_MMAP_THRESHOLD_ is set in the environment (the user's choice
     wins). Returns whether it was set."""
@@ -224,11 +227,11 @@ def build_model(cfg: TrainConfig, tok=None, dtype=torch.float32, sources=None):
                              + (" or a GGUF file" if key in ("init_from", "llm_path") else "") + " is expected)")
     with lazy as found:
         if cfg.init_from:
-            model = VTLMM.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
+            model = weights.from_pretrained(cfg.init_from, dtype=dtype, vision_path=cfg.vision_path or None, **over)
         elif cfg.clip_path or cfg.llm_path:
             # no CLIP: a fresh tower of the config's shape, which the hook pretrains (the toy world)
             vision = model_lib.VisionConfig(**cfg.model["vision"]) if not cfg.clip_path and cfg.model.get("vision") else None
-            model = VTLMM.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, vision=vision, **over)
+            model = weights.from_clip_and_llm(cfg.clip_path, cfg.llm_path, dtype=dtype, vision=vision, **over)
         elif cfg.model:
             if sources is not None:
                 raise ValueError("sharded loading needs weights to read (init_from, or clip_path + llm_path)")
@@ -598,7 +601,8 @@ def setup_stage(cfg: TrainConfig, d: Dist, lock, run_id) -> Stage:
     if hook and not (cfg.resume and checkpoint.latest(cfg.out_dir)):  # resumed: the checkpoint has it
         hook.prepare_model(cfg, model, d)
     name = STAGES[cfg.stage]["objective"]
-    objective = losses.Objective(model, "lm" if name == "mm" and not cfg.vm_loss else name, cfg.loss_chunk or None)
+    objective = losses.Objective(model, "lm" if name == "mm" and not cfg.vm_loss else name, cfg.loss_chunk or None,
+                                 fused=cfg.fused_loss)
     trainable = set_trainable(model, cfg.stage, cfg.freeze)
     dataset = build_dataset(cfg, model, tok)
     plain = model  # bound before wrapping: parameter counts stay unsharded

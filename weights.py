@@ -13,8 +13,8 @@ Print a map (one tensor a line):
     python weights.py CHECKPOINT_DIR [--vision_path CLIP_DIR]       # what from_pretrained reads there
 
 Contents: name maps → weight files → strict filling → sharded loading → configs from HF config.json →
-from_pretrained / from_clip_and_llm / export_llava_hf → the print command. model.py's VTLMM methods
-call these.
+from_pretrained / from_clip_and_llm / export_llava_hf → the print command. model.py does not import this
+module (no circle): loading is `weights.from_pretrained(path)`, saving `model.save_pretrained(dir)`.
 """
 
 import argparse
@@ -28,9 +28,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from configurator import check_config
 from errors import InputError, InputKeyError
-from model import (IMAGE_TOKEN_ID, PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig, check_config, init_weights,
-                   local_rows)
+from model import IMAGE_TOKEN_ID, PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig, init_weights, local_rows
 
 # ----------------------------------------------------------------------------------------------
 # Name maps: {checkpoint name: nanoVT name}, every tensor written out, per layer
@@ -628,7 +628,7 @@ def _gguf_llm(path):
 def read_checkpoint(path, vision_path=None, overrides=None):
     """What from_pretrained reads in `path`: (config, parts, kind). `parts` lists (WeightFiles, name map),
     one map per file (None for a nanoVT checkpoint: its own names, listed from the model _build makes,
-    so a config is built once); the config is checked against sane bounds first (model.check_config);
+    so a config is built once); the config is checked against sane bounds first (configurator.check_config);
     `kind` keys MAY_START_FRESH. The layout is told by config.json and the file's names, a GGUF LLM by
     its first bytes."""
     overrides = overrides or {}
@@ -687,14 +687,20 @@ def _build(cls, cfg, parts, dtype, device, where, kind):
     return model
 
 
-def load_pretrained(cls, path, dtype, device, vision_path, overrides):
+def from_pretrained(path, dtype=torch.float32, device="cpu", vision_path=None, cls=VTLMM, **overrides):
+    """A VTLMM from a nanoVT checkpoint, a llava-hf directory (old or new layout), an original LLaVA /
+    VW-LMM directory (CLIP tower from `vision_path` or config's mm_vision_tower), each a single file or a
+    sharded index, through the name maps above. Strict: every parameter filled, every key consumed, every
+    shape checked. The model is built on the meta device and filled in `dtype`, no random copy first.
+    `overrides`: VTLMMConfig fields to set (pseudo_image_features, template)."""
     cfg, parts, kind = read_checkpoint(path, vision_path, overrides)
     return _build(cls, cfg, parts, dtype, device, path, kind)
 
 
-def load_clip_and_llm(cls, clip_path, llm_path, dtype, device, overrides, vision=None):
-    """CLIP's directory and an LLM (an HF directory or a GGUF file). Without `clip_path` the tower is a fresh
-    one of shape `vision` (the toy world's, pretrained by its hook)."""
+def from_clip_and_llm(clip_path, llm_path, dtype=torch.float32, device="cpu", vision=None, cls=VTLMM, **overrides):
+    """Stage I start: CLIP's directory and an LLM (an HF directory or a GGUF file); adapter and VM head fresh.
+    Without `clip_path` the tower is a fresh one of shape `vision` (a VisionConfig: the toy world's,
+    pretrained by its hook)."""
     from gguf_file import is_gguf
     if is_gguf(llm_path):
         dec, template, llm = _gguf_llm(llm_path)
@@ -885,7 +891,7 @@ def _main(argv=None):
         tokenizer = args.tokenizer or os.path.join(args.path, "tokenizer.model")
         if not os.path.exists(tokenizer):
             ap.error(f"no {tokenizer}: name the model's tokenizer.model with --tokenizer")
-        model = VTLMM.from_pretrained(args.path, dtype=dtype, vision_path=args.vision_path)
+        model = from_pretrained(args.path, dtype=dtype, vision_path=args.vision_path)
         files = export_llava_hf(model, args.export, tokenizer)
         print(f"wrote {args.export}: {', '.join(files)}")
         if model.cfg.pseudo_image_features:

@@ -18,16 +18,14 @@ import argparse
 import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401 (bench/common.py: the repository on sys.path)
 
 import torch  # noqa: E402
 
 import configurator  # noqa: E402
-import model as model_lib  # noqa: E402
 import train  # noqa: E402
 
 VARIANTS = {  # name: (TrainConfig overrides, intra-op threads (None: the default), loader)
@@ -112,7 +110,7 @@ def main():
             return (next(live[name]) for _ in range(args.batches))
 
         for name in names:  # warm-up: every shape once (compiles happen here)
-            with threads_ctx(VARIANTS[name][1]), attention_ctx(name):
+            with threads_ctx(VARIANTS[name][1]), attention_ctx(stages[name], name):
                 t0 = time.perf_counter()
                 for b in feed(name):
                     step(stages[name], [b])
@@ -121,7 +119,7 @@ def main():
         counted = {n: [] for n in names}
         for _ in range(args.rounds):
             for name in names:
-                with threads_ctx(VARIANTS[name][1]), attention_ctx(name):
+                with threads_ctx(VARIANTS[name][1]), attention_ctx(stages[name], name):
                     t0, n_real = time.perf_counter(), 0
                     for b in feed(name):
                         step(stages[name], [b])
@@ -141,14 +139,13 @@ def main():
 
 
 @contextlib.contextmanager
-def attention_ctx(name):
+def attention_ctx(st, name):
     """The variants named "... bf16 attention" run with model.attend's float32 path switched off."""
-    old = model_lib.CPU_TRAINING_ATTENTION_FP32
-    model_lib.CPU_TRAINING_ATTENTION_FP32 = not name.endswith("bf16 attention")
+    st.plain.set_cpu_attention_fp32(not name.endswith("bf16 attention"))
     try:
         yield
     finally:
-        model_lib.CPU_TRAINING_ATTENTION_FP32 = old
+        st.plain.set_cpu_attention_fp32(True)
 
 
 @contextlib.contextmanager

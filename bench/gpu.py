@@ -15,21 +15,22 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import common  # bench/common.py: the repository on sys.path, timing
+sys.path.insert(0, os.path.join(common.ROOT, "tests"))
 
 import torch
 
+import inference
 import losses
 from model import PRESETS, VTLMM, VTLMMConfig
+import weights
 
 DEV = torch.device(os.environ.get("GPU_PY_DEVICE", "cuda"))  # cpu only for a dry run of the code paths
 CUDA = DEV.type == "cuda"
 
 
 def sync():
-    if CUDA:
-        torch.cuda.synchronize()
+    common.sync("cuda" if CUDA else "cpu")
 
 
 def peak_gib():
@@ -277,17 +278,13 @@ def decode_model():
             else:
                 p.normal_(0.0, 0.02, generator=g)
     ids = torch.randint(3, cfg.decoder.vocab_size - 1, (1, 64), device=DEV)
-    model.generate(ids, max_new_tokens=8)
+    inference.generate(model, ids, max_new_tokens=8)
     _DECODE_MODEL.append((model, ids, cfg.decoder.layers))
     return _DECODE_MODEL[0]
 
 
 def timed(fn):
-    sync()
-    t = time.perf_counter()
-    out = fn()
-    sync()
-    return time.perf_counter() - t, out
+    return common.timed(fn, "cuda" if CUDA else "cpu")
 
 
 PATHS = [("growing cache, eager", dict(static=False)),  # the path before the static cache
@@ -307,11 +304,11 @@ def decode():
     ref = None
     rows = []
     for name, kw in PATHS:
-        t_first, out = timed(lambda: model.generate(ids, max_new_tokens=new, **kw))
+        t_first, out = timed(lambda: inference.generate(model, ids, max_new_tokens=new, **kw))
         ref = out if ref is None else ref
         same = int((out[0, ids.shape[1]:] == ref[0, ids.shape[1]:]).sum())
-        t1 = min(timed(lambda: model.generate(ids, max_new_tokens=1, **kw))[0] for _ in range(2))
-        tn = min(timed(lambda: model.generate(ids, max_new_tokens=new, **kw))[0] for _ in range(2))
+        t1 = min(timed(lambda: inference.generate(model, ids, max_new_tokens=1, **kw))[0] for _ in range(2))
+        tn = min(timed(lambda: inference.generate(model, ids, max_new_tokens=new, **kw))[0] for _ in range(2))
         tok_s = (new - 1) / (tn - t1)
         line = f"- batch-1 greedy decoding, {name}, Vicuna-7B widths x {n} blocks, bf16: **{tok_s:.0f} tokens/s**"
         if roof:
@@ -350,11 +347,11 @@ def answer():
         batches.append((ids.to(DEV), px.to(DEV, torch.bfloat16), mask.to(DEV)))
 
     def run(kw):
-        return [model.generate(ids, px, attention_mask=mask, max_new_tokens=new, **kw) for ids, px, mask in batches]
+        return [inference.generate(model, ids, px, attention_mask=mask, max_new_tokens=new, **kw) for ids, px, mask in batches]
 
     outs = {}
     for name, kw in PATHS[1:]:
-        t_first, _ = timed(lambda: model.generate(*batches[0][:2], attention_mask=batches[0][2], max_new_tokens=new,
+        t_first, _ = timed(lambda: inference.generate(model, *batches[0][:2], attention_mask=batches[0][2], max_new_tokens=new,
                                                   **kw))
         t, outs[name] = min((timed(lambda: run(kw)) for _ in range(2)), key=lambda r: r[0])
         print(f"- eval-style answering, {name}, Vicuna-7B widths x {n} blocks, bf16, {Q} questions in batches of "
@@ -373,7 +370,7 @@ def decode_profile():
     sync()
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with profile(activities=acts) as prof:
-        model.generate(ids, max_new_tokens=17)
+        inference.generate(model, ids, max_new_tokens=17)
         sync()
     print("```")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50))
@@ -381,7 +378,7 @@ def decode_profile():
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50))
     print("```")
     steps = []
-    for tok in model.generate_stream(ids, max_new_tokens=33):
+    for tok in inference.generate_stream(model, ids, max_new_tokens=33):
         sync()
         steps.append(time.perf_counter())
     dts = sorted(b - a for a, b in zip(steps[1:], steps[2:]))
@@ -398,7 +395,7 @@ def parity():
         hf = tiny_llava().to(DEV)
         path = save_new_layout(hf.cpu(), tmp + "/m")
         hf = hf.to(DEV)
-        nano = VTLMM.from_pretrained(path, device=DEV).eval()
+        nano = weights.from_pretrained(path, device=DEV).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 200, (2, 30), generator=g)
     ids[:, 3:19] = 250

@@ -100,10 +100,10 @@ timeout $T $PY bench/gpu.py layers >> "$RES" 2> "$RUNS/layers.log" || echo "- FA
 echo >> "$RES"
 fi
 
-section "7. 1B-class config (bench/gpu_1b.py), bf16 + FSDP2 (NCCL, world 1)"
+section "7. 1B-class config (configs/gpu_1b.py), bf16 + FSDP2 (NCCL, world 1)"
 T=$(limit 180)
 if [ "$T" = 0 ]; then skipped; else
-timeout $T $TORCHRUN train.py bench/gpu_1b.py --out_dir="$RUNS/1b" \
+timeout $T $TORCHRUN train.py configs/gpu_1b.py --out_dir="$RUNS/1b" \
   > "$RUNS/1b.log" 2>&1 \
   && last_metrics "$RUNS/1b" || { echo "- FAILED: $(tail -3 "$RUNS/1b.log")" >> "$RES"; echo >> "$RES"; }
 fi

@@ -168,7 +168,7 @@ def parity(ckpt, hf_dir, world, limit=0, max_new_tokens=128):
         ids = inference.prompt_ids(model, tok, q["text"], True)
         px = data.process_image(image, model.cfg.vision.image_size)[None]
         with torch.no_grad():
-            mine = [int(s[0]) for s in model.generate_stream(torch.tensor([ids]), px, max_new_tokens=max_new_tokens,
+            mine = [int(s[0]) for s in inference.generate_stream(model, torch.tensor([ids]), px, max_new_tokens=max_new_tokens,
                                                               stop_ids=[tok.eos_id])]
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q["text"]}]}]
             inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),

@@ -4,16 +4,15 @@ sharding over 8 GPUs with bf16 compute. Prints the README's memory table (tests/
 that they agree; tests/test_throughput.py checks the loss column against the measured peak).
 
     python bench/memory_budget.py
-    python bench/memory_budget.py --simulate   # the simulated peak beside it (bench/memory_sim.py, README §7B)
-"""
 
-import os
-import sys
+bench/memory_sim.py simulates the same stages and prints its peak beside this arithmetic (it imports
+this file; this file imports nothing of it).
+"""
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import losses  # noqa: E402
+import common  # noqa: E402,F401 (bench/common.py: the repository on sys.path)
+import fused_losses  # noqa: E402
 import train  # noqa: E402
 from model import PRESETS, VTLMM, VTLMMConfig  # noqa: E402
 
@@ -65,12 +64,12 @@ def memory_budget(mcfg: VTLMMConfig, stage, world=8, micro_batch=16, seq_len=204
 
 
 def loss_buffers(mcfg: VTLMMConfig, stage, tokens):
-    """Bytes the chunked loss holds at its peak under the bf16 policy (losses.py), for `tokens` positions:
+    """Bytes the chunked loss holds at its peak under the bf16 policy (fused_losses.py), for `tokens` positions:
     per chunk of rows, the bf16 logits of a matmul, their float32 copy and the bf16 gradient (plus the
     target's P' / Q and its logits for Eqs. 6 and 9); the trained head's float32 gradient, a bf16 share of
     one chunk and its bf16 copy; and the gathered rows (bf16) with their gradients (float32 + bf16 copy)."""
     C, d = mcfg.decoder.vocab_size, mcfg.decoder.dim
-    chunk = losses._default_chunk(C) * C
+    chunk = fused_losses.default_chunk(C) * C
     head = C * d
     if stage == 3:  # Eq. 9: both heads' logits per chunk; W_VM trains; rows of the decoder and X_image, no grads
         return 18 * chunk + 8 * head + 2 * 2 * tokens * d
@@ -95,10 +94,4 @@ def print_memory_budgets():
 
 
 if __name__ == "__main__":
-    if "--simulate" in sys.argv[1:]:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import memory_sim
-        sys.argv = [sys.argv[0]] + [a for a in sys.argv[1:] if a != "--simulate"]
-        memory_sim.main()
-    else:
-        print_memory_budgets()
+    print_memory_budgets()

@@ -23,7 +23,7 @@ import weakref
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402,F401 (bench/common.py: the repository on sys.path)
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -285,9 +285,7 @@ def measure_real(mcfg, stage, micro, seq, steps=2, dtype="fp32"):
     model, _ = train.parallelize(model, cfg, d, root=objective)
     px = torch.randn(micro, 3, mcfg.vision.image_size, mcfg.vision.image_size)
 
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+    status = common.proc_status
 
     def mark(name):
         phases.append((name, status("VmHWM") - start))

@@ -1,5 +1,5 @@
 # The ablation in seconds (its end-to-end test): configs/tiny.py's model, 2 steps a stage, 12 questions a set.
-#   python ablate.py --tiny --seeds=0
+#   python shapes_ablate.py --tiny --seeds=0
 hook = dict(module="shapes", dir="data/shapes-ablate-tiny", images=240, image_size=32, report_limit=12)
 out_dir = "out/ablate-tiny"
 model = dict(vision=dict(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp=64),  # 16 patches

@@ -1,3 +1,4 @@
+# LEGACY: an older recipe, kept so that the numbers docs/experiments.md reports for it can be rerun; the demo is configs/shapes.py.
 # The demo until issue 19: the whole VT-LMM recipe on the synthetic shapes world version 2, on 2 CPU cores
 # (56.5% held-out short answers, 80.0% POPE in 16.7 min; docs/experiments.md §The shapes demo, version 2).
 # The demo is now configs/shapes.py, on world version 3.

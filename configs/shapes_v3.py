@@ -1,3 +1,4 @@
+# LEGACY: an older recipe, kept so that the numbers docs/experiments.md reports for it can be rerun; the demo is configs/shapes.py.
 # World version 3 (issue 14): the whole VT-LMM recipe on a shapes world whose patches can be
 # predicted in raster order, so that visual tokens can name what they show.
 #   python train.py configs/shapes_v3.py

@@ -1,3 +1,4 @@
+# LEGACY: an older recipe, kept so that the numbers docs/experiments.md reports for it can be rerun; the demo is configs/shapes.py.
 # World version 3 with four times the training of configs/shapes_v3.py (every stage's epochs x 4;
 # the vision pretraining as there): the demo's recipe (configs/shapes.py) on data/shapes_v3. Where
 # the 20-minute recipe stops short of the demo's targets, this one reaches them, in 59 min on 2 cores

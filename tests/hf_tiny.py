@@ -1,5 +1,5 @@
 """Tiny random reference models built with transformers (the reference implementation), saved as
-safetensors in the layouts nanoVT reads. Only tests and bench.py import this."""
+safetensors in the layouts nanoVT reads. Only tests and bench/vs_transformers.py import this."""
 
 import json
 import os

@@ -1,11 +1,11 @@
-"""ablate.py end to end on the tiny setting: four variants per seed, a table, and a resume that trains nothing."""
+"""shapes_ablate.py end to end on the tiny setting: four variants per seed, a table, and a resume that trains nothing."""
 
 import json
 import os
 
 import pytest
 
-import ablate
+import shapes_ablate as ablate
 import train
 from errors import InputError
 from tiny_ckpt import make_world
@@ -37,8 +37,8 @@ def test_tiny_ablation_end_to_end(tmp_path, capsys):
 
 
 def test_demo_config_never_writes_into_the_demos_out_dir(monkeypatch, tmp_path):
-    """`python ablate.py configs/shapes.py` (a relative path) goes to out/ablate/shapes, as the bare
-    `python ablate.py` does, not into train.py's out/shapes; any other config to out/ablate/<its name>."""
+    """`python shapes_ablate.py configs/shapes.py` (a relative path) goes to out/ablate/shapes, as the bare
+    `python shapes_ablate.py` does, not into train.py's out/shapes; any other config to out/ablate/<its name>."""
     monkeypatch.chdir(ablate.ROOT)
     for argv in ([], ["configs/shapes.py"], ["./configs/shapes.py"], [os.path.join(ablate.ROOT, "configs", "shapes.py")]):
         cfg, seeds, _ = ablate.parse_args(argv + ["--seeds=0"])

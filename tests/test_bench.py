@@ -1,4 +1,4 @@
-"""bench.py runs end to end, and the chunked loss it times is the full-logits loss, with less memory."""
+"""bench/vs_transformers.py runs end to end, and the chunked loss it times is the full-logits loss, with less memory."""
 
 import json
 import os
@@ -9,18 +9,18 @@ import sys
 import torch
 
 import losses
-from bench import LiveBytes
+from vs_transformers import LiveBytes  # bench/vs_transformers.py
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_quick_writes_the_table(tmp_path):
     out = tmp_path / "results.md"
-    r = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "bench/vs_transformers.py", "--quick", "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
-    assert "Command: `python bench.py --quick`" in text
+    assert "Command: `python bench/vs_transformers.py --quick`" in text
     for row in ("training step, tokens/s", "training step MFU", "peak memory of a stage IV step",
                 "decoding batch 1", "decoding batch 8", "peak memory of the loss alone",
                 "decoding batch 1, the weight products alone"):
@@ -37,7 +37,7 @@ def test_bench_quick_writes_the_table(tmp_path):
 def test_matvec_floor_reads_every_decoder_matrix_and_the_head_once_per_step():
     """The ceiling row of the decoding table: one step = one product with each of the decoder's linear
     weights and the MM head (the bytes a decoding step must read), and nothing more."""
-    import bench
+    import vs_transformers as bench
     from torch.utils._python_dispatch import TorchDispatchMode
 
     _, _, nano = bench.build_pair("quick", torch.float32, torch.device("cpu"))
@@ -81,7 +81,7 @@ def loss_problem(T=512, C=4000, d=64, n_img=144, seed=0):
 
 def test_chunked_loss_equals_full_logits_with_a_quarter_of_the_memory():
     """Eight chunks of 128 rows; values and gradients equal to the
-    full-logits path; peak memory (LiveBytes, as bench.py measures it) at most 25% of it."""
+    full-logits path; peak memory (LiveBytes, as bench/vs_transformers.py measures it) at most 25% of it."""
     hidden, w_mm, labels, image_mask, x_image, w_vm = loss_problem()
     grads, values, peak = {}, {}, {}
 

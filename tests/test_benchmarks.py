@@ -1,4 +1,4 @@
-"""scorers.py: each scorer against cases computed by hand from the official definitions; benchmarks.py: the
+"""eval_scorers.py: each scorer against cases computed by hand from the official definitions; eval_benchmarks.py: the
 readers on files laid out as LLaVA-1.5's eval data, each benchmark's prompt, and the submission files."""
 
 import base64
@@ -9,8 +9,8 @@ import zipfile
 import pytest
 from PIL import Image
 
-import benchmarks as B
-import scorers as S
+import eval_benchmarks as B
+import eval_scorers as S
 
 
 # ---- VQA accuracy (VQAv2, VizWiz, TextVQA) ---------------------------------------------------

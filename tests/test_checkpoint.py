@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import train
-from model import VTLMM
+import weights as weights_lib
 from tokenizer import load_tokenizer
 from tiny_ckpt import run_py, tiny_args, torchrun
 
@@ -114,7 +114,7 @@ def test_final_is_model_only_in_its_dtype(world, tmp_path):
     assert all(torch.equal(w16[k], w32[k].to(torch.bfloat16)) for k in w32)
     with safe_open(os.path.join(bf16, "model.safetensors"), "pt") as f:  # the streamed file reads as safetensors
         assert f.metadata() == {"format": "pt"}
-    m = VTLMM.from_pretrained(bf16)  # what the next stage, sample.py and eval.py read
+    m = weights_lib.from_pretrained(bf16)  # what the next stage, sample.py and eval.py read
     assert all(torch.equal(v, w16[k].float()) for k, v in m.state_dict().items())
 
 

@@ -11,8 +11,10 @@ import shutil
 import pytest
 import torch
 
+import inference
 from hf_tiny import IMAGE_TOKEN, save_new_layout, tiny_llava
 from model import VTLMM
+import weights
 
 P = 16  # patches of a 32 px image at patch 8
 NEW = 20
@@ -45,7 +47,7 @@ def pair(request, tmp_path_factory):
     """(transformers model on DEV, nanoVT model loaded from its files on DEV)."""
     hf = tiny_llava(request.param, sliding_window=7 if request.param == "mistral" else None)
     path = save_new_layout(hf, str(tmp_path_factory.mktemp(request.param)))
-    return hf.to(DEV), VTLMM.from_pretrained(path, device=DEV).eval()
+    return hf.to(DEV), weights.from_pretrained(path, device=DEV).eval()
 
 
 def hf_greedy(hf, ids, px):
@@ -55,7 +57,7 @@ def hf_greedy(hf, ids, px):
 
 
 def generate(m, mode, ids, px, **kw):
-    out = m.generate(ids, px, max_new_tokens=NEW, static=mode != "dynamic", compile=mode == "compiled", **kw)
+    out = inference.generate(m, ids, px, max_new_tokens=NEW, static=mode != "dynamic", compile=mode == "compiled", **kw)
     return out[:, ids.shape[1]:]
 
 
@@ -96,18 +98,18 @@ def test_sliding_window_binds_in_the_decode_steps(tmp_path):
     """The window (7) is shorter than the prompt, so it changes the decode steps' attention; the static
     step follows transformers (above) and differs from the same weights without a window."""
     hf = tiny_llava("mistral", sliding_window=7)
-    m = VTLMM.from_pretrained(save_new_layout(hf, str(tmp_path)), device=DEV).eval()
+    m = weights.from_pretrained(save_new_layout(hf, str(tmp_path)), device=DEV).eval()
     ids, px = prompt(1, 24, 3)
     with torch.no_grad():
-        cache = m.new_cache(1, 24 + 4)
+        cache = inference.new_cache(m, 1, 24 + 4)
         m(ids, px, cache=cache, logits=False)
         tok = torch.tensor([5], device=DEV)
-        windowed = m.decode_step(tok, cache)
+        windowed = inference.decode_step(m, tok, cache)
         m.decoder.cfg.sliding_window = None
         cache.index.fill_(24)
         cache.pos.fill_(24)
         cache.valid[:, 24:] = False
-        unbound = m.decode_step(tok, cache)
+        unbound = inference.decode_step(m, tok, cache)
     assert (windowed - unbound).abs().max() > 1e-3
 
 
@@ -116,10 +118,10 @@ def test_static_cache_is_reused_only_when_compiled():
     from model import DecoderConfig, VisionConfig, VTLMMConfig
     m = VTLMM(VTLMMConfig(vision=VisionConfig(image_size=32, patch_size=8, width=48, layers=1, heads=4, mlp=96),
                           decoder=DecoderConfig(vocab_size=100, dim=64, layers=1, heads=4, kv_heads=2, hidden=128)))
-    a = m._static_cache(2, 50, compiled=True)
+    a = inference.static_cache(m, 2, 50, compiled=True)
     a.valid.fill_(True)
     a.index.fill_(9)
-    b = m._static_cache(2, 100, compiled=True)  # the same 128-slot shape: the same buffers, emptied
+    b = inference.static_cache(m, 2, 100, compiled=True)  # the same 128-slot shape: the same buffers, emptied
     assert b is a and b.max_len == 128 and not b.valid.any() and int(b.index) == 0
-    assert m._static_cache(2, 129, compiled=True).max_len == 256
-    assert m._static_cache(2, 50, compiled=False).max_len == 50
+    assert inference.static_cache(m, 2, 129, compiled=True).max_len == 256
+    assert inference.static_cache(m, 2, 50, compiled=False).max_len == 50

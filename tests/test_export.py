@@ -92,7 +92,7 @@ def nanovt_greedy(model, tok, text, image, history=(), max_new_tokens=12):
     ids = inference.prompt_ids(model, tok, text, True, history)
     px = data.process_image(image, model.cfg.vision.image_size)[None]
     with torch.no_grad():
-        steps = [int(s[0]) for s in model.generate_stream(torch.tensor([ids]), px, max_new_tokens=max_new_tokens,
+        steps = [int(s[0]) for s in inference.generate_stream(model, torch.tensor([ids]), px, max_new_tokens=max_new_tokens,
                                                           stop_ids=[tok.eos_id])]
     return steps
 
@@ -184,10 +184,10 @@ def test_pipeline_answers_the_same(trained):
 
 
 def test_export_loads_back_into_nanovt_bit_equal(trained):
-    """VTLMM.from_pretrained(export) holds the same tensors (VM head included); the placeholder's row is
+    """weights.from_pretrained(export) holds the same tensors (VM head included); the placeholder's row is
     the extra all-zero one, and the reloaded model with the exported tokenizer answers the same."""
     model, tok, hf_dir, qs = trained.model, trained.tok, trained.hf_dir, trained.qs
-    back = VTLMM.from_pretrained(str(hf_dir))
+    back = weights.from_pretrained(str(hf_dir))
     C = model.cfg.decoder.vocab_size
     assert back.cfg.image_token_id == C and back.cfg.decoder.vocab_size == C + 1
     assert back.cfg.template == model.cfg.template and back.cfg.vision == model.cfg.vision
@@ -373,7 +373,7 @@ def test_export_refuses_what_it_cannot_write(world, tmp_path):
     small = VTLMM(VTLMMConfig(vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp=32),
                               decoder=DecoderConfig(vocab_size=100, dim=32, layers=1, heads=2, hidden=64)))
     with pytest.raises(ValueError, match="more than the model's vocabulary"):
-        small.export_llava_hf(str(tmp_path / "a"), world / "tokenizer.model")
+        weights.export_llava_hf(small, str(tmp_path / "a"), world / "tokenizer.model")
     assert not (tmp_path / "a").exists()  # refused before anything is written
     with pytest.raises(ValueError, match="needs a row of its own"):
         hf_tokenizer_files(tok, 5, 256)

@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 from gguf_tiny import VOCAB, tiny_llm, write_gguf
 
+import inference
 import weights
 from gguf_file import GGUFError, read_gguf
-from model import VTLMM, VisionConfig
+from model import VisionConfig
 
 QTYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
 
@@ -38,7 +39,7 @@ def nanovt_as_hf(m):
 def test_tiny_gguf_loads_to_transformers_weights(tmp_path, kind, qtype):
     path = write_gguf(tmp_path / f"{kind}-{qtype}.gguf", tiny_llm(kind), qtype)
     ref = hf_from_gguf(str(path))
-    m = VTLMM.from_pretrained(str(path)).eval()
+    m = weights.from_pretrained(str(path)).eval()
     want = ref.state_dict()
     got = nanovt_as_hf(m)
     assert set(got) == set(want)
@@ -53,7 +54,7 @@ def test_tiny_gguf_loads_to_transformers_weights(tmp_path, kind, qtype):
 def test_tied_embeddings_give_the_head_from_token_embd(tmp_path):
     hf = tiny_llm("llama", tied=True)
     path = write_gguf(tmp_path / "tied.gguf", hf, "F32")
-    m = VTLMM.from_pretrained(str(path))
+    m = weights.from_pretrained(str(path))
     assert torch.equal(m.mm_head.weight, m.decoder.embed.weight)
     assert torch.equal(m.mm_head.weight, hf.lm_head.weight)
     assert m.mm_head.weight.data_ptr() != m.decoder.embed.weight.data_ptr()  # two parameters: trained apart
@@ -63,7 +64,7 @@ def test_q_and_k_are_unpermuted(tmp_path):
     """llama.cpp's row order is not HF's: loading without the un-permute would give other logits."""
     hf = tiny_llm("mistral")
     path = write_gguf(tmp_path / "m.gguf", hf, "F32")
-    m = VTLMM.from_pretrained(str(path))
+    m = weights.from_pretrained(str(path))
     g = read_gguf(str(path))
     raw_k = torch.from_numpy(g.tensor("blk.0.attn_k.weight"))
     assert not torch.equal(raw_k, hf.model.layers[0].self_attn.k_proj.weight)
@@ -79,7 +80,7 @@ def test_stage1_from_clip_and_a_gguf_llm(tmp_path):
     clip.save_pretrained(str(tmp_path / "clip"))
     hf = tiny_llm("llama")
     path = write_gguf(tmp_path / "llm.gguf", hf, "Q8_0")
-    m = VTLMM.from_clip_and_llm(str(tmp_path / "clip"), str(path)).eval()
+    m = weights.from_clip_and_llm(str(tmp_path / "clip"), str(path)).eval()
     ref = hf_from_gguf(str(path))
     px = torch.randn(1, 3, 32, 32)
     ids = torch.randint(0, VOCAB, (1, 9))
@@ -88,7 +89,7 @@ def test_stage1_from_clip_and_a_gguf_llm(tmp_path):
         torch.testing.assert_close(m.vision(px), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(m(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
     # without CLIP: a fresh tower of the given shape (the toy world's stage 0 trains it)
-    m2 = VTLMM.from_clip_and_llm("", str(path), vision=VisionConfig(image_size=32, patch_size=8, width=32,
+    m2 = weights.from_clip_and_llm("", str(path), vision=VisionConfig(image_size=32, patch_size=8, width=32,
                                                                       layers=1, heads=2, mlp=64))
     assert m2.cfg.vision.width == 32 and not m2.llm_only
     assert torch.equal(m2.decoder.blocks[1].mlp.up.weight, ref.model.layers[1].mlp.up_proj.weight)
@@ -96,9 +97,9 @@ def test_stage1_from_clip_and_a_gguf_llm(tmp_path):
 
 def test_an_llm_alone_has_no_tower_to_use(tmp_path):
     path = write_gguf(tmp_path / "llm.gguf", tiny_llm("llama"), "F32")
-    assert VTLMM.from_pretrained(str(path)).llm_only
+    assert weights.from_pretrained(str(path)).llm_only
     with pytest.raises(ValueError, match="LLM alone"):
-        VTLMM.from_clip_and_llm("", str(path))
+        weights.from_clip_and_llm("", str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def test_an_llm_alone_has_no_tower_to_use(tmp_path):
 def test_missing_tensor_is_named(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", tiny_llm("llama"), "Q8_0", drop=("blk.1.ffn_up.weight",))
     with pytest.raises(KeyError) as e:
-        VTLMM.from_pretrained(str(path))
+        weights.from_pretrained(str(path))
     assert "blk.1.ffn_up.weight" in str(e.value) and str(path) in str(e.value) and "1 missing" in str(e.value)
 
 
@@ -116,29 +117,29 @@ def test_unused_tensor_is_named(tmp_path):
     extra = {"rope_freqs.weight": np.ones(8, np.float32)}  # llama-3 rope scaling: nanoVT would ignore it
     path = write_gguf(tmp_path / "m.gguf", tiny_llm("llama"), "F32", extra=extra)
     with pytest.raises(KeyError, match="1 unexpected key 'rope_freqs.weight'"):
-        VTLMM.from_pretrained(str(path))
+        weights.from_pretrained(str(path))
 
 
 def test_wrong_shape_is_named(tmp_path):
     # the metadata says a 96-wide FFN, the tensors are 128 wide
     path = write_gguf(tmp_path / "m.gguf", tiny_llm("llama"), "F32", meta={"llama.feed_forward_length": (96, "uint32")})
     with pytest.raises(ValueError, match=r"shape mismatch for 'blk.0.ffn_gate.weight'.*\(128, 64\).*\(96, 64\)"):
-        VTLMM.from_pretrained(str(path))
+        weights.from_pretrained(str(path))
 
 
 def test_unknown_architecture(tmp_path):
     path = write_gguf(tmp_path / "m.gguf", tiny_llm("llama"), "F32", arch="gpt2")
     with pytest.raises(ValueError, match=f"{path}: general.architecture 'gpt2' is not supported"):
-        VTLMM.from_pretrained(str(path))
+        weights.from_pretrained(str(path))
 
 
 def test_rope_scaling_and_missing_metadata_are_refused(tmp_path):
     path = write_gguf(tmp_path / "s.gguf", tiny_llm("llama"), "F32", meta={"llama.rope.scaling.type": ("yarn", "string")})
     with pytest.raises(ValueError, match="rope.scaling.type 'yarn'"):
-        VTLMM.from_pretrained(str(path))
+        weights.from_pretrained(str(path))
     path = write_gguf(tmp_path / "n.gguf", tiny_llm("llama"), "F32", meta={"llama.block_count": None})
     with pytest.raises(KeyError, match=f"{path}: the metadata has no llama.block_count"):
-        VTLMM.from_pretrained(str(path))
+        weights.from_pretrained(str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def test_crafted_file_is_refused_by_the_model_loader_too(tmp_path):
     path = tmp_path / "crafted.gguf"
     path.write_bytes(CRAFTED["2^60 tensors"][0])
     with pytest.raises(GGUFError, match="more than the file can hold"):
-        VTLMM.from_pretrained(str(path))
+        weights.from_pretrained(str(path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def test_crafted_file_is_refused_by_the_model_loader_too(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf):
-    return VTLMM.from_pretrained(smollm2_gguf).eval(), hf_from_gguf(smollm2_gguf)
+    return weights.from_pretrained(smollm2_gguf).eval(), hf_from_gguf(smollm2_gguf)
 
 
 def test_smollm2_config_from_metadata(smollm2):
@@ -274,7 +275,7 @@ def test_smollm2_greedy_answers_equal_transformers(smollm2, smollm2_gguf):
     with torch.no_grad():
         want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
                             eos_token_id=end, pad_token_id=end)[:, T:]
-        got = m.generate(ids, attention_mask=mask, max_new_tokens=10, stop_ids=(end,), compile=False)[:, T:]
+        got = inference.generate(m, ids, attention_mask=mask, max_new_tokens=10, stop_ids=(end,), compile=False)[:, T:]
     for q, a, b in zip(PROMPTS, got.tolist(), want.tolist()):
         a, b = a[:a.index(end) + 1] if end in a else a, b[:b.index(end) + 1] if end in b else b
         assert a == b, q
@@ -332,7 +333,7 @@ def test_stages_1_to_4_from_a_gguf_llm(world, tmp_path):
     w1 = load_file(os.path.join(s1, "model.safetensors"))
     want = hf_from_gguf(llm).state_dict()
     # stage I trains the adapter alone: the decoder and the MM head are still the GGUF's
-    for hf_name, ours in weights.llm_names(VTLMM.from_pretrained(s1).cfg.decoder).items():
+    for hf_name, ours in weights.llm_names(weights.from_pretrained(s1).cfg.decoder).items():
         assert torch.equal(w1[ours], want[hf_name]), ours
     saved = read_gguf(os.path.join(s1, "tokenizer.model"))  # the tokenizer without the weights
     assert saved.tensors == {} and saved.meta["tokenizer.ggml.pre"] == "smollm"
@@ -387,10 +388,10 @@ def test_smollm2_exports_to_llava_hf_with_its_bpe_tokenizer_and_chatml(smollm2_g
     import inference
     from tokenizer import load_tokenizer
     torch.manual_seed(0)
-    m = VTLMM.from_clip_and_llm("", smollm2_gguf, vision=VisionConfig(image_size=32, patch_size=8, width=32,
+    m = weights.from_clip_and_llm("", smollm2_gguf, vision=VisionConfig(image_size=32, patch_size=8, width=32,
                                                                         layers=2, heads=2, mlp=64)).eval()
     out = str(tmp_path / "hf")
-    m.export_llava_hf(out, smollm2_gguf)
+    weights.export_llava_hf(m, out, smollm2_gguf)
     assert os.path.getsize(os.path.join(out, "tokenizer.model")) < 5 << 20  # the tokenizer, not the weights
     tok = load_tokenizer(smollm2_gguf)
     processor = AutoProcessor.from_pretrained(out)
@@ -400,7 +401,7 @@ def test_smollm2_exports_to_llava_hf_with_its_bpe_tokenizer_and_chatml(smollm2_g
         ids = inference.prompt_ids(m, tok, q, True)
         px = data.process_image(image, 32)[None]
         with torch.no_grad():
-            mine = [int(s[0]) for s in m.generate_stream(torch.tensor([ids]), px, max_new_tokens=8,
+            mine = [int(s[0]) for s in inference.generate_stream(m, torch.tensor([ids]), px, max_new_tokens=8,
                                                          stop_ids=[tok.eos_id], compile=False)]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
         inputs = processor(images=image, text=processor.apply_chat_template(messages, add_generation_prompt=True),

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import inference
 import losses
 from conversation import (
     IGNORE_INDEX,
@@ -174,7 +175,7 @@ def _train_and_answer(tok, old_rule, steps=120):
         prompt = render_conversation(qa((q, ""), image=False)[:1], "vicuna_v1")
         ids = torch.tensor([tokenize_prompt(prompt, tok)])
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=8, stop_ids=[tok.eos_id])[0, ids.shape[1]:].tolist()
+            out = inference.generate(model, ids, max_new_tokens=8, stop_ids=[tok.eos_id])[0, ids.shape[1]:].tolist()
         right += tok.decode([i for i in out if i != tok.eos_id]).strip() == a
     return right
 

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # after every parameter is set, while the tensor read from the file is still alive beside its conversion.
 MEASURE = r"""
 import json, sys, torch
-import inference, model as M, weights as W
+import inference, weights as W
 def anon():
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith("RssAnon:"))
@@ -29,7 +29,7 @@ def spy(*args):
     real(*args)
     peak[0] = max(peak[0], anon())
 W._set_param = spy
-m = M.VTLMM.from_pretrained(sys.argv[1], dtype=inference.resolve_dtype(sys.argv[2], "cpu"))
+m = W.from_pretrained(sys.argv[1], dtype=inference.resolve_dtype(sys.argv[2], "cpu"))
 peak[0] = max(peak[0], anon())
 print(json.dumps({"peak": peak[0] - base, "dtype": str({p.dtype for p in m.parameters()}),
                   "bytes": sum(p.numel() * p.element_size() for p in m.parameters())}))

@@ -8,6 +8,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import fused_losses
 import losses
 
 B, T, C, D = 4, 12, 11, 8
@@ -302,10 +303,10 @@ def test_chunked_matches_naive(chunk_size, terms, dtype, head):
 
 def test_bf16_policy_follows_autocast_and_the_inputs():
     h32, w32 = torch.randn(1, 2, 4), torch.randn(5, 4)
-    assert losses.head_dtype(h32, w32) == torch.float32
-    assert losses.head_dtype(h32.bfloat16(), w32.bfloat16()) == torch.bfloat16  # FSDP's bf16 param_dtype
+    assert fused_losses.head_dtype(h32, w32) == torch.float32
+    assert fused_losses.head_dtype(h32.bfloat16(), w32.bfloat16()) == torch.bfloat16  # FSDP's bf16 param_dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert losses.head_dtype(h32, w32) == torch.bfloat16  # the decoder's autocast policy
+        assert fused_losses.head_dtype(h32, w32) == torch.bfloat16  # the decoder's autocast policy
 
 
 def test_chunked_external_counts_and_empty_batch():
@@ -449,3 +450,54 @@ def test_chunked_vm_fit_bf16_within_tolerance_and_no_full_logits():
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) <= 1e-2 * ref.item()  # the stated bf16 tolerance: 1% of the loss
     assert (w_vm.grad - r_w).abs().max() <= 3e-2 * r_w.abs().max()
+
+
+# -----------------------------------------------------------------------------
+# the readable path trains as the fused one: Objective(fused=False) against the default
+
+@pytest.mark.parametrize("stage", [0, 3, 4])
+def test_readable_objective_trains_as_the_fused_one(stage):
+    """A few SGD steps of one stage (its objective and trained modules as train.STAGES says), once through
+    the formulas on full logits (fused=False) and once through fused_losses.py: every step's loss terms
+    and every gradient agree within float32 rounding, so the two runs stay together. (SGD, not AdamW:
+    Adam divides a gradient element by its own size, so rounding in gradients that are ~0 would become
+    whole steps apart, which says nothing about the losses.)"""
+    import copy
+
+    import train
+    from model import DecoderConfig, VisionConfig, VTLMM, VTLMMConfig
+    cfg = VTLMMConfig(vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1, heads=2, mlp=32),
+                      decoder=DecoderConfig(dim=32, layers=2, heads=4, kv_heads=2, hidden=64, vocab_size=97,
+                                            max_seq_len=64))
+    torch.manual_seed(0)
+    readable = VTLMM(cfg)
+    train.set_trainable(readable, stage)
+    fused = copy.deepcopy(readable)
+    name = train.STAGES[stage]["objective"]
+    runs = [(losses.Objective(m, name, fused=f, chunk_size=5), m) for m, f in ((readable, False), (fused, True))]
+    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5) for _, m in runs]
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):
+        B, T, n_img = 3, 20, cfg.vision.num_patches
+        ids = torch.randint(3, cfg.decoder.vocab_size, (B, T), generator=g)
+        ids[:, 2:2 + n_img] = cfg.image_token_id
+        ids[2, :n_img] = cfg.image_token_id  # an image at t = 0: its first patch is predicted by nobody
+        ids[2, n_img:n_img + 2] = ids[2, n_img + 2]
+        labels = ids.masked_fill(ids == cfg.image_token_id, -100)
+        labels[:, :2] = -100
+        px = torch.randn(B, 3, 16, 16, generator=g)
+        got = []
+        for (objective, m), opt in zip(runs, opts):
+            total, lm, vm = objective(ids, px, labels, lm_count=torch.tensor(40), vm_count=torch.tensor(11))
+            total.backward()
+            got.append(([t.item() for t in (total, lm, vm)],
+                        {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        (lr, gr), (lf, gf) = got
+        assert lr == pytest.approx(lf, rel=1e-5, abs=1e-6), (step, lr, lf)
+        assert set(gr) == set(gf) and gr, step
+        for n in gr:
+            scale = gr[n].abs().max().item()
+            assert (gr[n] - gf[n]).abs().max().item() <= 1e-4 * scale + 1e-8, (step, n)
+    assert (lr[2] > 0) == (stage != 0)  # the VM term took part where the stage has one

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import inference
 from hf_tiny import (IMAGE_TOKEN, save_new_layout, save_old_layout, save_original_llava, tiny_llava)
 from model import PRESETS, VTLMM, DecoderConfig, VisionConfig, VTLMMConfig
+import weights
 
 P = 16  # patches of a 32 px image at patch 8
 DEV = torch.device(os.environ.get("NANOVT_TEST_DEVICE", "cpu"))
@@ -51,7 +53,7 @@ def test_logits_match_transformers_every_layout(ref, tmp_path):
     keys = load_file(os.path.join(dirs["old"], "model.safetensors")).keys()
     assert any(k.startswith("language_model.model.") for k in keys)
     for name, d in dirs.items():
-        m = VTLMM.from_pretrained(d, device=DEV).eval()
+        m = weights.from_pretrained(d, device=DEV).eval()
         assert m.cfg.image_token_id == IMAGE_TOKEN
         with torch.no_grad():
             got = m(ids, px).logits
@@ -79,15 +81,15 @@ def test_new_layout_with_vision_model_prefix(ref, tmp_path):
     (tmp_path / "d" / "config.json").write_text(open(os.path.join(new, "config.json")).read())
     ids, px = batch()
     with torch.no_grad():
-        assert rel_err(VTLMM.from_pretrained(str(tmp_path / "d"))(ids, px).logits,
+        assert rel_err(weights.from_pretrained(str(tmp_path / "d"))(ids, px).logits,
                        hf(input_ids=ids, pixel_values=px).logits) <= 1e-4
 
 
 def test_sliding_window_is_exercised(tmp_path):
     new = save_new_layout(tiny_llava("mistral", sliding_window=7), str(tmp_path))
     ids, px = batch()
-    a = VTLMM.from_pretrained(new).eval()
-    b = VTLMM.from_pretrained(new, ).eval()
+    a = weights.from_pretrained(new).eval()
+    b = weights.from_pretrained(new, ).eval()
     b.decoder.cfg.sliding_window = None
     with torch.no_grad():
         assert rel_err(a(ids, px).logits, b(ids, px).logits) > 1e-3  # the window changes the answer
@@ -98,7 +100,7 @@ def test_original_llava_and_vwlmm_layout(ref, tmp_path):
     vm = torch.randn(hf.config.text_config.vocab_size, 64)
     clip = str(tmp_path / "clip")
     d = save_original_llava(hf, str(tmp_path / "vwlmm"), clip, vm_head=vm)
-    m = VTLMM.from_pretrained(d).eval()  # the CLIP tower comes from config's mm_vision_tower
+    m = weights.from_pretrained(d).eval()  # the CLIP tower comes from config's mm_vision_tower
     assert m.cfg.image_token_id == -200  # original LLaVA marks the image with the sentinel -200
     ids, px = batch()
     with torch.no_grad():
@@ -110,11 +112,11 @@ def test_original_llava_and_vwlmm_layout(ref, tmp_path):
 
 def test_kv_cache_matches_full_forward(ref):
     hf, new = ref
-    m = VTLMM.from_pretrained(new, device=DEV).eval()
+    m = weights.from_pretrained(new, device=DEV).eval()
     ids, px = batch(T=40, device=DEV)
     with torch.no_grad():
         full = m(ids, px).logits
-        cache = m.new_cache(2, 40)
+        cache = inference.new_cache(m, 2, 40)
         parts = [m(ids[:, :25], px, cache=cache).logits]  # prefill (with the image), then one at a time
         for t in range(25, 40):
             parts.append(m(ids[:, t:t + 1], cache=cache).logits)
@@ -123,16 +125,16 @@ def test_kv_cache_matches_full_forward(ref):
 
 def test_left_padded_batch_matches_single_rows(ref):
     hf, new = ref
-    m = VTLMM.from_pretrained(new).eval()
+    m = weights.from_pretrained(new).eval()
     long_ids, px0 = batch(seed=1, B=1, T=30, at=3)
     short_ids, px1 = batch(seed=2, B=1, T=24, at=2)
     padded = torch.cat([long_ids, torch.cat([torch.zeros(1, 6, dtype=torch.long), short_ids], 1)])
     mask = torch.ones_like(padded, dtype=torch.bool)
     mask[1, :6] = False
     with torch.no_grad():
-        out = m.generate(padded, torch.cat([px0, px1]), attention_mask=mask, max_new_tokens=6)
-        solo0 = m.generate(long_ids, px0, max_new_tokens=6)
-        solo1 = m.generate(short_ids, px1, max_new_tokens=6)
+        out = inference.generate(m, padded, torch.cat([px0, px1]), attention_mask=mask, max_new_tokens=6)
+        solo0 = inference.generate(m, long_ids, px0, max_new_tokens=6)
+        solo1 = inference.generate(m, short_ids, px1, max_new_tokens=6)
         # the prompt logits of the padded row equal its unpadded forward too
         full = m(padded, torch.cat([px0, px1]), attention_mask=mask).logits[1, 6:]
         assert rel_err(full, m(short_ids, px1).logits[0]) <= 1e-5
@@ -142,29 +144,30 @@ def test_left_padded_batch_matches_single_rows(ref):
 
 def test_greedy_generate_matches_transformers(ref):
     hf, new = ref
-    m = VTLMM.from_pretrained(new, device=DEV).eval()
+    m = weights.from_pretrained(new, device=DEV).eval()
     ids, px = batch(B=1, T=24, device=DEV)
     with torch.no_grad():
         want = hf.to(DEV).generate(input_ids=ids, pixel_values=px, max_new_tokens=20, do_sample=False,
                                    eos_token_id=None, pad_token_id=0, min_new_tokens=20)
         hf.cpu()
-        got = m.generate(ids, px, max_new_tokens=20)
+        got = inference.generate(m, ids, px, max_new_tokens=20)
     assert torch.equal(got, want)
 
 
-def test_generate_runs_one_forward_per_new_token():
+def test_generate_runs_one_forward_per_new_token(monkeypatch):
     """n new tokens cost the prompt's forward + n - 1 single-token steps, not one more."""
     torch.manual_seed(0)
     m = VTLMM(tiny_cfg()).eval()
     calls = []
     m.decoder.register_forward_hook(lambda mod, args, out: calls.append(out.shape[1]))
-    real_step = m.decoder.step
-    m.decoder.step = lambda tok, cache: calls.append("step") or real_step(tok, cache)
+    real_step = inference.decode_step
+    monkeypatch.setattr(inference, "decode_step", lambda model, tok, cache: calls.append("step") or
+                        real_step(model, tok, cache))
     with torch.no_grad():
-        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6, static=False)
+        inference.generate(m, torch.randint(0, 50, (1, 5)), max_new_tokens=6, static=False)
         assert calls == [5] + [1] * 5
         calls.clear()
-        m.generate(torch.randint(0, 50, (1, 5)), max_new_tokens=6)  # the static cache's decode step
+        inference.generate(m, torch.randint(0, 50, (1, 5)), max_new_tokens=6)  # the static cache's decode step
         assert calls == [5] + ["step"] * 5
 
 
@@ -173,17 +176,17 @@ def test_stop_tokens_and_sampling():
     m = VTLMM(tiny_cfg()).eval()
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
-        greedy = m.generate(ids, max_new_tokens=8)
+        greedy = inference.generate(m, ids, max_new_tokens=8)
         stop = int(greedy[0, 6])  # the second generated token of row 0
-        stopped = m.generate(ids, max_new_tokens=8, stop_ids=[stop])
+        stopped = inference.generate(m, ids, max_new_tokens=8, stop_ids=[stop])
         g1 = torch.Generator().manual_seed(3)
         g2 = torch.Generator().manual_seed(3)
-        s1 = m.generate(ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g1)
-        s2 = m.generate(ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g2)
+        s1 = inference.generate(m, ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g1)
+        s2 = inference.generate(m, ids, max_new_tokens=8, temperature=1.0, top_k=5, top_p=0.9, generator=g2)
     assert (stopped[0, 6:] == stop).all()  # after the stop id, the row repeats it
     assert torch.equal(s1, s2)  # seeded sampling is reproducible
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-    from model import sample_next
+    from inference import sample_next
     draws = {int(sample_next(logits, 1.0, top_k=2)) for _ in range(50)}
     assert draws <= {2, 3}
     draws = {int(sample_next(logits, 1.0, top_p=0.5)) for _ in range(50)}
@@ -193,14 +196,14 @@ def test_stop_tokens_and_sampling():
 def test_export_llava_hf_roundtrip(ref, tmp_path):
     from transformers import LlavaForConditionalGeneration
     hf, new = ref
-    m = VTLMM.from_pretrained(new).eval()
+    m = weights.from_pretrained(new).eval()
     torch.nn.init.normal_(m.vm_head.weight)
-    m.export_llava_hf(str(tmp_path / "exp"))
+    weights.export_llava_hf(m, str(tmp_path / "exp"))
     hf2 = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "exp")).eval()
     ids, px = batch()
     with torch.no_grad():
         assert rel_err(hf2(input_ids=ids, pixel_values=px).logits, m(ids, px).logits) <= 1e-4
-    back = VTLMM.from_pretrained(str(tmp_path / "exp"))  # picks up vm_head.safetensors beside it
+    back = weights.from_pretrained(str(tmp_path / "exp"))  # picks up vm_head.safetensors beside it
     assert torch.equal(back.vm_head.weight, m.vm_head.weight)
 
 
@@ -214,7 +217,7 @@ def test_export_with_sentinel_image_id(tmp_path):
     from transformers import LlavaForConditionalGeneration
     torch.manual_seed(0)
     m = VTLMM(tiny_cfg()).eval()  # image_token_id is the sentinel -200, not a vocabulary row
-    m.export_llava_hf(str(tmp_path / "exp"))
+    weights.export_llava_hf(m, str(tmp_path / "exp"))
     hf = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "exp")).eval()
     ids = torch.randint(0, 100, (1, 24))
     ids[:, 2:2 + P] = m.cfg.image_token_id
@@ -228,14 +231,14 @@ def test_save_load_nanovt_checkpoint(tmp_path):
     torch.manual_seed(0)
     m = VTLMM(tiny_cfg(pseudo_image_features=True)).eval()
     m.save_pretrained(str(tmp_path))
-    m2 = VTLMM.from_pretrained(str(tmp_path)).eval()
+    m2 = weights.from_pretrained(str(tmp_path)).eval()
     assert m2.cfg == m.cfg
     ids = torch.randint(0, 100, (1, 24))
     ids[:, 2:2 + P] = m.cfg.image_token_id
     px = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(m(ids, px).logits, m2(ids, px).logits)
-    m3 = VTLMM.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    m3 = weights.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
     assert m3.mm_head.weight.dtype == torch.bfloat16
 
 
@@ -254,25 +257,25 @@ def test_broken_checkpoints_fail_clearly(ref, tmp_path):
     key = "language_model.model.layers.1.mlp.up_proj.weight"
     missing = _break(new, str(tmp_path / "missing"), lambda sd: sd.pop(key))
     with pytest.raises(KeyError, match=r"missing .*decoder\.blocks\.1\.mlp\.up\.weight"):
-        VTLMM.from_pretrained(missing)
+        weights.from_pretrained(missing)
     extra = _break(new, str(tmp_path / "extra"), lambda sd: sd.update({"language_model.model.bogus.weight":
                                                                         torch.zeros(3)}))
     with pytest.raises(KeyError, match=r"unexpected key 'language_model\.model\.bogus\.weight'"):
-        VTLMM.from_pretrained(extra)
+        weights.from_pretrained(extra)
     shape = _break(new, str(tmp_path / "shape"), lambda sd: sd.update({key: sd[key][:, :-1].contiguous()}))
     with pytest.raises(ValueError, match=r"shape mismatch for '" + key.replace(".", r"\.") + "'.*model.safetensors"):
-        VTLMM.from_pretrained(shape)
+        weights.from_pretrained(shape)
     trunc = _break(new, str(tmp_path / "trunc"), lambda sd: None)
     f = os.path.join(trunc, "model.safetensors")
     data = open(f, "rb").read()
     open(f, "wb").write(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"model\.safetensors"):
-        VTLMM.from_pretrained(trunc)
+        weights.from_pretrained(trunc)
     bad = str(tmp_path / "badjson")
     os.makedirs(bad)
     open(os.path.join(bad, "config.json"), "w").write('{"text_config": {,}')
     with pytest.raises(ValueError, match=r"config\.json: invalid JSON at line 1"):
-        VTLMM.from_pretrained(bad)
+        weights.from_pretrained(bad)
 
 
 def test_from_clip_and_llm_matches_parts(ref, tmp_path):
@@ -286,7 +289,7 @@ def test_from_clip_and_llm_matches_parts(ref, tmp_path):
     llm.model.load_state_dict(hf.model.language_model.state_dict())
     llm.lm_head.load_state_dict(hf.lm_head.state_dict())
     llm.save_pretrained(str(tmp_path / "llm"))
-    m = VTLMM.from_clip_and_llm(str(tmp_path / "clip"), str(tmp_path / "llm")).eval()
+    m = weights.from_clip_and_llm(str(tmp_path / "clip"), str(tmp_path / "llm")).eval()
     ids, px = batch()
     with torch.no_grad():
         want = clip(pixel_values=px, output_hidden_states=True).hidden_states[-2][:, 1:]
@@ -388,7 +391,7 @@ def test_bin_weights_load_without_unpickling(ref, tmp_path):
     (d / "config.json").write_text(open(os.path.join(new, "config.json")).read())
     ids, px = batch()
     with torch.no_grad():
-        assert rel_err(VTLMM.from_pretrained(str(d))(ids, px).logits, hf(input_ids=ids, pixel_values=px).logits) <= 1e-4
+        assert rel_err(weights.from_pretrained(str(d))(ids, px).logits, hf(input_ids=ids, pixel_values=px).logits) <= 1e-4
 
 
 def _sdpa_dtypes(monkeypatch):

@@ -25,7 +25,7 @@ def ckpt(tmp_path_factory):
 def reference(model, tok, image, text, n):
     ids = inference.prompt_ids(model, tok, text, True)
     px = sample.pixels(model, data.load_image(image))
-    out = model.generate(torch.tensor([ids]), px, max_new_tokens=n, stop_ids=[tok.eos_id])[0, len(ids):].tolist()
+    out = inference.generate(model, torch.tensor([ids]), px, max_new_tokens=n, stop_ids=[tok.eos_id])[0, len(ids):].tolist()
     return out[:out.index(tok.eos_id)] if tok.eos_id in out else out
 
 
@@ -173,7 +173,7 @@ def test_compiled_decoding_streams_the_same_answer(ckpt, capsys):
     path, image = ckpt
     model, tok = sample.load(path)
     ref = reference(model, tok, image, "What shape is in the center?", 20)  # the growing-cache path below
-    ref_dynamic = model.generate(torch.tensor([inference.prompt_ids(model, tok, "What shape is in the center?", True)]),
+    ref_dynamic = inference.generate(model, torch.tensor([inference.prompt_ids(model, tok, "What shape is in the center?", True)]),
                                  sample.pixels(model, data.load_image(image)), max_new_tokens=20, static=False,
                                  stop_ids=[tok.eos_id])
     assert ref == [t for t in ref_dynamic[0, -20:].tolist() if t != tok.eos_id][:len(ref)]

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tiny_ckpt import make_checkpoint
 
-import ablate
+import shapes_ablate as ablate
 import data
 import eval as evaluate
 import shapes
@@ -234,7 +234,7 @@ def test_held_out_report_scores_answers_and_names(world3, tmp_path, monkeypatch)
 
 def test_demo_config_and_ablation_stage0_steps(tmp_path, monkeypatch):
     """configs/shapes_v3.py is on world version 3 with a 6 x 6 grid and a two-step stage 0 (captions, then
-    instructions); only a stage 0 from scratch pretrains the tower; ablate.py runs both steps. Version 2
+    instructions); only a stage 0 from scratch pretrains the tower; shapes_ablate.py runs both steps. Version 2
     keeps its own config, with its one patch per cell."""
     v2 = train.load_config([os.path.join(ROOT, "configs/shapes_v2.py")])
     assert shapes.settings(v2).version == 2 and v2.model["vision"]["image_size"] // v2.model["vision"]["patch_size"] == 3
@@ -255,13 +255,10 @@ def test_demo_config_and_ablation_stage0_steps(tmp_path, monkeypatch):
 
 
 def test_feature_probe_reads_colour_from_pixels(world3, tiny3, tmp_path, capsys):
-    """bench/feature_probe.py: a random tower's patch features carry their pixels' colour, so a linear
+    """shapes_probe.py: a random tower's patch features carry their pixels' colour, so a linear
     probe of colour, scored on held-out patches, is far above chance (1 in 7) if the labels line up
     with the patches; shuffled labels would put it near chance."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("feature_probe", os.path.join(ROOT, "bench/feature_probe.py"))
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    import shapes_probe as probe
     model, tok = tiny3
     model.save_pretrained(str(tmp_path / "m"))
     probe.main([str(tmp_path / "m"), str(world3), "--train", "60"])

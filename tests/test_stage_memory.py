@@ -1,5 +1,5 @@
 """Host memory of a stage III step under FSDP2 (2 gloo processes): each rank holds its half of the model and
-little more. Runs bench/stage_memory.py on the issue's setup (a 158M model whose vocabulary matrices are 8% of
+little more. Runs tests/stage_memory.py on the issue's setup (a 158M model whose vocabulary matrices are 8% of
 it, written in the llava-hf layout, loaded shard by shard, micro-batch 1) and reads rank 1's numbers.
 
 Before the fix (train.return_large_frees_to_os, FSDP2's forward buffers freed after copy-out on CPUs) the
@@ -29,7 +29,7 @@ def _glibc():
 def test_stage3_step_holds_only_its_shard(tmp_path):
     out = tmp_path / "memory.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "stage_memory.py"), "--preset", "160m",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "stage_memory.py"), "--preset", "160m",
                         "--steps", "2", "--tmp", str(tmp_path), "--json", str(out)],
                        cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

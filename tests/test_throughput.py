@@ -167,7 +167,7 @@ def test_memory_table_loss_column_covers_the_measured_loss(stage):
     import importlib.util
     import os
 
-    from bench import LiveBytes
+    from vs_transformers import LiveBytes  # bench/vs_transformers.py
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "memory_budget.py")
     spec = importlib.util.spec_from_file_location("memory_budget", path)
     memory_budget = importlib.util.module_from_spec(spec)
@@ -281,18 +281,18 @@ def test_loader_with_workers_gives_the_same_batches_and_resume_position(shapes):
 
 
 def test_throughput_bench_quick_writes_its_table(tmp_path):
-    """bench.py --throughput --quick runs end to end (tiny sizes) and writes the four side-by-side rows."""
+    """bench/vs_transformers.py --throughput --quick runs end to end (tiny sizes) and writes the four side-by-side rows."""
     import os
     import re
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "tp.md"
-    r = subprocess.run([sys.executable, "bench.py", "--throughput", "--quick", "--out", str(out)], cwd=root,
+    r = subprocess.run([sys.executable, "bench/vs_transformers.py", "--throughput", "--quick", "--out", str(out)], cwd=root,
                        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     text = out.read_text()
-    assert "Command: `python bench.py --throughput --quick`" in text
+    assert "Command: `python bench/vs_transformers.py --throughput --quick`" in text
     for row in ("data wait per micro-batch", "AdamW host time per step", "peak memory of the Eq. 9 loss alone",
                 "per-rank peak host memory loading released weights"):
         assert re.search(r"\| " + re.escape(row) + r".*\| [\d.,]+ \| [\d.,]+ \| [\d.]+× \|", text), row

@@ -12,7 +12,7 @@ from hf_tiny import IMAGE_TOKEN, save_original_llava, tiny_llava
 
 import conversation
 from conversation import render_conversation
-from model import VTLMM
+import weights
 
 
 def vw_config(hf, clip_dir, architecture):
@@ -47,7 +47,7 @@ def vw_dir(tmp_path, hf, name, architecture):
 def test_vw_mistral_loads_as_mistral_with_window_theta_gqa_and_template(tmp_path):
     hf = tiny_llava("mistral", sliding_window=7)
     d, vm = vw_dir(tmp_path, hf, "VW-LMM-Mistral-7b", "vwMistralForCausalLM")
-    m = VTLMM.from_pretrained(d).eval()
+    m = weights.from_pretrained(d).eval()
     dec = m.cfg.decoder
     assert (dec.kind, dec.sliding_window, dec.rope_theta, dec.kv_heads, dec.heads) == ("mistral", 7, 1e6, 2, 4)
     assert m.cfg.template == "vw_mistral" and not m.cfg.pseudo_image_features
@@ -71,7 +71,7 @@ def test_vw_mistral_loads_as_mistral_with_window_theta_gqa_and_template(tmp_path
 def test_pif_checkpoint_turns_pseudo_image_features_on(tmp_path, name, architecture, pif):
     hf = tiny_llava("llama")
     d, _ = vw_dir(tmp_path, hf, name, architecture)
-    m = VTLMM.from_pretrained(d)
+    m = weights.from_pretrained(d)
     assert m.cfg.pseudo_image_features is pif
     assert m.cfg.decoder.kind == "llama" and m.cfg.template == "vicuna_v1"
 

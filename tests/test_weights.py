@@ -134,7 +134,7 @@ def test_missing_and_unexpected_keys_are_both_named(tmp_path):
     save_file(sd, str(bad / "model.safetensors"))
     (bad / "config.json").write_text(open(os.path.join(src, "config.json")).read())
     with pytest.raises(KeyError) as e:
-        VTLMM.from_pretrained(str(bad))
+        weights.from_pretrained(str(bad))
     msg = str(e.value)
     assert "1 missing key 'language_model.model.layers.0.self_attn.v_proj.weight'" in msg
     assert "decoder.blocks.0.attn.v.weight" in msg  # the parameter it would have filled

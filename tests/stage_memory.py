@@ -4,9 +4,9 @@ live tensor bytes (every storage reachable from Python, counted once) and the pr
 the first step and after each step, against the float32 model's size; then the largest storages alive after
 the steps, with their shapes, so that whatever is held can be named.
 
-    python bench/stage_memory.py --stage 3                 # builds a small world and checkpoint, runs 2 ranks
-    python bench/stage_memory.py --stage 2 --dim 512 --layers 8
-    python bench/stage_memory.py --preset 160m --phases    # the setup; each phase's own peak
+    python tests/stage_memory.py --stage 3                 # builds a small world and checkpoint, runs 2 ranks
+    python tests/stage_memory.py --stage 2 --dim 512 --layers 8
+    python tests/stage_memory.py --preset 160m --phases    # the setup; each phase's own peak
 
 Sizes are given above "the start": the process's RSS before any weight (after building the model once on
 the meta device, which loads torch's meta kernels). VmHWM is reset (/proc/self/clear_refs) before the
@@ -200,7 +200,8 @@ def prepare(args):
     print(f"model: {n / 1e6:.1f}M parameters ({4 * n / 2**20:.0f} MiB in float32), vocabulary matrices "
           f"{vocab / n:.1%} of it; written as {args.layout}")
     if args.layout == "llava-hf":  # what a released checkpoint looks like (model.safetensors + vm_head.safetensors)
-        model.export_llava_hf(ckpt, cfg.tokenizer)
+        import weights
+        weights.export_llava_hf(model, ckpt, cfg.tokenizer)
     else:
         model.save_pretrained(ckpt)
     import shutil

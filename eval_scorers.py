@@ -2,7 +2,7 @@
 The official scoring rules of the paper's benchmarks, as LLaVA-1.5 scores them: VQA accuracy with
 EvalAI's answer normalisation (VQAv2, VizWiz, TextVQA), GQA exact match, ScienceQA's letter parse,
 POPE per category with the mean F1, MMBench's circular evaluation. Every scorer takes the answer rows
-{"question_id", "text"} and the question dicts of benchmarks.py (with their gold fields).
+{"question_id", "text"} and the question dicts of eval_benchmarks.py (with their gold fields).
 """
 
 import re
