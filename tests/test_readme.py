@@ -44,12 +44,12 @@ def test_demo_table_and_transcript_are_the_demo_runs_own():
 
 
 def test_real_llm_section_quotes_its_runs_report():
-    """The README's SmolLM2 table, transcript and naming share are docs/smollm2/results.md's, which
+    """The README's SmolLM2 table (and any transcript line it quotes) and naming share are docs/smollm2/results.md's, which
     `python train.py configs/shapes_smollm2.py` wrote (out/shapes_smollm2/results.md)."""
     section = README.split("## A real LLM")[1].split("\n## ")[0]
     report = open(os.path.join(ROOT, "docs", "smollm2", "results.md")).read()
     quoted = [line for line in section.splitlines() if line.startswith(("| held-out", "  Q: ", "images/"))]
-    assert len(quoted) >= 2 + 3
+    assert len(quoted) >= 2  # both held-out sets' rows
     for line in quoted:
         assert line in report.splitlines(), line
     named = re.search(r"on ([\d.]+%) of object patches the top-1", section.replace("\n", " ")).group(1)
