@@ -5,6 +5,8 @@ What a training step of the shapes demo costs under each speed lever, side by si
     python bench/demo_speed.py --variants 'fp32;bf16' --stages 4 --rounds 3
     python bench/demo_speed.py --config configs/shapes_smollm2.py --stages 2,1,3 --batches 1 --rounds 3 \
         --variants 'fp32;bf16;fp32+compile;bf16+compile;bf16+compile, activation checkpointing;bf16+compile, max_len 128;bf16+compile, max_len 256'
+    python bench/demo_speed.py --config configs/shapes_smollm2.py --stages 1 --batches 1 --rounds 3 \
+        --variants 'fp32;bf16;bf16+compile;bf16+compile, decoder trained'
 
 Each variant is train.py's own stage setup (train.setup_stage) with one setting changed: dtype (fp32 or
 bf16 autocast on the CPU), compile (torch.compile of the decoder blocks), intra-op threads, and whether
@@ -47,6 +49,8 @@ VARIANTS = {  # name: (TrainConfig overrides, intra-op threads (None: the defaul
     # activation checkpointing (keep each block's input, recompute it in backward): memory for time
     "bf16+compile, activation checkpointing": ({"dtype": "bf16", "compile": "on", "activation_checkpointing": True},
                                                None, None),
+    # stage I's decoder not frozen (stage II's trainable set, same loss and data): what freezing saves
+    "bf16+compile, decoder trained": ({"dtype": "bf16", "compile": "on", "stage": 2}, None, None),
     # sequence length: max_len truncates the conversations' tails, so the same samples make other batches,
     # which this variant reads once beforehand from its own dataset ("own")
     "bf16+compile, max_len 128": ({"dtype": "bf16", "compile": "on", "max_len": 128}, None, "own"),
